@@ -1,0 +1,25 @@
+# Two commands for a fresh machine:
+#   make run    installs into .venv and starts the service on the tiny offline model
+#   make test   installs into .venv (CPU torch) and runs the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch: plain `torch` would pull a multi-GB CUDA build. Override with
+# TORCH_SPEC='torch' (and a CUDA index) on a GPU machine.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install run test
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/loraloop serve
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,1 @@
+"""The Discord bot: slash commands, progress messages, buttons and reaction votes."""

@@ -1,0 +1,3 @@
+"""`loraloop serve` and `loraloop imagine`."""
+
+commands: list = []

@@ -1,0 +1,362 @@
+"""The wire format between the generation service and its clients (the bot, `loraloop imagine`).
+
+Plain frozen dataclasses with `to_dict()` / `from_dict()`, standard library only, so the bot can
+import this without torch. `from_dict` is where bad input is caught: it raises `InvalidRequest`
+with a sentence a person can act on, and the service turns that into a 400.
+
+Limits that depend on the deployment (max steps, max pixels, known adapters and schedulers) are
+checked by the service against its config; the checks here are the ones true everywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Adapter names travel in URLs and become file names: letters, digits, '-', '_' and '.', never
+# starting with '.', so no name can climb out of the adapters directory.
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+SCHEDULERS = ("dpmpp_2m", "euler_a", "ddim", "lcm")
+DEFAULT_SCHEDULER = "dpmpp_2m"
+
+
+class ErrorCode(str, enum.Enum):
+    INVALID_REQUEST = "invalid_request"
+    UNKNOWN_ADAPTER = "unknown_adapter"
+    UNKNOWN_SCHEDULER = "unknown_scheduler"
+    INVALID_IMAGE = "invalid_image"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    QUEUE_FULL = "queue_full"
+    REQUESTER_LIMIT = "requester_limit"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    GENERATION_FAILED = "generation_failed"
+    INTERNAL = "internal"
+
+
+class InvalidRequest(ValueError):
+    """Bad input from a client. `message` is shown to a person as is."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ApiError:
+    """The body of every error response: `{"error": {"code": ..., "message": ...}}`."""
+
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ApiError":
+        error = data.get("error") if isinstance(data, dict) else None
+        if not isinstance(error, dict):
+            return cls(code=ErrorCode.INTERNAL.value, message="The service sent an unreadable error.")
+        return cls(code=str(error.get("code", "internal")), message=str(error.get("message", "")))
+
+
+def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    """Read an optional field, rejecting the wrong JSON type with a message naming it."""
+    if name not in data or data[name] is None:
+        return default
+    value = data[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and kind is not bool:
+        raise InvalidRequest(f"'{name}' must be a {_kind_name(kind)}, not true/false.")
+    if not isinstance(value, kind):
+        raise InvalidRequest(f"'{name}' must be a {_kind_name(kind)}.")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "whole number", float: "number", str: "string", list: "list", bool: "boolean"}
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One LoRA adapter applied to a request. `name` may pin a version: "pixel@3"."""
+
+    name: str
+    weight: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "AdapterRef":
+        if not isinstance(data, dict):
+            raise InvalidRequest('Each adapter must be an object like {"name": "pixel", "weight": 0.8}.')
+        name = _field(data, "name", str, "")
+        base, _, version = name.partition("@")
+        if not ADAPTER_NAME_RE.match(base) or (version and not version.isdigit()):
+            raise InvalidRequest(
+                f"Adapter name {name!r} is not valid: use letters, digits, '-', '_' or '.', "
+                "optionally followed by @VERSION.",
+                ErrorCode.UNKNOWN_ADAPTER,
+            )
+        weight = _field(data, "weight", float, 1.0)
+        return cls(name=name, weight=weight)
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What `POST /v1/jobs` accepts. Optional fields left as None take the service's defaults."""
+
+    prompt: str
+    negative_prompt: str = ""
+    adapters: tuple[AdapterRef, ...] = ()
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    count: int = 1
+    scheduler: str | None = None
+    # Base64 of an image file for img2img; `strength` says how far from it to go (0..1).
+    init_image: str | None = None
+    strength: float | None = None
+    # Who asked (for the fair queue): for example "discord:1234". Empty: anonymous.
+    requester: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["adapters"] = [a.to_dict() for a in self.adapters]
+        return {k: v for k, v in data.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "JobRequest":
+        if not isinstance(data, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidRequest(
+                f"Unknown field(s): {', '.join(unknown)}. Known fields: {', '.join(sorted(known))}."
+            )
+        prompt = _field(data, "prompt", str, "")
+        if not prompt.strip():
+            raise InvalidRequest("'prompt' is required: describe the image you want.")
+        adapters_raw = _field(data, "adapters", list, [])
+        adapters = tuple(AdapterRef.from_dict(a) for a in adapters_raw)
+        seed = _field(data, "seed", int, None)
+        if seed is not None and not 0 <= seed < 2**32:
+            raise InvalidRequest("'seed' must be between 0 and 4294967295.")
+        return cls(
+            prompt=prompt,
+            negative_prompt=_field(data, "negative_prompt", str, ""),
+            adapters=adapters,
+            steps=_field(data, "steps", int, None),
+            guidance=_field(data, "guidance", float, None),
+            seed=seed,
+            width=_field(data, "width", int, None),
+            height=_field(data, "height", int, None),
+            count=_field(data, "count", int, 1),
+            scheduler=_field(data, "scheduler", str, None),
+            init_image=_field(data, "init_image", str, None),
+            strength=_field(data, "strength", float, None),
+            requester=_field(data, "requester", str, ""),
+        )
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobAccepted:
+    """The 202 answer to `POST /v1/jobs`."""
+
+    id: str
+    position: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobAccepted":
+        return cls(id=str(data["id"]), position=int(data["position"]))
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One finished image of a job: fetch it at `GET /v1/jobs/{id}/images/{index}`."""
+
+    index: int
+    seed: int
+    width: int
+    height: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ImageResult":
+        return cls(
+            index=int(data["index"]),
+            seed=int(data["seed"]),
+            width=int(data["width"]),
+            height=int(data["height"]),
+            sha256=str(data["sha256"]),
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """An adapter as the service actually applied it (the version resolved, for provenance)."""
+
+    name: str
+    version: int | None
+    weight: float
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ResolvedAdapter":
+        version = data.get("version")
+        return cls(
+            name=str(data["name"]),
+            version=None if version is None else int(version),
+            weight=float(data["weight"]),
+            sha256=str(data.get("sha256", "")),
+        )
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """`GET /v1/jobs/{id}`, and each server-sent event of `GET /v1/jobs/{id}/events`.
+
+    `preview` (base64 PNG, small) appears only in events, every few steps when enabled.
+    `parameters` are the request after defaults were applied, so a client can show and store
+    exactly what ran (steps, guidance, scheduler, size, seeds).
+    """
+
+    id: str
+    state: JobState
+    position: int = 0
+    step: int = 0
+    total_steps: int = 0
+    images: tuple[ImageResult, ...] = ()
+    adapters: tuple[ResolvedAdapter, ...] = ()
+    parameters: dict[str, Any] = field(default_factory=dict)
+    error: ApiError | None = None
+    preview: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "state": self.state.value,
+            "position": self.position,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "images": [i.to_dict() for i in self.images],
+            "adapters": [a.to_dict() for a in self.adapters],
+            "parameters": dict(self.parameters),
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
+        if self.error is not None:
+            data["error"] = self.error.to_dict()["error"]
+        if self.preview is not None:
+            data["preview"] = self.preview
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobStatus":
+        error = data.get("error")
+        return cls(
+            id=str(data["id"]),
+            state=JobState(data["state"]),
+            position=int(data.get("position", 0)),
+            step=int(data.get("step", 0)),
+            total_steps=int(data.get("total_steps", 0)),
+            images=tuple(ImageResult.from_dict(i) for i in data.get("images", [])),
+            adapters=tuple(ResolvedAdapter.from_dict(a) for a in data.get("adapters", [])),
+            parameters=dict(data.get("parameters") or {}),
+            error=ApiError.from_dict({"error": error}) if error else None,
+            preview=data.get("preview"),
+            created_at=float(data.get("created_at") or 0.0),
+            started_at=data.get("started_at"),
+            finished_at=data.get("finished_at"),
+        )
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One entry of `GET /v1/adapters`: a loadable adapter version."""
+
+    name: str
+    version: int | None
+    sha256: str
+    description: str = ""
+    base_model: str = ""
+    latest: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterInfo":
+        version = data.get("version")
+        return cls(
+            name=str(data["name"]),
+            version=None if version is None else int(version),
+            sha256=str(data.get("sha256", "")),
+            description=str(data.get("description", "")),
+            base_model=str(data.get("base_model", "")),
+            latest=bool(data.get("latest", True)),
+        )
+
+
+@dataclass(frozen=True)
+class Health:
+    """`GET /healthz`."""
+
+    status: str
+    model: str
+    device: str
+    queue_depth: int
+    paused: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Health":
+        return cls(
+            status=str(data["status"]),
+            model=str(data["model"]),
+            device=str(data["device"]),
+            queue_depth=int(data["queue_depth"]),
+            paused=bool(data.get("paused", False)),
+        )

@@ -1,0 +1,125 @@
+"""The tiny Stable Diffusion model: random weights, real architecture, built offline in seconds.
+
+Tests, benchmarks and a newcomer's first `loraloop serve --model tiny` all use it, so the
+whole service runs with no hub access. It is saved with `save_pretrained` and loaded back
+through the same loader that real model ids and paths go through.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TINY_MODEL_NAME = "tiny"
+# Bumped whenever the architecture below changes, so a stale cached copy is rebuilt.
+TINY_MODEL_VERSION = "1"
+# The tiny VAE halves the resolution once (2 blocks), so latents are (B, 4, H/2, W/2).
+TINY_IMAGE_SIZE = 64
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    """A character-level CLIP vocabulary: every byte-level symbol, alone and word-final.
+
+    A real CLIP vocabulary cannot be downloaded here; with no merges, BPE falls back to one
+    token per character, which is all a random text encoder needs. The symbols are the
+    byte-level alphabet CLIP's pre-tokenizer maps bytes onto (printable bytes as themselves,
+    the rest shifted past U+0100).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(shifted))]
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny SD-1.x-shaped pipeline with random weights and save it at `path`."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=TINY_IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=TINY_IMAGE_SIZE,
+        norm_num_groups=32,
+    )
+    vocab = _byte_level_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+            projection_dim=32,
+        )
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    (path / "LORALOOP_TINY").write_text(TINY_MODEL_VERSION)
+    return path
+
+
+def tiny_model_path(data_dir: str | os.PathLike) -> Path:
+    """Where the tiny model lives under a data directory, building it on first use."""
+    path = Path(data_dir) / "models" / "tiny"
+    marker = path / "LORALOOP_TINY"
+    if not marker.exists() or marker.read_text() != TINY_MODEL_VERSION:
+        tmp = path.with_name("tiny.building")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        build_tiny_model(tmp)
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        tmp.rename(path)
+    return path

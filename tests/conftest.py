@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny Stable Diffusion model built once per run, and a private data dir.
+
+Nothing here touches the network: the model is built from small configs with random
+weights, saved with `save_pretrained`, and loaded back by the same loader users hit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests must never reach a model hub; fail fast instead of hanging on a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny SD model directory, shared by every test in the run (read-only by convention)."""
+    from loraloop.tiny import tiny_model_path
+
+    return tiny_model_path(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh data directory, also exported as LORALOOP_DATA_DIR for code that reads it."""
+    path = tmp_path / "data"
+    path.mkdir()
+    monkeypatch.setenv("LORALOOP_DATA_DIR", str(path))
+    return path

@@ -1,0 +1,81 @@
+"""config.toml: typed sections, defaults for everything, and clear errors at start."""
+
+from pathlib import Path
+
+import pytest
+
+from loraloop.config import Config, ConfigError, load_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_config_loads_and_matches_the_defaults():
+    config = load_config(REPO_ROOT / "config.toml")
+    defaults = Config()
+    for section in ("paths", "service", "store", "bot", "training"):
+        assert getattr(config, section) == getattr(defaults, section), section
+
+
+def test_a_missing_default_file_means_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LORALOOP_CONFIG", raising=False)
+    assert load_config().service.port == Config().service.port
+
+
+def test_an_explicit_file_that_does_not_exist_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_an_unknown_key_names_the_file_the_section_and_the_key(tmp_path):
+    path = write(tmp_path, "[service]\nprot = 80\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert str(path) in message and "[service]" in message and "'prot'" in message
+
+
+def test_an_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown section \[servce\]"):
+        load_config(write(tmp_path, "[servce]\nport = 80\n"))
+
+
+def test_a_value_of_the_wrong_type_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[service\]\.port: expected int, got 'eighty'"):
+        load_config(write(tmp_path, '[service]\nport = "eighty"\n'))
+
+
+def test_a_value_out_of_range_says_why(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[service\]\.port: must be between 1 and 65535"):
+        load_config(write(tmp_path, "[service]\nport = 0\n"))
+
+
+def test_broken_toml_is_an_error_that_names_the_file(tmp_path):
+    path = write(tmp_path, "[service\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("LORALOOP_DATA_DIR", raising=False)
+    path = write(tmp_path, '[paths]\ndata_dir = "stuff"\n')
+    config = load_config(path)
+    assert config.data_dir == (tmp_path / "stuff").resolve()
+    assert config.database_path == (tmp_path / "stuff" / "loraloop.db").resolve()
+
+
+def test_the_data_dir_environment_variable_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORALOOP_DATA_DIR", str(tmp_path / "elsewhere"))
+    config = load_config(write(tmp_path, '[paths]\ndata_dir = "stuff"\n'))
+    assert config.data_dir == (tmp_path / "elsewhere").resolve()
+
+
+def test_secrets_are_not_accepted_in_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'token'"):
+        load_config(write(tmp_path, '[bot]\ntoken = "abc"\n'))

@@ -1,0 +1,1 @@
+"""Training: dataset import, captioning, curation, LoRA training, comparison and publishing."""
