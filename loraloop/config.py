@@ -80,10 +80,130 @@ class BotConfig:
 class TrainingConfig:
     # Training resolution; imported images are resized and centre-cropped to it.
     resolution: int = 512
+    # --- `loraloop train` (training/train.py); every key can be overridden with --set KEY=VALUE ---
+    # sft: learn the dataset's images; dpo: prefer liked over disliked of a pair; kto: likes/dislikes.
+    objective: typing.Literal["sft", "dpo", "kto"] = "sft"
+    # LoRA rank: more capacity and a bigger file. alpha/rank scales the update (alpha need not equal rank).
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Which UNet layers get LoRA: "attention" (to_q/k/v/out), "proj" (proj_in/out), "resnet" (convs).
+    targets: list[str] = field(default_factory=lambda: ["attention"])
+    learning_rate: float = 1e-4
+    # constant | cosine | cosine_with_restarts, after `warmup_steps` of linear warmup.
+    lr_scheduler: typing.Literal["constant", "cosine", "cosine_with_restarts"] = "constant"
+    warmup_steps: int = 0
+    lr_cycles: int = 1
+    # Optimiser steps; epochs > 0 wins and sets the steps from the dataset size.
+    max_steps: int = 500
+    epochs: int = 0
+    # Effective batch = batch_size x grad_accumulation; accumulation trades time for memory.
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 1e-2
+    # 8-bit AdamW when bitsandbytes is installed (about 1/4 the optimiser memory), else AdamW.
+    adam_8bit: bool = True
+    # no | fp16 | bf16 (fp16 needs CUDA). Gradient checkpointing: ~30% slower, much less memory.
+    mixed_precision: typing.Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    # Data: flip doubles the cached latents; dropped captions keep unconditional generation working.
+    random_flip: bool = True
+    caption_dropout: float = 0.0
+    trigger_word: str = ""
+    # Encode images and captions once, cached under DATA_DIR/cache by content hash: faster, uses disk.
+    cache_latents: bool = True
+    # Min-SNR-gamma loss weighting (0: off); 5 is the paper's value. Noise offset helps dark/bright images.
+    snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+    # Held out for validation loss; early stopping needs it. patience 0: never stop early.
+    validation_split: float = 0.1
+    validation_every: int = 50
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    # Prompts rendered to a grid every `sample_every` steps (0: never) with `sample_steps` steps.
+    validation_prompts: list[str] = field(default_factory=list)
+    sample_every: int = 0
+    sample_steps: int = 20
+    checkpoint_every: int = 100
+    checkpoints_keep: int = 3
+    # Diffusion-DPO strength; the paper uses 2500 for SD 1.5 (per-pixel errors are tiny, so beta is big).
+    # Larger: follows preferences harder but drifts further from the base model.
+    dpo_beta: float = 2500.0
+    # Diffusion-KTO strength, on the same error scale as dpo_beta.
+    kto_beta: float = 2500.0
+    # Experiment tracking through accelerate: "auto" (tensorboard or wandb when installed), a name, or "none".
+    log_with: str = "auto"
+    # Also write the adapter with kohya/A1111 keys (adapter.kohya.safetensors) for A1111 and ComfyUI.
+    kohya_copy: bool = False
 
     def __post_init__(self) -> None:
         _require(self.resolution >= 8 and self.resolution % 8 == 0, "resolution",
                  "must be a positive multiple of 8")
+        _require(self.rank >= 1, "rank", "must be at least 1")
+        _require(self.alpha > 0, "alpha", "must be positive")
+        _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        _require(bool(self.targets) and set(self.targets) <= {"attention", "proj", "resnet"}, "targets",
+                 "must list some of 'attention', 'proj', 'resnet'")
+        _require(self.learning_rate > 0, "learning_rate", "must be positive")
+        _require(self.warmup_steps >= 0 and self.lr_cycles >= 1, "warmup_steps",
+                 "must be >= 0 (and lr_cycles >= 1)")
+        _require(self.max_steps >= 1 and self.epochs >= 0, "max_steps", "must be >= 1 (and epochs >= 0)")
+        _require(self.batch_size >= 1 and self.grad_accumulation >= 1, "batch_size",
+                 "must be >= 1 (and grad_accumulation >= 1)")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0: no clipping)")
+        _require(0 <= self.caption_dropout <= 1, "caption_dropout", "must be in [0, 1]")
+        _require(self.snr_gamma >= 0 and self.noise_offset >= 0, "snr_gamma",
+                 "must be >= 0 (and noise_offset >= 0)")
+        _require(0 <= self.validation_split < 1, "validation_split", "must be in [0, 1)")
+        _require(self.validation_every >= 1 and self.early_stopping_patience >= 0, "validation_every",
+                 "must be >= 1 (and early_stopping_patience >= 0)")
+        _require(self.sample_every >= 0 and self.sample_steps >= 1, "sample_every",
+                 "must be >= 0 (and sample_steps >= 1)")
+        _require(self.checkpoint_every >= 1 and self.checkpoints_keep >= 1, "checkpoint_every",
+                 "must be >= 1 (and checkpoints_keep >= 1)")
+        _require(self.dpo_beta > 0 and self.kto_beta > 0, "dpo_beta", "must be positive (and kto_beta)")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    # `loraloop dataset import`: images whose shorter side is below this are dropped (upscaling blurs).
+    min_image_size: int = 256
+    # Captions shorter than this many characters are dropped; missing captions are kept empty.
+    min_caption_chars: int = 3
+    # Perceptual-hash Hamming distance (0-64) at or under which two images count as the same picture.
+    near_duplicate_distance: int = 4
+    # CSV column names for the image path or URL and for its caption.
+    csv_image_column: str = "image"
+    csv_caption_column: str = "caption"
+    # Downloads: largest file accepted, parallel requests, seconds per file.
+    max_download_bytes: int = 20_000_000
+    download_concurrency: int = 8
+    download_timeout_s: float = 30.0
+    # `loraloop dataset caption`: a BLIP model id, a local directory, or "tiny".
+    caption_model: str = "Salesforce/blip-image-captioning-large"
+    caption_batch_size: int = 8
+    caption_min_new_tokens: int = 5
+    caption_max_new_tokens: int = 40
+    caption_device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.min_image_size >= 1, "min_image_size", "must be at least 1")
+        _require(self.min_caption_chars >= 0, "min_caption_chars", "must be 0 or more")
+        _require(0 <= self.near_duplicate_distance <= 64, "near_duplicate_distance",
+                 "must be between 0 and 64")
+        _require(self.csv_image_column != "" and self.csv_caption_column != "", "csv_image_column",
+                 "column names must not be empty")
+        _require(self.max_download_bytes >= 1, "max_download_bytes", "must be at least 1")
+        _require(self.download_concurrency >= 1, "download_concurrency", "must be at least 1")
+        _require(self.download_timeout_s > 0, "download_timeout_s", "must be positive")
+        _require(self.caption_model.strip() != "", "caption_model", "must name a model id, a path or 'tiny'")
+        _require(self.caption_batch_size >= 1, "caption_batch_size", "must be at least 1")
+        _require(1 <= self.caption_min_new_tokens <= self.caption_max_new_tokens, "caption_min_new_tokens",
+                 "must be at least 1 and at most caption_max_new_tokens")
+        _require(self.caption_device in {"auto", "cpu", "cuda"} or self.caption_device.startswith("cuda:"),
+                 "caption_device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 @dataclass(frozen=True)
@@ -93,6 +213,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     bot: BotConfig = field(default_factory=BotConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
     # The file this was read from (None: defaults only); relative paths resolve against it.
     source: Path | None = None
 
