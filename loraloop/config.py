@@ -74,6 +74,56 @@ class StoreConfig:
 class BotConfig:
     # Where the bot finds the generation service.
     service_url: str = "http://127.0.0.1:8765"
+    # Guilds whose commands are synced at start (instant); empty: global commands (up to an hour).
+    guild_ids: list[int] = field(default_factory=list)
+    # Channels where /imagine works; empty: every channel the bot can see.
+    channels: list[int] = field(default_factory=list)
+    # Whether /imagine works in DMs (no moderators watch DMs).
+    allow_dms: bool = False
+    # Roles allowed to use /admin and to delete anyone's image.
+    admin_role_ids: list[int] = field(default_factory=list)
+    # Per user: jobs queued or running at once, and of those how many may wait in the queue.
+    max_active_per_user: int = 2
+    max_queued_per_user: int = 1
+    # Seconds between two requests of one user: lower feels snappier, higher shares the GPU.
+    cooldown_seconds: float = 10.0
+    # Whole words or phrases refused in prompts (case-insensitive).
+    blocked_terms: list[str] = field(default_factory=list)
+    max_prompt_chars: int = 500
+    # Upper bounds offered to users; the service enforces its own limits too.
+    max_count: int = 4
+    max_steps: int = 50
+    # The side of a square image; other aspects keep about the same pixel count (multiples of 64).
+    base_size: int = 512
+    # Seconds between progress edits: Discord rate-limits edits, ~2 s keeps well inside them.
+    progress_interval: float = 2.0
+    # Reactions the bot adds under each image and the vote each records; the flag emoji marks a
+    # bad or unsafe image (kept apart from taste).
+    rating_emojis: dict[str, int] = field(default_factory=lambda: {"👍": 1, "👎": -1})
+    flag_emoji: str = "🚩"
+    # img2img strength of the 🎨 variation button: lower stays closer to the original.
+    variation_strength: float = 0.35
+    # Largest image attachment accepted for img2img.
+    max_attachment_bytes: int = 8 * 1024 * 1024
+    # Generation messages re-read at start to pick up votes made while the bot was offline.
+    catch_up_messages: int = 200
+
+    def __post_init__(self) -> None:
+        _require(self.max_active_per_user >= 1, "max_active_per_user", "must be at least 1")
+        _require(0 <= self.max_queued_per_user <= self.max_active_per_user, "max_queued_per_user",
+                 "must be between 0 and max_active_per_user")
+        _require(self.cooldown_seconds >= 0, "cooldown_seconds", "must not be negative")
+        _require(self.max_prompt_chars >= 1, "max_prompt_chars", "must be at least 1")
+        _require(1 <= self.max_count <= 10, "max_count", "must be between 1 and 10 (Discord's 10 files)")
+        _require(self.max_steps >= 1, "max_steps", "must be at least 1")
+        _require(self.base_size >= 64 and self.base_size % 64 == 0, "base_size",
+                 "must be a multiple of 64")
+        _require(self.progress_interval >= 0, "progress_interval", "must not be negative")
+        _require(all(v in (-1, 1) for v in self.rating_emojis.values()), "rating_emojis",
+                 "values must be 1 (like) or -1 (dislike)")
+        _require(self.flag_emoji not in self.rating_emojis, "flag_emoji", "must differ from the rating emojis")
+        _require(0 < self.variation_strength <= 1, "variation_strength", "must be in (0, 1]")
+        _require(self.catch_up_messages >= 0, "catch_up_messages", "must not be negative")
 
 
 @dataclass(frozen=True)
