@@ -68,6 +68,14 @@ class ServiceConfig:
 class StoreConfig:
     # SQLite database file. Empty: DATA_DIR/loraloop.db.
     database: str = ""
+    # How long a write waits for another process's lock before giving up.
+    busy_timeout_s: float = 10.0
+    # "NORMAL" survives the process being killed; "FULL" also survives power loss, slower writes.
+    synchronous: str = "NORMAL"
+
+    def __post_init__(self) -> None:
+        _require(self.busy_timeout_s > 0, "busy_timeout_s", "must be more than 0")
+        _require(self.synchronous in {"NORMAL", "FULL"}, "synchronous", "must be 'NORMAL' or 'FULL'")
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,63 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+from loraloop.cli import AppContext, pass_app
+from loraloop.config import ConfigError
 
 
 @click.group()
 def dataset() -> None:
     """Build training datasets: import pictures, caption them, curate rated images."""
+
+
+@dataset.command("import")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "source_format", default="auto", show_default=True,
+              type=click.Choice(["auto", "folder", "metadata", "json", "csv", "dreambooth", "urls"]),
+              help="How to read SRC; auto goes by file suffix or folder contents.")
+@click.option("--resolution", type=int, help="Square output size, a multiple of 8 (default: [training] resolution).")
+@click.option("--min-size", type=click.IntRange(min=1), help="Drop images whose shorter side is smaller.")
+@click.option("--image-column", help="CSV column with the image path or URL ([dataset] csv_image_column).")
+@click.option("--caption-column", help="CSV column with the caption ([dataset] csv_caption_column).")
+@click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
+@pass_app
+def import_(app: AppContext, src: Path, out: Path, source_format: str, resolution: int | None,
+            min_size: int | None, image_column: str | None, caption_column: str | None, no_progress: bool) -> None:
+    """Import pictures from SRC into a training dataset folder OUT.
+
+    SRC is a folder of images with .txt captions, a folder with metadata.jsonl, DreamBooth
+    folders named <trigger>_<class>, a JSON list of {"link", "caption"}, a CSV, or a .txt of
+    image URLs. Images are turned upright, made RGB and centre-cropped to the training
+    resolution; unreadable, too small, duplicate and badly captioned ones are dropped and listed
+    in OUT/report.json.
+
+    \b
+        loraloop dataset import ~/pictures/fox data/datasets/fox
+        loraloop dataset import photos.csv data/datasets/fox --image-column path --caption-column text
+        loraloop dataset import urls.txt data/datasets/fox --resolution 768
+    """
+    from training.importer import DatasetError, import_dataset, settings_from_config
+
+    overrides = {k: v for k, v in {"min_image_size": min_size, "csv_image_column": image_column,
+                                   "csv_caption_column": caption_column}.items() if v is not None}
+    try:
+        config = app.config.replace("dataset", **overrides) if overrides else app.config
+        if resolution is not None:
+            config = config.replace("training", resolution=resolution)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    settings = settings_from_config(config.dataset, config.training.resolution)
+    try:
+        report = import_dataset(src, out, settings, source_format=source_format, progress=not no_progress)
+    except DatasetError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Imported {src} ({report.format}) into {out}: {report.summary()}.")
+    click.echo(f"Details: {out / 'report.json'}")
 
 
 commands = [dataset]

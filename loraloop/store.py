@@ -1,0 +1,1160 @@
+"""The feedback store: the one module that owns loraloop's SQLite schema and every query on it.
+
+The bot writes to it (requests, images, votes, flags, opt-outs); training reads from it
+(curation) and writes back what it made (training runs, adapter versions). It imports only the
+standard library and sqlite-utils, so every package can use it without torch or discord.py.
+
+    store = Store(config.database_path, config.data_dir)         # migrates when built
+    gen = store.record_generation(job_id="j1", requester_id=42, prompt="a red fox",
+                                  parameters={"steps": 20}, adapters=[{"name": "pixel", "version": 3}])
+    img = store.add_image(gen, index=0, seed=7, width=512, height=512, png=png_bytes)
+    store.set_image_message(img, message_id=1234)
+    store.set_vote(store.image_for_message(1234).id, user_id=99, value=+1, emoji="👍")
+
+From asyncio (the bot) use `AsyncStore`: the same methods as coroutines, run on one executor
+thread that owns the connection, so no SQLite call ever blocks the event loop:
+
+    store = await AsyncStore.open(db_path, data_dir)
+    await store.set_vote(image_id, user_id, +1, "👍")
+    await store.close()
+
+The API (every write is one transaction; those Discord can repeat are idempotent):
+- generations: `record_generation` (idempotent per job id) -> id, `update_generation`
+  (status, error, queue_ms, duration_ms), `generation`, `generation_for_job`.
+- images: `add_image` (PNG bytes stored under DATA_DIR/images by sha256; idempotent per
+  generation and index) -> id, `set_image_message`, `image_for_message`, `image`, `image_path`.
+- ratings: `set_vote` (one vote per user per image, latest wins), `remove_vote` (withdraws the
+  vote only if it was cast with that emoji), `votes_for`.
+- flags (kept apart from taste): `flag(image_id, user_id, "nsfw" | "artifact")`, `unflag`.
+- users: `opt_out`, `opt_in`, `is_opted_out` (opted-out users' images and votes never reach a
+  dataset).
+- stats: `adapter_stats` (per adapter version: images, votes, like rate), `top_images`
+  (best net score since a time, a week by default), `counts`.
+- training: `record_training_run`, `update_training_run`, `training_run`, `record_adapter`,
+  `adapters`.
+- curation: `rated_images` (images with their vote tallies after excluding self-votes and
+  opted-out voters), `set_image_phash` (a cache for near-duplicate detection).
+
+Durability: WAL with synchronous=NORMAL survives the process being killed at any point (a
+committed transaction is in the WAL file before the call returns); only an OS crash or power
+loss can lose the last commits, which `[store] synchronous = "FULL"` prevents at some speed.
+Concurrency: writes take the write lock up front (BEGIN IMMEDIATE), so a busy database makes
+them wait and retry for up to `busy_timeout_s`, never fail halfway through a transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import functools
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlite_utils import Database, Migrations
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FLAG_KINDS = ("nsfw", "artifact")
+GENERATION_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+TRAINING_STATUSES = ("running", "done", "failed")
+IMAGES_DIRNAME = "images"
+
+
+class StoreError(Exception):
+    """A problem with the store a person can act on; the message says what to do."""
+
+
+class NewerDatabaseError(StoreError):
+    """The database was written by a newer loraloop than this one."""
+
+
+class DatabaseBusyError(StoreError):
+    """Another process held the write lock for longer than the busy timeout."""
+
+
+class NotFoundError(StoreError, LookupError):
+    """A row the caller named (a generation, image, training run) does not exist."""
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _timestamp(moment: dt.datetime) -> str:
+    # One fixed format, so timestamps compare correctly as strings in SQL range queries.
+    if moment.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware (use UTC)")
+    return moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+# --- schema ---------------------------------------------------------------------------------
+# Numbered migrations, applied in order when a Store is built. Never edit or renumber one that
+# has shipped: add the next number. A database holding a migration this list does not know was
+# made by a newer loraloop and is refused.
+
+migrations = Migrations("loraloop")
+MIGRATION_NAMES: list[str] = []
+
+
+def _migration(name: str) -> Callable[[Callable[[Database], None]], Callable[[Database], None]]:
+    MIGRATION_NAMES.append(name)
+    return migrations(name=name)
+
+
+@_migration("0001_initial")
+def _m0001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE generations (
+            id INTEGER PRIMARY KEY,
+            job_id TEXT NOT NULL UNIQUE,          -- the id that appears in every log line
+            requester_id INTEGER,                 -- Discord user id; NULL for the CLI
+            guild_id INTEGER,
+            channel_id INTEGER,
+            message_id INTEGER,                   -- the bot's reply, once posted
+            prompt TEXT NOT NULL,
+            negative_prompt TEXT NOT NULL DEFAULT '',
+            parameters_json TEXT NOT NULL DEFAULT '{}',
+            adapters_json TEXT NOT NULL DEFAULT '[]',
+            status TEXT NOT NULL DEFAULT 'queued'
+                CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+            error TEXT,
+            created_at TEXT NOT NULL,
+            finished_at TEXT,
+            queue_ms INTEGER,
+            duration_ms INTEGER
+        );
+        -- The adapters of a generation again, one row each, so stats and curation can filter on
+        -- them with plain SQL; adapters_json keeps exactly what the service reported.
+        CREATE TABLE generation_adapters (
+            generation_id INTEGER NOT NULL REFERENCES generations(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            version INTEGER,
+            weight REAL NOT NULL DEFAULT 1.0,
+            PRIMARY KEY (generation_id, name)
+        );
+        CREATE TABLE images (
+            id INTEGER PRIMARY KEY,
+            generation_id INTEGER NOT NULL REFERENCES generations(id) ON DELETE CASCADE,
+            image_index INTEGER NOT NULL,
+            seed INTEGER NOT NULL,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            path TEXT NOT NULL,                   -- relative to the data directory
+            message_id INTEGER UNIQUE,            -- the Discord message people react to
+            phash TEXT,                           -- perceptual hash, cached by curation
+            created_at TEXT NOT NULL,
+            UNIQUE (generation_id, image_index)
+        );
+        CREATE TABLE ratings (
+            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            user_id INTEGER NOT NULL,
+            value INTEGER NOT NULL CHECK (value IN (-1, 1)),
+            emoji TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (image_id, user_id)
+        );
+        CREATE TABLE flags (
+            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            user_id INTEGER NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('nsfw', 'artifact')),
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (image_id, user_id, kind)
+        );
+        CREATE TABLE users (
+            user_id INTEGER PRIMARY KEY,
+            opted_out INTEGER NOT NULL DEFAULT 0,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE training_runs (
+            id INTEGER PRIMARY KEY,
+            config_json TEXT NOT NULL,
+            dataset_path TEXT NOT NULL,
+            dataset_hash TEXT NOT NULL,
+            metrics_json TEXT NOT NULL DEFAULT '{}',
+            status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+            error TEXT,
+            created_at TEXT NOT NULL,
+            finished_at TEXT
+        );
+        CREATE TABLE adapters (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            file_sha256 TEXT NOT NULL,
+            training_run_id INTEGER REFERENCES training_runs(id),
+            created_at TEXT NOT NULL,
+            UNIQUE (name, version)
+        );
+        """
+    )
+
+
+@_migration("0002_query_indexes")
+def _m0002_query_indexes(db: Database) -> None:
+    # For curation's date-range scans, /stats per adapter, and tallying votes per image.
+    db.executescript(
+        """
+        CREATE INDEX images_created_at ON images(created_at);
+        CREATE INDEX images_sha256 ON images(sha256);
+        CREATE INDEX generation_adapters_name_version ON generation_adapters(name, version);
+        CREATE INDEX generations_requester ON generations(requester_id);
+        """
+    )
+
+
+# --- records --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Generation:
+    id: int
+    job_id: str
+    requester_id: int | None
+    guild_id: int | None
+    channel_id: int | None
+    message_id: int | None
+    prompt: str
+    negative_prompt: str
+    parameters: dict[str, Any]
+    adapters: list[dict[str, Any]]
+    status: str
+    error: str | None
+    created_at: str
+    finished_at: str | None
+    queue_ms: int | None
+    duration_ms: int | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "Generation":
+        values = {f.name: row[f.name] for f in dataclasses.fields(cls) if f.name in row.keys()}
+        values["parameters"] = json.loads(row["parameters_json"])
+        values["adapters"] = json.loads(row["adapters_json"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Image:
+    id: int
+    generation_id: int
+    index: int
+    seed: int
+    width: int
+    height: int
+    sha256: str
+    path: str  # relative to the data directory
+    message_id: int | None
+    created_at: str
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "Image":
+        return cls(
+            id=row["id"], generation_id=row["generation_id"], index=row["image_index"],
+            seed=row["seed"], width=row["width"], height=row["height"], sha256=row["sha256"],
+            path=row["path"], message_id=row["message_id"], created_at=row["created_at"],
+        )
+
+
+@dataclass(frozen=True)
+class Vote:
+    image_id: int
+    user_id: int
+    value: int
+    emoji: str
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class AdapterStats:
+    """One adapter version's reception. `adapter` None is the base model (no adapter)."""
+
+    adapter: str | None
+    version: int | None
+    images: int
+    votes: int
+    likes: int
+    dislikes: int
+
+    @property
+    def like_rate(self) -> float | None:
+        return self.likes / self.votes if self.votes else None
+
+
+@dataclass(frozen=True)
+class TopImage:
+    image_id: int
+    generation_id: int
+    prompt: str
+    requester_id: int | None
+    guild_id: int | None
+    channel_id: int | None
+    message_id: int | None
+    likes: int
+    dislikes: int
+
+    @property
+    def score(self) -> int:
+        return self.likes - self.dislikes
+
+
+@dataclass(frozen=True)
+class RatedImage:
+    """An image as curation sees it: votes tallied after the exclusions asked for."""
+
+    id: int
+    generation_id: int
+    sha256: str
+    path: str
+    width: int
+    height: int
+    prompt: str
+    negative_prompt: str
+    requester_id: int | None
+    created_at: str
+    likes: int
+    dislikes: int
+    flags: tuple[str, ...]
+    requester_opted_out: bool
+    phash: str | None
+
+    @property
+    def raters(self) -> int:
+        return self.likes + self.dislikes
+
+    @property
+    def score(self) -> int:
+        return self.likes - self.dislikes
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    id: int
+    config: dict[str, Any]
+    dataset_path: str
+    dataset_hash: str
+    metrics: dict[str, Any]
+    status: str
+    error: str | None
+    created_at: str
+    finished_at: str | None
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    id: int
+    name: str
+    version: int
+    file_sha256: str
+    training_run_id: int | None
+    created_at: str
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    # Callers may pass the contract's dataclasses (which have to_dict) or plain dicts; the store
+    # does not import the contract so it stays free of the generation package.
+    if hasattr(value, "to_dict"):
+        return dict(value.to_dict())
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"expected a dict or an object with to_dict(), got {type(value).__name__}")
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    message = str(error).lower()
+    return "locked" in message or "busy" in message
+
+
+def _options_from_config(config: Any) -> dict[str, Any]:
+    return {"busy_timeout_s": config.store.busy_timeout_s, "synchronous": config.store.synchronous}
+
+
+class Store:
+    """The SQLite store, for one thread. Building it opens the database and migrates it."""
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike,
+        data_dir: str | os.PathLike,
+        *,
+        busy_timeout_s: float = 10.0,
+        synchronous: str = "NORMAL",
+        clock: Callable[[], dt.datetime] = utc_now,
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError("synchronous must be 'NORMAL' or 'FULL'")
+        self.db_path = Path(db_path)
+        self.data_dir = Path(data_dir)
+        self.busy_timeout_s = busy_timeout_s
+        self._clock = clock
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level stays at the default that sqlite-utils requires; writes open their own
+        # BEGIN IMMEDIATE transactions (see _write).
+        conn = sqlite3.connect(str(self.db_path), timeout=busy_timeout_s)
+        self.db = Database(conn, execute_plugins=False)
+        try:
+            self._retrying(lambda: self._configure(synchronous))
+            self._migrate()
+        except BaseException:
+            conn.close()
+            raise
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Store":
+        """The store a loraloop `Config` names (duck-typed, so this module needs no import)."""
+        return cls(config.database_path, config.data_dir, **_options_from_config(config))
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _configure(self, synchronous: str) -> None:
+        conn = self.db.conn
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        self.db.enable_wal()
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+
+    def _migrate(self) -> None:
+        known = set(MIGRATION_NAMES)
+        with self._write():
+            applied = [m.name for m in migrations.applied(self.db)]
+            unknown = [name for name in applied if name not in known]
+            if unknown:
+                raise NewerDatabaseError(
+                    f"{self.db_path} was written by a newer loraloop (it has schema migration "
+                    f"{unknown[-1]}, which this version does not know). Upgrade loraloop, or "
+                    "point [store] database at another file."
+                )
+            pending = [m.name for m in migrations.pending(self.db)]
+            migrations.apply(self.db)
+        if pending:
+            log.info("database %s migrated: %s", self.db_path, ", ".join(pending))
+
+    def schema_version(self) -> list[str]:
+        """The migrations applied to this database, oldest first."""
+        return [m.name for m in migrations.applied(self.db)]
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        # SQLite's busy handler already waits up to busy_timeout for a lock; some lock errors
+        # come back at once anyway (a WAL checkpoint or recovery in another process), so retry
+        # the whole transaction with a growing pause until the same deadline.
+        deadline = time.monotonic() + self.busy_timeout_s
+        pause = 0.005
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as error:
+                if not _is_busy(error):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise DatabaseBusyError(
+                        f"{self.db_path} stayed locked by another process for more than "
+                        f"{self.busy_timeout_s:g} s; close whatever holds it open for writing "
+                        "(a long transaction in sqlite3 or Datasette) and try again."
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taking the write lock at the start so it cannot deadlock."""
+        conn = self.db.conn
+        self._retrying(lambda: conn.execute("BEGIN IMMEDIATE"))
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                self._retrying(lambda: conn.execute("COMMIT"))
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _rows(self, sql: str, params: Iterable[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
+        def run() -> list[sqlite3.Row]:
+            cursor = self.db.conn.cursor()
+            cursor.row_factory = sqlite3.Row
+            return cursor.execute(sql, params).fetchall()
+
+        return self._retrying(run)
+
+    def _now(self) -> str:
+        return _timestamp(self._clock())
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- generations -----------------------------------------------------------------------
+
+    def record_generation(
+        self,
+        *,
+        job_id: str,
+        prompt: str,
+        requester_id: int | None = None,
+        guild_id: int | None = None,
+        channel_id: int | None = None,
+        negative_prompt: str = "",
+        parameters: Mapping[str, Any] | None = None,
+        adapters: Iterable[Any] = (),
+        status: str = "queued",
+    ) -> int:
+        """Record a generation request; the same job id again returns the first row's id.
+
+        `adapters`: dicts (or contract objects) with "name", optional "version", "weight",
+        "sha256"; a name pinned as "pixel@3" with no version is split into name and version.
+        """
+        if status not in GENERATION_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(GENERATION_STATUSES)}")
+        adapter_list = [_as_dict(a) for a in adapters]
+        adapter_rows = []
+        for adapter in adapter_list:
+            name, _, pinned = str(adapter["name"]).partition("@")
+            version = adapter.get("version")
+            if version is None and pinned.isdigit():
+                version = int(pinned)
+            adapter_rows.append((name, version, float(adapter.get("weight", 1.0))))
+        with self._write() as conn:
+            existing = conn.execute(
+                "SELECT id FROM generations WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if existing:
+                return existing[0]
+            cursor = conn.execute(
+                """INSERT INTO generations (job_id, requester_id, guild_id, channel_id, prompt,
+                       negative_prompt, parameters_json, adapters_json, status, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (job_id, requester_id, guild_id, channel_id, prompt, negative_prompt,
+                 json.dumps(dict(parameters or {}), sort_keys=True), json.dumps(adapter_list),
+                 status, self._now()),
+            )
+            generation_id = cursor.lastrowid
+            conn.executemany(
+                "INSERT OR REPLACE INTO generation_adapters (generation_id, name, version, weight)"
+                " VALUES (?, ?, ?, ?)",
+                [(generation_id, *row) for row in adapter_rows],
+            )
+            return generation_id
+
+    def update_generation(
+        self,
+        generation_id: int,
+        *,
+        status: str | None = None,
+        error: str | None = None,
+        queue_ms: int | None = None,
+        duration_ms: int | None = None,
+        message_id: int | None = None,
+        adapters: Iterable[Any] | None = None,
+    ) -> None:
+        """Change what is known about a generation; arguments left as None keep their value.
+
+        `adapters` replaces the recorded adapters with those the service actually applied
+        (versions resolved), so stats count the version that made the image.
+        """
+        if status is not None and status not in GENERATION_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(GENERATION_STATUSES)}")
+        changes: dict[str, Any] = {
+            "status": status, "error": error, "queue_ms": queue_ms,
+            "duration_ms": duration_ms, "message_id": message_id,
+        }
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if status in ("done", "failed", "cancelled"):
+            changes["finished_at"] = self._now()
+        adapter_list = None if adapters is None else [_as_dict(a) for a in adapters]
+        if adapter_list is not None:
+            changes["adapters_json"] = json.dumps(adapter_list)
+        with self._write() as conn:
+            # "id = id" keeps the statement valid when only the adapters change, and still
+            # tells us through rowcount whether the generation exists.
+            assignments = "".join(f"{column} = ?, " for column in changes) + "id = id"
+            cursor = conn.execute(
+                f"UPDATE generations SET {assignments} WHERE id = ?",
+                (*changes.values(), generation_id),
+            )
+            if cursor.rowcount == 0:
+                raise NotFoundError(f"no generation with id {generation_id}")
+            if adapter_list is not None:
+                conn.execute(
+                    "DELETE FROM generation_adapters WHERE generation_id = ?", (generation_id,)
+                )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO generation_adapters"
+                    " (generation_id, name, version, weight) VALUES (?, ?, ?, ?)",
+                    [
+                        (generation_id, str(a["name"]).partition("@")[0], a.get("version"),
+                         float(a.get("weight", 1.0)))
+                        for a in adapter_list
+                    ],
+                )
+
+    def generation(self, generation_id: int) -> Generation:
+        rows = self._rows("SELECT * FROM generations WHERE id = ?", (generation_id,))
+        if not rows:
+            raise NotFoundError(f"no generation with id {generation_id}")
+        return Generation.from_row(rows[0])
+
+    def generation_for_job(self, job_id: str) -> Generation | None:
+        rows = self._rows("SELECT * FROM generations WHERE job_id = ?", (job_id,))
+        return Generation.from_row(rows[0]) if rows else None
+
+    # --- images ----------------------------------------------------------------------------
+
+    def _store_file(self, sha256: str, data: bytes) -> str:
+        relative = f"{IMAGES_DIRNAME}/{sha256[:2]}/{sha256}.png"
+        target = self.data_dir / relative
+        if target.exists() and target.stat().st_size == len(data):
+            return relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside it and rename, so a crash never leaves a half-written file at the
+        # content address; fsync so the row we commit next never points at a lost file.
+        fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        return relative
+
+    def add_image(
+        self, generation_id: int, *, index: int, seed: int, width: int, height: int, png: bytes
+    ) -> int:
+        """Store an image's bytes by sha256 and record it; the same generation and index again
+        returns the first row's id."""
+        sha256 = hashlib.sha256(png).hexdigest()
+        relative = self._store_file(sha256, png)
+        with self._write() as conn:
+            existing = conn.execute(
+                "SELECT id FROM images WHERE generation_id = ? AND image_index = ?",
+                (generation_id, index),
+            ).fetchone()
+            if existing:
+                return existing[0]
+            try:
+                cursor = conn.execute(
+                    """INSERT INTO images (generation_id, image_index, seed, width, height,
+                           sha256, path, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (generation_id, index, seed, width, height, sha256, relative, self._now()),
+                )
+            except sqlite3.IntegrityError:
+                raise NotFoundError(f"no generation with id {generation_id}") from None
+            return cursor.lastrowid
+
+    def set_image_message(self, image_id: int, message_id: int) -> None:
+        """Remember the Discord message that shows this image, so reactions find it."""
+        with self._write() as conn:
+            try:
+                cursor = conn.execute(
+                    "UPDATE images SET message_id = ? WHERE id = ?", (message_id, image_id)
+                )
+            except sqlite3.IntegrityError:
+                raise StoreError(
+                    f"message {message_id} already shows another image; post one image per message"
+                ) from None
+            if cursor.rowcount == 0:
+                raise NotFoundError(f"no image with id {image_id}")
+
+    def image(self, image_id: int) -> Image:
+        rows = self._rows("SELECT * FROM images WHERE id = ?", (image_id,))
+        if not rows:
+            raise NotFoundError(f"no image with id {image_id}")
+        return Image.from_row(rows[0])
+
+    def image_for_message(self, message_id: int) -> Image | None:
+        rows = self._rows("SELECT * FROM images WHERE message_id = ?", (message_id,))
+        return Image.from_row(rows[0]) if rows else None
+
+    def images_for_generation(self, generation_id: int) -> list[Image]:
+        rows = self._rows(
+            "SELECT * FROM images WHERE generation_id = ? ORDER BY image_index", (generation_id,)
+        )
+        return [Image.from_row(row) for row in rows]
+
+    def image_path(self, image: Image | RatedImage) -> Path:
+        return self.data_dir / image.path
+
+    def set_image_phash(self, pairs: Iterable[tuple[int, str]]) -> None:
+        """Cache perceptual hashes, as (image id, hex hash) pairs, computed by curation."""
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE images SET phash = ? WHERE id = ?", [(h, i) for i, h in pairs]
+            )
+
+    # --- ratings and flags -----------------------------------------------------------------
+
+    def set_vote(self, image_id: int, user_id: int, value: int, emoji: str) -> bool:
+        """One vote per user per image, latest wins. True if this changed the stored vote."""
+        if value not in (1, -1):
+            raise ValueError("a vote is +1 or -1")
+        now = self._now()
+        with self._write() as conn:
+            try:
+                cursor = conn.execute(
+                    """INSERT INTO ratings (image_id, user_id, value, emoji, created_at, updated_at)
+                       VALUES (?, ?, ?, ?, ?, ?)
+                       ON CONFLICT (image_id, user_id) DO UPDATE
+                           SET value = excluded.value, emoji = excluded.emoji,
+                               updated_at = excluded.updated_at
+                           WHERE value != excluded.value OR emoji != excluded.emoji""",
+                    (image_id, user_id, value, emoji, now, now),
+                )
+            except sqlite3.IntegrityError:
+                raise NotFoundError(f"no image with id {image_id}") from None
+            return cursor.rowcount > 0
+
+    def remove_vote(self, image_id: int, user_id: int, emoji: str) -> bool:
+        """Withdraw a vote when its reaction is removed. A vote cast since with another emoji
+        stays (removing an old reaction must not undo a newer one). True if a vote went."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                "DELETE FROM ratings WHERE image_id = ? AND user_id = ? AND emoji = ?",
+                (image_id, user_id, emoji),
+            )
+            return cursor.rowcount > 0
+
+    def votes_for(self, image_id: int) -> list[Vote]:
+        rows = self._rows(
+            "SELECT image_id, user_id, value, emoji, updated_at FROM ratings WHERE image_id = ?"
+            " ORDER BY user_id",
+            (image_id,),
+        )
+        return [Vote(**dict(row)) for row in rows]
+
+    def flag(self, image_id: int, user_id: int, kind: str) -> bool:
+        """Mark an image as "nsfw" or "artifact" (kept apart from votes). True if new."""
+        if kind not in FLAG_KINDS:
+            raise ValueError(f"a flag is one of {', '.join(FLAG_KINDS)}")
+        with self._write() as conn:
+            try:
+                cursor = conn.execute(
+                    "INSERT OR IGNORE INTO flags (image_id, user_id, kind, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (image_id, user_id, kind, self._now()),
+                )
+            except sqlite3.IntegrityError:
+                raise NotFoundError(f"no image with id {image_id}") from None
+            return cursor.rowcount > 0
+
+    def unflag(self, image_id: int, user_id: int, kind: str) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "DELETE FROM flags WHERE image_id = ? AND user_id = ? AND kind = ?",
+                (image_id, user_id, kind),
+            )
+            return cursor.rowcount > 0
+
+    def flags_for(self, image_id: int) -> list[tuple[int, str]]:
+        rows = self._rows(
+            "SELECT user_id, kind FROM flags WHERE image_id = ? ORDER BY user_id, kind", (image_id,)
+        )
+        return [(row["user_id"], row["kind"]) for row in rows]
+
+    # --- users -----------------------------------------------------------------------------
+
+    def _set_opted_out(self, user_id: int, opted_out: bool) -> None:
+        with self._write() as conn:
+            conn.execute(
+                """INSERT INTO users (user_id, opted_out, updated_at) VALUES (?, ?, ?)
+                   ON CONFLICT (user_id) DO UPDATE
+                       SET opted_out = excluded.opted_out, updated_at = excluded.updated_at""",
+                (user_id, int(opted_out), self._now()),
+            )
+
+    def opt_out(self, user_id: int) -> None:
+        """Keep this user's prompts, images and votes out of every future dataset."""
+        self._set_opted_out(user_id, True)
+
+    def opt_in(self, user_id: int) -> None:
+        self._set_opted_out(user_id, False)
+
+    def is_opted_out(self, user_id: int) -> bool:
+        rows = self._rows("SELECT opted_out FROM users WHERE user_id = ?", (user_id,))
+        return bool(rows and rows[0]["opted_out"])
+
+    # --- stats -----------------------------------------------------------------------------
+
+    def adapter_stats(self, name: str | None = None) -> list[AdapterStats]:
+        """Images, votes and likes per adapter version (and the base model, adapter None)."""
+        rows = self._rows(
+            """
+            WITH tallies AS (
+                SELECT i.id AS image_id, i.generation_id,
+                       COUNT(r.value) AS votes, COALESCE(SUM(r.value = 1), 0) AS likes
+                FROM images i LEFT JOIN ratings r ON r.image_id = i.id
+                GROUP BY i.id
+            ),
+            versions AS (
+                SELECT t.*, ga.name AS adapter, ga.version AS version
+                FROM tallies t LEFT JOIN generation_adapters ga ON ga.generation_id = t.generation_id
+            )
+            SELECT adapter, version, COUNT(*) AS images, SUM(votes) AS votes, SUM(likes) AS likes
+            FROM versions
+            WHERE (:name IS NULL OR adapter = :name)
+            GROUP BY adapter, version
+            ORDER BY adapter IS NOT NULL, adapter, version
+            """,
+            {"name": name},
+        )
+        return [
+            AdapterStats(
+                adapter=row["adapter"], version=row["version"], images=row["images"],
+                votes=row["votes"], likes=row["likes"], dislikes=row["votes"] - row["likes"],
+            )
+            for row in rows
+        ]
+
+    def top_images(
+        self, *, since: dt.datetime | None = None, limit: int = 5, guild_id: int | None = None
+    ) -> list[TopImage]:
+        """The best liked images made since `since` (default: the last 7 days), NSFW-flagged
+        ones left out so /stats can show them."""
+        since = since or self._clock() - dt.timedelta(days=7)
+        rows = self._rows(
+            """
+            SELECT i.id AS image_id, i.generation_id, g.prompt, g.requester_id, g.guild_id,
+                   g.channel_id, i.message_id,
+                   SUM(r.value = 1) AS likes, SUM(r.value = -1) AS dislikes
+            FROM images i
+            JOIN generations g ON g.id = i.generation_id
+            JOIN ratings r ON r.image_id = i.id
+            WHERE i.created_at >= :since
+              AND (:guild_id IS NULL OR g.guild_id = :guild_id)
+              AND NOT EXISTS (SELECT 1 FROM flags f WHERE f.image_id = i.id AND f.kind = 'nsfw')
+            GROUP BY i.id
+            HAVING likes > 0
+            ORDER BY likes - dislikes DESC, likes DESC, i.id
+            LIMIT :limit
+            """,
+            {"since": _timestamp(since), "guild_id": guild_id, "limit": limit},
+        )
+        return [TopImage(**dict(row)) for row in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table, for `loraloop db stats`."""
+        tables = ("generations", "images", "ratings", "flags", "users", "training_runs", "adapters")
+        return {
+            table: self._rows(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"] for table in tables
+        }
+
+    # --- training --------------------------------------------------------------------------
+
+    def record_training_run(
+        self,
+        *,
+        config: Mapping[str, Any],
+        dataset_path: str,
+        dataset_hash: str,
+        status: str = "running",
+        metrics: Mapping[str, Any] | None = None,
+    ) -> int:
+        if status not in TRAINING_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(TRAINING_STATUSES)}")
+        with self._write() as conn:
+            cursor = conn.execute(
+                """INSERT INTO training_runs (config_json, dataset_path, dataset_hash,
+                       metrics_json, status, created_at) VALUES (?, ?, ?, ?, ?, ?)""",
+                (json.dumps(dict(config), sort_keys=True), dataset_path, dataset_hash,
+                 json.dumps(dict(metrics or {}), sort_keys=True), status, self._now()),
+            )
+            return cursor.lastrowid
+
+    def update_training_run(
+        self,
+        run_id: int,
+        *,
+        status: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        error: str | None = None,
+    ) -> None:
+        if status is not None and status not in TRAINING_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(TRAINING_STATUSES)}")
+        changes: dict[str, Any] = {"status": status, "error": error}
+        if metrics is not None:
+            changes["metrics_json"] = json.dumps(dict(metrics), sort_keys=True)
+        if status in ("done", "failed"):
+            changes["finished_at"] = self._now()
+        changes = {k: v for k, v in changes.items() if v is not None}
+        with self._write() as conn:
+            assignments = "".join(f"{column} = ?, " for column in changes) + "id = id"
+            cursor = conn.execute(
+                f"UPDATE training_runs SET {assignments} WHERE id = ?", (*changes.values(), run_id)
+            )
+            if cursor.rowcount == 0:
+                raise NotFoundError(f"no training run with id {run_id}")
+
+    def training_run(self, run_id: int) -> TrainingRun:
+        rows = self._rows("SELECT * FROM training_runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise NotFoundError(f"no training run with id {run_id}")
+        row = rows[0]
+        return TrainingRun(
+            id=row["id"], config=json.loads(row["config_json"]), dataset_path=row["dataset_path"],
+            dataset_hash=row["dataset_hash"], metrics=json.loads(row["metrics_json"]),
+            status=row["status"], error=row["error"], created_at=row["created_at"],
+            finished_at=row["finished_at"],
+        )
+
+    def record_adapter(
+        self, *, name: str, version: int, file_sha256: str, training_run_id: int | None = None
+    ) -> int:
+        """Record a published adapter version. Publishing the same file again returns its id;
+        a different file under a version already taken is refused."""
+        with self._write() as conn:
+            existing = conn.execute(
+                "SELECT id, file_sha256 FROM adapters WHERE name = ? AND version = ?",
+                (name, version),
+            ).fetchone()
+            if existing:
+                if existing[1] != file_sha256:
+                    raise StoreError(
+                        f"adapter {name} v{version} is already recorded with another file; "
+                        "publish it as a new version"
+                    )
+                return existing[0]
+            try:
+                cursor = conn.execute(
+                    """INSERT INTO adapters (name, version, file_sha256, training_run_id,
+                           created_at) VALUES (?, ?, ?, ?, ?)""",
+                    (name, version, file_sha256, training_run_id, self._now()),
+                )
+            except sqlite3.IntegrityError:
+                raise NotFoundError(f"no training run with id {training_run_id}") from None
+            return cursor.lastrowid
+
+    def adapters(self, name: str | None = None) -> list[AdapterVersion]:
+        rows = self._rows(
+            "SELECT * FROM adapters WHERE (:name IS NULL OR name = :name) ORDER BY name, version",
+            {"name": name},
+        )
+        return [AdapterVersion(**dict(row)) for row in rows]
+
+    # --- curation --------------------------------------------------------------------------
+
+    def rated_images(
+        self,
+        *,
+        adapter: str | None = None,
+        adapter_version: int | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        include_self_votes: bool = False,
+    ) -> list[RatedImage]:
+        """Every image in the selection with its likes and dislikes, oldest first.
+
+        Votes by opted-out users never count; the requester's own vote counts only with
+        `include_self_votes`. Images with no votes are included (curation reports them).
+        """
+        rows = self._rows(
+            """
+            WITH selected AS (
+                SELECT i.*, g.prompt, g.negative_prompt, g.requester_id
+                FROM images i JOIN generations g ON g.id = i.generation_id
+                WHERE (:since IS NULL OR i.created_at >= :since)
+                  AND (:until IS NULL OR i.created_at < :until)
+                  AND (:adapter IS NULL OR EXISTS (
+                        SELECT 1 FROM generation_adapters ga
+                        WHERE ga.generation_id = i.generation_id AND ga.name = :adapter
+                          AND (:version IS NULL OR ga.version = :version)))
+            ),
+            tallies AS (
+                SELECT r.image_id, SUM(r.value = 1) AS likes, SUM(r.value = -1) AS dislikes
+                FROM ratings r JOIN selected s ON s.id = r.image_id
+                WHERE (:self_votes OR r.user_id IS NOT s.requester_id)
+                  AND r.user_id NOT IN (SELECT user_id FROM users WHERE opted_out)
+                GROUP BY r.image_id
+            ),
+            flagged AS (
+                SELECT f.image_id, group_concat(DISTINCT f.kind) AS kinds
+                FROM flags f JOIN selected s ON s.id = f.image_id
+                GROUP BY f.image_id
+            )
+            SELECT s.id, s.generation_id, s.sha256, s.path, s.width, s.height, s.prompt,
+                   s.negative_prompt, s.requester_id, s.created_at, s.phash,
+                   COALESCE(t.likes, 0) AS likes, COALESCE(t.dislikes, 0) AS dislikes,
+                   fl.kinds AS flag_kinds, COALESCE(u.opted_out, 0) AS requester_opted_out
+            FROM selected s
+            LEFT JOIN tallies t ON t.image_id = s.id
+            LEFT JOIN flagged fl ON fl.image_id = s.id
+            LEFT JOIN users u ON u.user_id = s.requester_id
+            ORDER BY s.created_at, s.id
+            """,
+            {
+                "since": None if since is None else _timestamp(since),
+                "until": None if until is None else _timestamp(until),
+                "adapter": adapter, "version": adapter_version,
+                "self_votes": int(include_self_votes),
+            },
+        )
+        return [
+            RatedImage(
+                id=row["id"], generation_id=row["generation_id"], sha256=row["sha256"],
+                path=row["path"], width=row["width"], height=row["height"], prompt=row["prompt"],
+                negative_prompt=row["negative_prompt"], requester_id=row["requester_id"],
+                created_at=row["created_at"], likes=row["likes"], dislikes=row["dislikes"],
+                flags=tuple(sorted(row["flag_kinds"].split(","))) if row["flag_kinds"] else (),
+                requester_opted_out=bool(row["requester_opted_out"]), phash=row["phash"],
+            )
+            for row in rows
+        ]
+
+
+class AsyncStore:
+    """The Store for asyncio code: every method is a coroutine run on ONE executor thread.
+
+    That thread builds, owns and closes the connection (SQLite connections belong to the
+    thread that made them), and running every call there in order keeps writes serialized
+    without blocking the event loop. Build it with `await AsyncStore.open(...)`.
+    """
+
+    def __init__(self, store: Store, executor: ThreadPoolExecutor) -> None:
+        self._store = store
+        self._executor = executor
+        self._closed = False
+
+    @classmethod
+    async def open(cls, db_path: str | os.PathLike, data_dir: str | os.PathLike,
+                   **options: Any) -> "AsyncStore":
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraloop-store")
+        loop = asyncio.get_running_loop()
+        try:
+            store = await loop.run_in_executor(
+                executor, functools.partial(Store, db_path, data_dir, **options)
+            )
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(store, executor)
+
+    @classmethod
+    async def open_from_config(cls, config: Any) -> "AsyncStore":
+        return await cls.open(config.database_path, config.data_dir, **_options_from_config(config))
+
+    @property
+    def db_path(self) -> Path:
+        return self._store.db_path
+
+    @property
+    def data_dir(self) -> Path:
+        return self._store.data_dir
+
+    async def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._closed:
+            raise StoreError("the store is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, functools.partial(method, *args, **kwargs)
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await self._call(self._store.close)
+        self._closed = True
+        self._executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> "AsyncStore":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def record_generation(self, **kwargs: Any) -> int:
+        return await self._call(self._store.record_generation, **kwargs)
+
+    async def update_generation(self, generation_id: int, **kwargs: Any) -> None:
+        await self._call(self._store.update_generation, generation_id, **kwargs)
+
+    async def generation(self, generation_id: int) -> Generation:
+        return await self._call(self._store.generation, generation_id)
+
+    async def generation_for_job(self, job_id: str) -> Generation | None:
+        return await self._call(self._store.generation_for_job, job_id)
+
+    async def add_image(self, generation_id: int, **kwargs: Any) -> int:
+        return await self._call(self._store.add_image, generation_id, **kwargs)
+
+    async def set_image_message(self, image_id: int, message_id: int) -> None:
+        await self._call(self._store.set_image_message, image_id, message_id)
+
+    async def image(self, image_id: int) -> Image:
+        return await self._call(self._store.image, image_id)
+
+    async def image_for_message(self, message_id: int) -> Image | None:
+        return await self._call(self._store.image_for_message, message_id)
+
+    async def images_for_generation(self, generation_id: int) -> list[Image]:
+        return await self._call(self._store.images_for_generation, generation_id)
+
+    async def set_vote(self, image_id: int, user_id: int, value: int, emoji: str) -> bool:
+        return await self._call(self._store.set_vote, image_id, user_id, value, emoji)
+
+    async def remove_vote(self, image_id: int, user_id: int, emoji: str) -> bool:
+        return await self._call(self._store.remove_vote, image_id, user_id, emoji)
+
+    async def votes_for(self, image_id: int) -> list[Vote]:
+        return await self._call(self._store.votes_for, image_id)
+
+    async def flag(self, image_id: int, user_id: int, kind: str) -> bool:
+        return await self._call(self._store.flag, image_id, user_id, kind)
+
+    async def unflag(self, image_id: int, user_id: int, kind: str) -> bool:
+        return await self._call(self._store.unflag, image_id, user_id, kind)
+
+    async def opt_out(self, user_id: int) -> None:
+        await self._call(self._store.opt_out, user_id)
+
+    async def opt_in(self, user_id: int) -> None:
+        await self._call(self._store.opt_in, user_id)
+
+    async def is_opted_out(self, user_id: int) -> bool:
+        return await self._call(self._store.is_opted_out, user_id)
+
+    async def adapter_stats(self, name: str | None = None) -> list[AdapterStats]:
+        return await self._call(self._store.adapter_stats, name)
+
+    async def top_images(self, **kwargs: Any) -> list[TopImage]:
+        return await self._call(self._store.top_images, **kwargs)
+
+    async def counts(self) -> dict[str, int]:
+        return await self._call(self._store.counts)
+
+    async def record_training_run(self, **kwargs: Any) -> int:
+        return await self._call(self._store.record_training_run, **kwargs)
+
+    async def update_training_run(self, run_id: int, **kwargs: Any) -> None:
+        await self._call(self._store.update_training_run, run_id, **kwargs)
+
+    async def record_adapter(self, **kwargs: Any) -> int:
+        return await self._call(self._store.record_adapter, **kwargs)
+
+    async def adapters(self, name: str | None = None) -> list[AdapterVersion]:
+        return await self._call(self._store.adapters, name)

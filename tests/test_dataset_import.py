@@ -1,0 +1,375 @@
+"""`loraloop dataset import`: every source shape, normalised pixels, and drops that say why.
+
+Pictures are drawn here with PIL (distinct shapes per seed, so their perceptual hashes differ),
+URLs are served by a real aiohttp server on 127.0.0.1, and the real CLI does the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+from PIL import Image, ImageDraw
+
+from loraloop.cli import cli
+from training.importer import NearDuplicateIndex, perceptual_hash
+
+RESOLUTION = 64
+
+
+def picture(seed: int, size: tuple[int, int] = (96, 80), mode: str = "RGB") -> Image.Image:
+    """A picture of a few random shapes; different seeds look different to a perceptual hash."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    width, height = size
+    for _ in range(6):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        x1, y1 = x0 + rng.randrange(8, width), y0 + rng.randrange(8, height)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x0, y0, x1, y1), fill=tuple(rng.randrange(256) for _ in range(3)))
+    return image.convert(mode)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(f"[training]\nresolution = {RESOLUTION}\n\n[dataset]\nmin_image_size = 48\n")
+    return path
+
+
+def run_import(config_file: Path, *args: str):
+    return CliRunner().invoke(cli, ["--config", str(config_file), "dataset", "import", "--no-progress", *map(str, args)])
+
+
+def read_dataset(out: Path) -> tuple[list[dict], dict]:
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    report = json.loads((out / "report.json").read_text())
+    return rows, report
+
+
+def captions(rows: list[dict]) -> list[str]:
+    return sorted(row["text"] for row in rows)
+
+
+def test_a_folder_of_images_with_txt_captions_becomes_square_rgb_images_and_metadata(tmp_path, config_file):
+    src = tmp_path / "pictures"
+    (src / "nested").mkdir(parents=True)
+    picture(1).save(src / "fox.png")
+    (src / "fox.txt").write_text("a red fox\n in the snow\n")
+    picture(2).save(src / "nested" / "owl.jpg", quality=95)
+    (src / "nested" / "owl.txt").write_text("an owl at night")
+    picture(3).save(src / "uncaptioned.webp")
+
+    result = run_import(config_file, src, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    assert "kept 3 images, dropped none" in result.output
+    rows, report = read_dataset(tmp_path / "out")
+    assert captions(rows) == ["", "a red fox in the snow", "an owl at night"]
+    assert report["format"] == "folder" and report["kept_count"] == 3
+    for row in rows:
+        with Image.open(tmp_path / "out" / row["file_name"]) as image:
+            assert image.size == (RESOLUTION, RESOLUTION) and image.mode == "RGB"
+    assert sorted(k["source"] for k in report["kept"]) == ["fox.png", "nested/owl.jpg", "uncaptioned.webp"]
+    assert not list(tmp_path.glob(".out.importing-*")), "the staging folder is cleaned up"
+
+
+def test_a_metadata_jsonl_folder_is_read_with_its_captions(tmp_path, config_file):
+    src = tmp_path / "hf"
+    src.mkdir()
+    for seed, name in [(1, "a.png"), (2, "b.png")]:
+        picture(seed).save(src / name)
+    (src / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "text": "first picture"}\n\n{"file_name": "b.png"}\n'
+    )
+
+    result = run_import(config_file, src, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    rows, report = read_dataset(tmp_path / "out")
+    assert report["format"] == "metadata"
+    assert captions(rows) == ["", "first picture"]
+
+
+def test_dreambooth_folders_are_captioned_from_their_names(tmp_path, config_file):
+    src = tmp_path / "instance"
+    (src / "sks_dog").mkdir(parents=True)
+    (src / "10_ohwx_red_car").mkdir()
+    picture(1).save(src / "sks_dog" / "1.png")
+    picture(2).save(src / "sks_dog" / "2.png")
+    picture(3).save(src / "10_ohwx_red_car" / "1.png")
+    picture(4).save(src / "10_ohwx_red_car" / "2.png")
+    (src / "10_ohwx_red_car" / "2.txt").write_text("ohwx red car parked at night")
+
+    result = run_import(config_file, src, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    rows, report = read_dataset(tmp_path / "out")
+    assert report["format"] == "dreambooth"
+    assert captions(rows) == ["ohwx red car", "ohwx red car parked at night", "sks dog", "sks dog"]
+
+
+def test_a_csv_is_read_through_the_columns_named_on_the_command_line(tmp_path, config_file):
+    (tmp_path / "img").mkdir()
+    picture(1).save(tmp_path / "img" / "a.png")
+    picture(2).save(tmp_path / "img" / "b.png")
+    source = tmp_path / "list.csv"
+    source.write_text('path,text,likes\nimg/a.png,"a cat, sleeping",3\nimg/b.png,a dog,1\n')
+
+    result = run_import(config_file, source, tmp_path / "out", "--image-column", "path", "--caption-column", "text")
+
+    assert result.exit_code == 0, result.output
+    rows, _ = read_dataset(tmp_path / "out")
+    assert captions(rows) == ["a cat, sleeping", "a dog"]
+
+
+def test_a_csv_without_the_configured_columns_fails_before_any_work_naming_the_columns_it_has(tmp_path, config_file):
+    source = tmp_path / "list.csv"
+    source.write_text("path,text\nimg/a.png,a cat\n")
+
+    result = run_import(config_file, source, tmp_path / "out")
+
+    assert result.exit_code != 0
+    assert "no column 'image', 'caption'" in result.output and "columns: path, text" in result.output
+    assert "--image-column" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def serve_pictures(app: web.Application, oversized: bytes) -> None:
+    async def image(request: web.Request) -> web.Response:
+        seed = int(request.match_info["seed"])
+        return web.Response(body=png_bytes(picture(seed)), content_type="image/png")
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=oversized, content_type="image/png")
+
+    async def streamed_big(request: web.Request) -> web.StreamResponse:
+        # No Content-Length: the limit has to be enforced while reading.
+        response = web.StreamResponse(headers={"Content-Type": "image/png"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(oversized)
+        await response.write_eof()
+        return response
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>not a picture</html>", content_type="text/html")
+
+    app.router.add_get("/img/{seed}.png", image)
+    app.router.add_get("/big.png", big)
+    app.router.add_get("/streamed.png", streamed_big)
+    app.router.add_get("/page.html", page)
+
+
+async def test_a_url_list_is_downloaded_and_bad_downloads_are_dropped_with_the_reason(tmp_path, config_file, aiohttp_server):
+    app = web.Application()
+    serve_pictures(app, oversized=png_bytes(picture(9, size=(400, 400))) + b"\0" * 300_000)
+    server = await aiohttp_server(app)
+    base = f"http://127.0.0.1:{server.port}"
+    config_file.write_text(config_file.read_text() + "max_download_bytes = 200000\n")
+    source = tmp_path / "urls.txt"
+    source.write_text(
+        "# pictures for the fox LoRA\n"
+        f"{base}/img/1.png a red fox\n"
+        f"{base}/img/2.png\n"
+        f"{base}/img/1.png\n"
+        f"{base}/missing.png\n"
+        f"{base}/page.html\n"
+        f"{base}/big.png\n"
+        f"{base}/streamed.png\n"
+    )
+
+    # The CLI runs its own event loop, so it goes on a thread while this loop serves.
+    result = await asyncio.to_thread(run_import, config_file, source, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    rows, report = read_dataset(tmp_path / "out")
+    assert report["format"] == "urls"
+    assert captions(rows) == ["", "a red fox"]
+    reasons = {entry["source"].removeprefix(base): (entry["reason"], entry["detail"]) for entry in report["dropped"]}
+    assert reasons["/img/1.png"][0] == "duplicate"
+    assert reasons["/missing.png"] == ("download_failed", "HTTP 404")
+    assert reasons["/page.html"][0] == "download_failed" and "text/html" in reasons["/page.html"][1]
+    assert reasons["/big.png"][0] == "download_failed" and "too large" in reasons["/big.png"][1]
+    assert reasons["/streamed.png"][0] == "download_failed" and "too large" in reasons["/streamed.png"][1]
+    assert "5 download failed" not in result.output and "4 download failed, 1 duplicate" in result.output
+
+
+async def test_a_json_list_mixes_local_paths_and_urls(tmp_path, config_file, aiohttp_server):
+    app = web.Application()
+    serve_pictures(app, oversized=b"")
+    server = await aiohttp_server(app)
+    picture(1).save(tmp_path / "local.png")
+    source = tmp_path / "links.json"
+    source.write_text(json.dumps([
+        {"link": "local.png", "caption": "a local picture"},
+        {"link": f"http://127.0.0.1:{server.port}/img/2.png", "caption": "a downloaded picture"},
+    ]))
+
+    result = await asyncio.to_thread(run_import, config_file, source, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    rows, report = read_dataset(tmp_path / "out")
+    assert report["format"] == "json"
+    assert captions(rows) == ["a downloaded picture", "a local picture"]
+
+
+def test_unreadable_small_duplicate_and_badly_captioned_pictures_are_dropped_and_reported(tmp_path, config_file):
+    src = tmp_path / "pictures"
+    src.mkdir()
+    picture(1).save(src / "keep.png")
+    (src / "keep.txt").write_text("a picture to keep")
+    shutil.copy(src / "keep.png", src / "copy.png")
+    # Same picture, smaller and re-encoded: a different file that looks the same.
+    picture(1).resize((90, 75)).save(src / "reencoded.jpg", quality=80)
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    picture(2, size=(40, 30)).save(src / "tiny.png")
+    picture(3).save(src / "junk_caption.png")
+    (src / "junk_caption.txt").write_text("x")
+
+    result = run_import(config_file, src, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    rows, report = read_dataset(tmp_path / "out")
+    assert captions(rows) == ["a picture to keep"]
+    reasons = {entry["source"]: entry["reason"] for entry in report["dropped"]}
+    assert reasons == {
+        "copy.png": "duplicate",  # the captioned copy is the one kept
+        "reencoded.jpg": "near_duplicate",
+        "broken.jpg": "unreadable",
+        "tiny.png": "too_small",
+        "junk_caption.png": "caption_too_short",
+    }
+    assert report["dropped_count"] == 5 and report["dropped_by_reason"]["duplicate"] == 1
+    assert "kept 1 images, dropped 5" in result.output
+
+
+def test_exif_orientation_is_applied_before_cropping(tmp_path, config_file):
+    src = tmp_path / "pictures"
+    src.mkdir()
+    # Stored sideways: red on the left, blue on the right, with "rotate 90° clockwise to view".
+    stored = Image.new("RGB", (96, 64), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 48, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    stored.save(src / "phone.jpg", quality=95, exif=exif)
+
+    result = run_import(config_file, src, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    rows, _ = read_dataset(tmp_path / "out")
+    with Image.open(tmp_path / "out" / rows[0]["file_name"]) as image:
+        # Upright, the left half is on top: red above blue.
+        top, bottom = image.getpixel((5, 5)), image.getpixel((5, RESOLUTION - 5))
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_transparent_palette_and_grey_pictures_come_out_rgb_with_transparency_on_white(tmp_path, config_file):
+    src = tmp_path / "pictures"
+    src.mkdir()
+    cutout = Image.new("RGBA", (80, 80), (0, 0, 0, 0))
+    ImageDraw.Draw(cutout).ellipse((30, 30, 50, 50), fill=(200, 30, 30, 255))
+    cutout.save(src / "cutout.png")
+    picture(2, mode="P").save(src / "palette.gif")
+    picture(3, mode="L").save(src / "grey.png")
+
+    result = run_import(config_file, src, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    rows, report = read_dataset(tmp_path / "out")
+    assert len(rows) == 3
+    by_source = {k["source"]: k["file_name"] for k in report["kept"]}
+    for name in by_source.values():
+        with Image.open(tmp_path / "out" / name) as image:
+            assert image.mode == "RGB"
+    with Image.open(tmp_path / "out" / by_source["cutout.png"]) as image:
+        assert image.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_a_near_duplicate_index_matches_only_within_the_distance():
+    index = NearDuplicateIndex(max_distance=4)
+    original = perceptual_hash(picture(1))
+    index.add(original, "one")
+    assert index.closest(perceptual_hash(picture(1).resize((70, 60)))) is not None
+    assert index.closest(perceptual_hash(picture(2))) is None
+    for i in range(100):  # grows past its first allocation
+        index.add(perceptual_hash(picture(100 + i)), f"p{i}")
+    assert index.closest(original) == ("one", 0)
+
+
+@pytest.mark.parametrize(
+    ("make_source", "message"),
+    [
+        (lambda tmp: tmp / "missing", "no such file or folder"),
+        (lambda tmp: (tmp / "data.xyz").write_text("?") and tmp / "data.xyz", "unknown source format"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "no images found"),
+        (lambda tmp: (tmp / "u.txt").write_text("ftp://example/x.png\n") and tmp / "u.txt", "u.txt:1: not an http(s) URL"),
+        (lambda tmp: (tmp / "l.json").write_text('{"link": "a.png"}') and tmp / "l.json", "expected a JSON list"),
+        (lambda tmp: (tmp / "m.jsonl").write_text('{"text": "no file"}\n') and tmp / "m.jsonl", 'm.jsonl:1: each line needs a "file_name"'),
+    ],
+    ids=["missing", "unknown-format", "empty-folder", "bad-url", "json-not-a-list", "metadata-without-file-name"],
+)
+def test_bad_sources_fail_with_a_clear_message_and_write_nothing(tmp_path, config_file, make_source, message):
+    result = run_import(config_file, make_source(tmp_path), tmp_path / "out")
+
+    assert result.exit_code == 1
+    assert message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_import_where_everything_is_dropped_is_an_error_that_says_why(tmp_path, config_file):
+    src = tmp_path / "pictures"
+    src.mkdir()
+    picture(1, size=(20, 20)).save(src / "small.png")
+    (src / "broken.png").write_bytes(b"nope")
+
+    result = run_import(config_file, src, tmp_path / "out")
+
+    assert result.exit_code == 1
+    assert "nothing left to import" in result.output and "1 too small" in result.output and "1 unreadable" in result.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.importing-*"))
+
+
+def test_an_existing_non_empty_output_folder_is_never_overwritten(tmp_path, config_file):
+    src = tmp_path / "pictures"
+    src.mkdir()
+    picture(1).save(src / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+
+    result = run_import(config_file, src, out)
+
+    assert result.exit_code == 1 and "not empty" in result.output
+    assert (out / "precious.txt").read_text() == "mine"
+
+
+def test_the_resolution_flag_overrides_the_config_and_is_validated(tmp_path, config_file):
+    src = tmp_path / "pictures"
+    src.mkdir()
+    picture(1, size=(200, 120)).save(src / "a.png")
+
+    assert run_import(config_file, src, tmp_path / "bad", "--resolution", "100").exit_code == 2
+    result = run_import(config_file, src, tmp_path / "out", "--resolution", "96")
+
+    assert result.exit_code == 0, result.output
+    rows, report = read_dataset(tmp_path / "out")
+    assert report["resolution"] == 96
+    with Image.open(tmp_path / "out" / rows[0]["file_name"]) as image:
+        assert image.size == (96, 96)

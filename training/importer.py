@@ -1,0 +1,556 @@
+"""Dataset import: the picture collections people already have, turned into one training folder.
+
+    loraloop dataset import ~/pictures/fox data/datasets/fox          # images with .txt captions
+    loraloop dataset import captions.csv data/datasets/fox --image-column path --caption-column text
+    loraloop dataset import urls.txt data/datasets/fox --resolution 768
+
+This module owns reading every source shape (`FORMATS`), downloading URLs, normalising pixels
+(EXIF orientation, RGB, resize and centre-crop to the training resolution) and dropping what
+would hurt training, with the reason written down. Its output is the image-folder format that
+curation also writes and training reads:
+
+    OUT/<sha256[:16]>.png        one square RGB image per picture kept
+    OUT/metadata.jsonl           {"file_name": ..., "text": ...} per line ("" when uncaptioned)
+    OUT/report.json              what was kept and what was dropped, and why
+
+The folder is built beside OUT and renamed into place at the end, so an interrupted import
+never leaves a half-written dataset where training would find it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import io
+import json
+import logging
+import re
+import os
+import shutil
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import aiohttp
+import imagehash
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from loraloop import __version__
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("folder", "metadata", "json", "csv", "dreambooth", "urls")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Sidecar caption files: `.txt` is the common one, kohya's scripts also write `.caption`.
+CAPTION_SUFFIXES = (".txt", ".caption")
+METADATA_FILE = "metadata.jsonl"
+REPORT_FILE = "report.json"
+# `<trigger>_<class>`, optionally after kohya's `<repeats>_` prefix: `sks_dog`, `10_sks_dog`.
+DREAMBOOTH_FOLDER = re.compile(r"^(?:\d+_)?([^_\s]+)_(.+)$")
+
+# Why a picture was left out; the report counts by these codes.
+DOWNLOAD_FAILED = "download_failed"
+UNREADABLE = "unreadable"
+DUPLICATE = "duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+TOO_SMALL = "too_small"
+CAPTION_TOO_SHORT = "caption_too_short"
+
+
+class DatasetError(Exception):
+    """Bad input a person can fix (missing source, unknown format, missing column); the CLI shows it."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One picture a source names: a local file or a URL, and its caption if the source has one."""
+
+    origin: str  # what the report calls it: the path as the source wrote it, or the URL
+    caption: str | None
+    path: Path | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class ImportSettings:
+    resolution: int = 512
+    min_image_size: int = 256
+    min_caption_chars: int = 3
+    near_duplicate_distance: int = 4
+    max_download_bytes: int = 20_000_000
+    download_concurrency: int = 8
+    download_timeout_s: float = 30.0
+    csv_image_column: str = "image"
+    csv_caption_column: str = "caption"
+
+
+@dataclass
+class ImportReport:
+    source: str
+    format: str
+    resolution: int
+    kept: list[dict] = field(default_factory=list)  # {"file_name", "text", "source"}
+    dropped: list[dict] = field(default_factory=list)  # {"source", "reason", "detail"}
+
+    def drop(self, candidate: Candidate, reason: str, detail: str) -> None:
+        log.debug("dropped %s: %s (%s)", candidate.origin, reason, detail)
+        self.dropped.append({"source": candidate.origin, "reason": reason, "detail": detail})
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(entry["reason"] for entry in self.dropped).most_common())
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "format": self.format,
+            "resolution": self.resolution,
+            "kept_count": len(self.kept),
+            "dropped_count": len(self.dropped),
+            "dropped_by_reason": self.dropped_by_reason(),
+            "kept": self.kept,
+            "dropped": self.dropped,
+        }
+
+    def summary(self) -> str:
+        """One line for people: how many kept, how many dropped and for what."""
+        reasons = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in self.dropped_by_reason().items())
+        dropped = f"dropped {len(self.dropped)} ({reasons})" if self.dropped else "dropped none"
+        return f"kept {len(self.kept)} images, {dropped}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading sources: each reader returns candidates, or raises DatasetError before any slow work.
+
+
+def clean_caption(text: str | None) -> str | None:
+    """Captions as one line with single spaces; None stays None (no caption at all)."""
+    if text is None:
+        return None
+    return " ".join(str(text).split())
+
+
+def is_url(link: str) -> bool:
+    return link.startswith(("http://", "https://"))
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _sidecar_caption(image: Path) -> str | None:
+    for suffix in CAPTION_SUFFIXES:
+        sidecar = image.with_suffix(suffix)
+        if sidecar.is_file():
+            return clean_caption(sidecar.read_text(encoding="utf-8", errors="replace"))
+    return None
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _local_or_url(link: str, base: Path, caption: str | None) -> Candidate:
+    if is_url(link):
+        return Candidate(origin=link, caption=caption, url=link)
+    path = Path(link).expanduser()
+    return Candidate(origin=link, caption=caption, path=path if path.is_absolute() else base / path)
+
+
+def read_folder(src: Path) -> list[Candidate]:
+    """Images anywhere under SRC, each captioned by the `.txt` beside it (if any)."""
+    return [
+        Candidate(origin=str(p.relative_to(src)), caption=_sidecar_caption(p), path=p)
+        for p in _images_under(src)
+    ]
+
+
+def dreambooth_caption(folder_name: str) -> str | None:
+    """`sks_dog` -> "sks dog"; kohya's repeat count (`10_sks_dog`) is not part of the caption."""
+    match = DREAMBOOTH_FOLDER.match(folder_name)
+    if match is None:
+        return None
+    trigger, class_words = match.groups()
+    return clean_caption(f"{trigger} {class_words.replace('_', ' ')}")
+
+
+def _dreambooth_folders(src: Path) -> list[Path]:
+    return sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith(".") and _images_under(d))
+
+
+def read_dreambooth(src: Path) -> list[Candidate]:
+    """Folders named `<trigger>_<class>`; a `.txt` beside an image beats the folder's caption."""
+    folders = _dreambooth_folders(src)
+    bad = [d.name for d in folders if dreambooth_caption(d.name) is None]
+    if bad:
+        raise DatasetError(
+            f"{src}: DreamBooth folders must be named <trigger>_<class> (e.g. sks_dog); "
+            f"these are not: {', '.join(bad[:5])}"
+        )
+    candidates = []
+    for folder in folders:
+        folder_caption = dreambooth_caption(folder.name)
+        for image in _images_under(folder):
+            caption = _sidecar_caption(image)
+            candidates.append(
+                Candidate(origin=str(image.relative_to(src)), caption=caption or folder_caption, path=image)
+            )
+    return candidates
+
+
+def read_metadata(src: Path) -> list[Candidate]:
+    """`metadata.jsonl` (Hugging Face imagefolder): one {"file_name", "text"} object per line."""
+    path = src / METADATA_FILE if src.is_dir() else src
+    candidates = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise DatasetError(f'{path}:{number}: each line needs a "file_name" (and usually a "text")')
+        candidates.append(_local_or_url(row["file_name"], path.parent, clean_caption(row.get("text"))))
+    return candidates
+
+
+def read_json_list(src: Path) -> list[Candidate]:
+    """A JSON list of {"link", "caption"}; a link is a path (relative to the file) or a URL."""
+    try:
+        rows = json.loads(src.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{src}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(rows, list):
+        raise DatasetError(f'{src}: expected a JSON list of {{"link", "caption"}} objects')
+    candidates = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("link"), str):
+            raise DatasetError(f'{src}: item {index} has no "link" (expected {{"link", "caption"}})')
+        candidates.append(_local_or_url(row["link"], src.parent, clean_caption(row.get("caption"))))
+    return candidates
+
+
+def read_csv(src: Path, image_column: str, caption_column: str) -> list[Candidate]:
+    """A CSV with a header row; the image column holds a path (relative to the file) or a URL."""
+    with src.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        missing = [name for name in (image_column, caption_column) if name not in columns]
+        if missing:
+            raise DatasetError(
+                f"{src}: no column {', '.join(repr(m) for m in missing)} (columns: {', '.join(columns) or 'none'}); "
+                "pick them with --image-column and --caption-column"
+            )
+        return [
+            _local_or_url(row[image_column].strip(), src.parent, clean_caption(row[caption_column]))
+            for row in reader
+            if (row[image_column] or "").strip()
+        ]
+
+
+def read_url_list(src: Path) -> list[Candidate]:
+    """One image URL per line, optionally followed by a caption; blank lines and `#` comments skipped."""
+    candidates = []
+    for number, line in enumerate(src.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        url, _, caption = line.partition(" ")
+        if not is_url(url):
+            raise DatasetError(f"{src}:{number}: not an http(s) URL: {url[:80]}")
+        candidates.append(Candidate(origin=url, caption=clean_caption(caption) or None, url=url))
+    return candidates
+
+
+def detect_format(src: Path) -> str:
+    """Which reader fits SRC: by file suffix, or for a folder by what it contains."""
+    if src.is_file():
+        by_suffix = {".jsonl": "metadata", ".json": "json", ".csv": "csv", ".txt": "urls"}
+        if src.suffix.lower() in by_suffix:
+            return by_suffix[src.suffix.lower()]
+        raise DatasetError(
+            f"{src}: unknown source format; expected a folder, metadata.jsonl, a .json list, "
+            "a .csv or a .txt of URLs (or name one with --format)"
+        )
+    if (src / METADATA_FILE).is_file():
+        return "metadata"
+    top_level_images = any(_is_image(p) for p in src.iterdir())
+    folders = _dreambooth_folders(src)
+    if not top_level_images and folders and all(dreambooth_caption(d.name) for d in folders):
+        return "dreambooth"
+    return "folder"
+
+
+def read_source(src: Path, source_format: str, settings: ImportSettings) -> tuple[str, list[Candidate]]:
+    """The format SRC was read as (resolving "auto") and the pictures it names."""
+    if not src.exists():
+        raise DatasetError(f"{src}: no such file or folder")
+    if source_format == "auto":
+        source_format = detect_format(src)
+    return source_format, _read(src, source_format, settings)
+
+
+def _read(src: Path, source_format: str, settings: ImportSettings) -> list[Candidate]:
+    wants_folder = source_format in {"folder", "dreambooth"}
+    if wants_folder != src.is_dir() and not (source_format == "metadata" and src.is_dir()):
+        raise DatasetError(f"{src}: the {source_format} format needs {'a folder' if wants_folder else 'a file'}")
+    if source_format == "folder":
+        return read_folder(src)
+    if source_format == "dreambooth":
+        return read_dreambooth(src)
+    if source_format == "metadata":
+        if src.is_dir() and not (src / METADATA_FILE).is_file():
+            raise DatasetError(f"{src}: no {METADATA_FILE} in this folder")
+        return read_metadata(src)
+    if source_format == "json":
+        return read_json_list(src)
+    if source_format == "csv":
+        return read_csv(src, settings.csv_image_column, settings.csv_caption_column)
+    if source_format == "urls":
+        return read_url_list(src)
+    raise DatasetError(f"unknown format {source_format!r}; expected one of: auto, {', '.join(FORMATS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloading: every URL once, in parallel, into a scratch folder; failures become drop reasons.
+
+
+async def _download_one(
+    session: aiohttp.ClientSession,
+    semaphore: asyncio.Semaphore,
+    url: str,
+    destination: Path,
+    max_bytes: int,
+) -> Path | str:
+    """The downloaded file, or a short reason it was refused."""
+    async with semaphore:
+        try:
+            async with session.get(url) as response:
+                if response.status != 200:
+                    return f"HTTP {response.status}"
+                if not response.content_type.startswith("image/"):
+                    return f"not an image (Content-Type {response.content_type or 'missing'})"
+                # Content-Length can lie or be absent, so the streamed size is checked too.
+                if response.content_length is not None and response.content_length > max_bytes:
+                    return f"too large ({response.content_length} bytes, limit {max_bytes})"
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(1 << 16):
+                    body += chunk
+                    if len(body) > max_bytes:
+                        return f"too large (over the {max_bytes}-byte limit)"
+        except asyncio.TimeoutError:
+            return "timed out"
+        except aiohttp.ClientError as exc:
+            return f"{type(exc).__name__}: {exc}"
+    destination.write_bytes(body)
+    return destination
+
+
+async def download_all(urls: list[str], folder: Path, settings: ImportSettings, progress: bool = True) -> dict[str, Path | str]:
+    """Fetch each distinct URL once; returns url -> file, or url -> why it failed."""
+    unique = list(dict.fromkeys(urls))
+    semaphore = asyncio.Semaphore(settings.download_concurrency)
+    timeout = aiohttp.ClientTimeout(total=settings.download_timeout_s)
+    results: dict[str, Path | str] = {}
+    async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": f"loraloop/{__version__}"}) as session:
+        tasks = {
+            asyncio.ensure_future(
+                _download_one(session, semaphore, url, folder / f"{i:06d}", settings.max_download_bytes)
+            ): url
+            for i, url in enumerate(unique)
+        }
+        with tqdm(total=len(tasks), desc="downloading", unit="file", disable=not progress) as bar:
+            for done in asyncio.as_completed(list(tasks)):
+                await done
+                bar.update()
+    for task, url in tasks.items():
+        results[url] = task.result()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalising pixels.
+
+
+def open_normalised(data: bytes, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode, upright (EXIF), flatten to RGB and fit to a resolution square; also the stored size.
+
+    Raises OSError (or DecompressionBombError) when the bytes are not an image PIL can read.
+    """
+    with warnings.catch_warnings():
+        # A huge image is a real error for us, not a warning to print and then decode anyway.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+        stored_size = image.size  # before draft() shrinks it; its shorter side survives rotation
+        # JPEG can decode at 1/2, 1/4 or 1/8 scale for free; draft keeps both sides >= resolution.
+        image.draft("RGB", (resolution, resolution))
+        image.load()
+    image = _to_rgb(ImageOps.exif_transpose(image))
+    return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS), stored_size
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in {"RGBA", "LA", "PA"}:
+        # Transparent pixels often hide black RGB; on white, cut-outs look the way people saw them.
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def perceptual_hash(image: Image.Image) -> np.uint64:
+    """A 64-bit pHash: near-identical pictures (re-encoded, resized) differ in only a few bits."""
+    bits = imagehash.phash(image).hash.flatten()  # 64 booleans
+    return np.packbits(bits).view(">u8")[0].astype(np.uint64)
+
+
+class NearDuplicateIndex:
+    """Perceptual hashes of the images kept so far; one vectorised XOR + popcount per lookup."""
+
+    def __init__(self, max_distance: int) -> None:
+        self.max_distance = max_distance
+        self._hashes = np.zeros(64, dtype=np.uint64)
+        self._names: list[str] = []
+
+    def closest(self, value: np.uint64) -> tuple[str, int] | None:
+        """The kept image this one duplicates and their distance, if any is close enough."""
+        if not self._names:
+            return None
+        distances = np.bitwise_count(self._hashes[: len(self._names)] ^ value)
+        best = int(distances.argmin())
+        if distances[best] <= self.max_distance:
+            return self._names[best], int(distances[best])
+        return None
+
+    def add(self, value: np.uint64, name: str) -> None:
+        if len(self._names) == len(self._hashes):
+            self._hashes = np.concatenate([self._hashes, np.zeros_like(self._hashes)])
+        self._hashes[len(self._names)] = value
+        self._names.append(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The import itself.
+
+
+def check_output_folder(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatasetError(f"{out}: already exists and is not empty; choose a new output folder")
+
+
+def import_dataset(
+    src: Path,
+    out: Path,
+    settings: ImportSettings,
+    source_format: str = "auto",
+    progress: bool = True,
+) -> ImportReport:
+    """Read SRC, normalise and filter its pictures, and write the dataset folder OUT."""
+    src, out = Path(src), Path(out)
+    check_output_folder(out)
+    source_format, candidates = read_source(src, source_format, settings)
+    if not candidates:
+        raise DatasetError(f"{src}: no images found (read as {source_format})")
+
+    report = ImportReport(source=str(src), format=source_format, resolution=settings.resolution)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.importing-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        _build(candidates, staging, settings, report, progress)
+        if not report.kept:
+            raise DatasetError(f"{src}: nothing left to import: {report.summary()}")
+        _write_json_lines(staging / METADATA_FILE, ({"file_name": k["file_name"], "text": k["text"]} for k in report.kept))
+        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # checked empty above
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    log.info("imported %s into %s: %s", src, out, report.summary())
+    return report
+
+
+def _write_json_lines(path: Path, rows: Iterable[dict]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _build(candidates: list[Candidate], staging: Path, settings: ImportSettings, report: ImportReport, progress: bool) -> None:
+    # Captions are checked first: a junk caption is dropped before its image is downloaded.
+    wanted = []
+    for candidate in candidates:
+        caption = candidate.caption or ""
+        if caption and len(caption) < settings.min_caption_chars:
+            report.drop(candidate, CAPTION_TOO_SHORT, f"{caption!r} is under {settings.min_caption_chars} characters")
+        else:
+            wanted.append(candidate)
+
+    # Of two copies of a picture the first one seen is kept, so captioned pictures go first.
+    wanted.sort(key=lambda candidate: not candidate.caption)
+
+    downloads_dir = staging / ".downloads"
+    urls = [c.url for c in wanted if c.url is not None]
+    downloaded: dict[str, Path | str] = {}
+    if urls:
+        downloads_dir.mkdir()
+        downloaded = asyncio.run(download_all(urls, downloads_dir, settings, progress))
+
+    seen_sha256: dict[str, str] = {}
+    near_duplicates = NearDuplicateIndex(settings.near_duplicate_distance)
+    for candidate in tqdm(wanted, desc="importing", unit="image", disable=not progress):
+        if candidate.url is not None:
+            fetched = downloaded[candidate.url]
+            if isinstance(fetched, str):
+                report.drop(candidate, DOWNLOAD_FAILED, fetched)
+                continue
+            file = fetched
+        else:
+            file = candidate.path
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            report.drop(candidate, UNREADABLE, exc.strerror or str(exc))
+            continue
+        sha256 = hashlib.sha256(data).hexdigest()
+        if sha256 in seen_sha256:
+            report.drop(candidate, DUPLICATE, f"same file as {seen_sha256[sha256]}")
+            continue
+        seen_sha256[sha256] = candidate.origin
+        try:
+            image, (width, height) = open_normalised(data, settings.resolution)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            # PIL signals corrupt files with any of these, depending on the codec.
+            report.drop(candidate, UNREADABLE, f"not an image PIL can read ({type(exc).__name__}: {exc})"[:200])
+            continue
+        if min(width, height) < settings.min_image_size:
+            report.drop(candidate, TOO_SMALL, f"{width}x{height}, shorter side under {settings.min_image_size}")
+            continue
+        fingerprint = perceptual_hash(image)
+        match = near_duplicates.closest(fingerprint)
+        if match is not None:
+            report.drop(candidate, NEAR_DUPLICATE, f"looks like {match[0]} (distance {match[1]})")
+            continue
+        file_name = f"{sha256[:16]}.png"
+        image.save(staging / file_name)
+        near_duplicates.add(fingerprint, candidate.origin)
+        report.kept.append({"file_name": file_name, "text": candidate.caption or "", "source": candidate.origin})
+    if downloads_dir.exists():
+        shutil.rmtree(downloads_dir)
+
+
+def settings_from_config(dataset_config, resolution: int) -> ImportSettings:
+    """ImportSettings from the [dataset] section plus the training resolution."""
+    keys = {f for f in ImportSettings.__dataclass_fields__} - {"resolution"}
+    return ImportSettings(resolution=resolution, **{k: getattr(dataset_config, k) for k in keys})
