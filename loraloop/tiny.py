@@ -123,3 +123,74 @@ def tiny_model_path(data_dir: str | os.PathLike) -> Path:
             shutil.rmtree(path)
         tmp.rename(path)
     return path
+
+
+TINY_BLIP_VERSION = "1"
+# A few caption-like words plus letters and word pieces, so a random decoder spells something.
+_TINY_BLIP_WORDS = (
+    "a an the of on in with and at photo picture painting drawing dog cat fox bird red blue green "
+    "small large tree house sky field river snow person woman man car street night day"
+).split()
+
+
+def build_tiny_blip(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny BLIP captioner (model, processor, BERT tokenizer) with random weights at `path`.
+
+    It loads through `BlipProcessor`/`BlipForConditionalGeneration.from_pretrained` exactly like
+    "Salesforce/blip-image-captioning-large" does; its captions are gibberish.
+    """
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # BLIP's decoder starts from [DEC] (its bos) and stops at [SEP]; ids match the config below.
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = special + _TINY_BLIP_WORDS + list(letters) + [f"##{c}" for c in letters]
+    vocab_file = path / "vocab.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(str(vocab_file), bos_token="[DEC]", model_max_length=64)
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
+    torch.manual_seed(seed)
+    config = BlipConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, encoder_hidden_size=32,
+            pad_token_id=0, sep_token_id=3, eos_token_id=3, bos_token_id=5,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8,
+        ),
+        projection_dim=32,
+    )
+    BlipForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    (path / "LORALOOP_TINY").write_text(TINY_BLIP_VERSION)
+    return path
+
+
+def tiny_blip_path(data_dir: str | os.PathLike) -> Path:
+    """Where the tiny BLIP lives under a data directory, building it on first use."""
+    import shutil
+
+    path = Path(data_dir) / "models" / "tiny-blip"
+    marker = path / "LORALOOP_TINY"
+    if not marker.exists() or marker.read_text() != TINY_BLIP_VERSION:
+        tmp = path.with_name("tiny-blip.building")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        build_tiny_blip(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    return path

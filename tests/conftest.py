@@ -25,6 +25,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_model_path(tmp_path_factory.mktemp("tiny-data"))
 
 
+@pytest.fixture(scope="session")
+def tiny_blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny BLIP captioner (random weights, gibberish captions), shared by the run."""
+    from loraloop.tiny import tiny_blip_path
+
+    return tiny_blip_path(tmp_path_factory.mktemp("tiny-blip-data"))
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh data directory, also exported as LORALOOP_DATA_DIR for code that reads it."""

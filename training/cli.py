@@ -61,4 +61,41 @@ def import_(app: AppContext, src: Path, out: Path, source_format: str, resolutio
     click.echo(f"Details: {out / 'report.json'}")
 
 
+@dataset.command("caption")
+@click.argument("dataset_dir", metavar="DATASET", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", help="BLIP model id, local directory, or 'tiny' (default: [dataset] caption_model).")
+@click.option("--prefix", default="", help='Put before every new caption, e.g. a trigger word: --prefix "sks,".')
+@click.option("--overwrite", is_flag=True, help="Recaption every image, not only those without a caption.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch ([dataset] caption_batch_size).")
+@click.option("--device", help="auto, cpu, cuda or cuda:N ([dataset] caption_device).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
+@pass_app
+def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, overwrite: bool,
+            batch_size: int | None, device: str | None, no_progress: bool) -> None:
+    """Fill a dataset's missing captions with BLIP.
+
+    Captions already in DATASET/metadata.jsonl are kept unless --overwrite. The file is saved
+    after every batch, so an interrupted run can simply be started again.
+
+    \b
+        loraloop dataset caption data/datasets/fox
+        loraloop dataset caption data/datasets/fox --prefix "sks fox," --overwrite
+        loraloop dataset caption data/datasets/fox --model Salesforce/blip-image-captioning-base
+    """
+    from training.caption import CaptionError, CaptionSettings, caption_dataset
+
+    overrides = {k: v for k, v in {"caption_model": model, "caption_batch_size": batch_size,
+                                   "caption_device": device}.items() if v is not None}
+    try:
+        config = app.config.replace("dataset", **overrides) if overrides else app.config
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        report = caption_dataset(dataset_dir, CaptionSettings.from_config(config.dataset), prefix=prefix,
+                                 overwrite=overwrite, data_dir=config.data_dir, progress=not no_progress)
+    except CaptionError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{dataset_dir}: {report.summary()}.")
+
+
 commands = [dataset]

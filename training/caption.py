@@ -1,0 +1,193 @@
+"""Captioning: fill a dataset's missing captions with BLIP.
+
+    loraloop dataset caption data/datasets/fox                       # only the empty ones
+    loraloop dataset caption data/datasets/fox --prefix "sks fox,"   # trigger word first
+    loraloop dataset caption data/datasets/fox --overwrite --model Salesforce/blip-image-captioning-base
+
+This module owns reading and rewriting a dataset's `metadata.jsonl` ({"file_name", "text"} per
+line, the format import and curation write) and running a BLIP captioning model over the
+images whose text is empty. Everything is checked before the model loads; the file is rewritten
+atomically after every batch, so an interrupted run keeps the captions it already made and a
+rerun picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.jsonl"
+TINY = "tiny"
+
+
+class CaptionError(Exception):
+    """A problem a person can fix (no dataset, bad metadata, a model that will not load)."""
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    model: str = "Salesforce/blip-image-captioning-large"
+    batch_size: int = 8
+    min_new_tokens: int = 5
+    max_new_tokens: int = 40
+    device: str = "auto"
+
+    @classmethod
+    def from_config(cls, dataset_config) -> "CaptionSettings":
+        return cls(
+            model=dataset_config.caption_model,
+            batch_size=dataset_config.caption_batch_size,
+            min_new_tokens=dataset_config.caption_min_new_tokens,
+            max_new_tokens=dataset_config.caption_max_new_tokens,
+            device=dataset_config.caption_device,
+        )
+
+
+@dataclass(frozen=True)
+class CaptionReport:
+    total: int  # rows in the dataset
+    captioned: int  # rows this run wrote a caption for
+    empty: int  # of those, how many the model left empty (still blank in the file)
+
+    def summary(self) -> str:
+        kept = self.total - self.captioned
+        line = f"captioned {self.captioned} of {self.total} images, kept {kept} existing captions"
+        if self.empty:
+            line += f"; the model gave {self.empty} an empty caption (left blank)"
+        return line
+
+
+def read_metadata(dataset: Path) -> list[dict]:
+    """The rows of DATASET/metadata.jsonl, each checked to name an image that exists."""
+    path = dataset / METADATA_FILE
+    if not dataset.is_dir():
+        raise CaptionError(f"{dataset}: no such dataset folder; create one with `loraloop dataset import`")
+    if not path.is_file():
+        raise CaptionError(f"{dataset}: no {METADATA_FILE}; create the dataset with `loraloop dataset import`")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CaptionError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise CaptionError(
+                f'{path}:{number}: captioning needs {{"file_name", "text"}} rows (preference-pair datasets are not captioned)'
+            )
+        if not (dataset / row["file_name"]).is_file():
+            raise CaptionError(f"{path}:{number}: image {row['file_name']} is missing from {dataset}")
+        rows.append(row)
+    return rows
+
+
+def write_metadata(dataset: Path, rows: list[dict]) -> None:
+    """Replace metadata.jsonl in one step: a reader sees the old file or the new one, never half."""
+    path = dataset / METADATA_FILE
+    partial = path.with_name(f".{METADATA_FILE}.partial")
+    with partial.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(partial, path)
+
+
+def needs_caption(row: dict, overwrite: bool) -> bool:
+    return overwrite or not str(row.get("text") or "").strip()
+
+
+def with_prefix(prefix: str, caption: str) -> str:
+    """`--prefix "sks,"` and "a dog" give "sks, a dog"; an empty caption stays empty."""
+    caption = " ".join(caption.split())
+    return f"{prefix.strip()} {caption}".strip() if caption and prefix.strip() else caption
+
+
+def resolve_model(model: str, data_dir: Path | None) -> str:
+    """A model id or local path as given; "tiny" becomes the offline tiny BLIP under the data dir."""
+    if model == TINY:
+        from loraloop.tiny import tiny_blip_path
+
+        if data_dir is None:
+            raise CaptionError('the "tiny" captioner needs a data directory to live in')
+        return str(tiny_blip_path(data_dir))
+    return model
+
+
+class Captioner:
+    """A BLIP captioning model and its processor, on one device, captioning a batch at a time."""
+
+    def __init__(self, model: str, device: str = "auto", min_new_tokens: int = 5, max_new_tokens: int = 40) -> None:
+        import torch
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        # fp16 halves memory and time on a GPU; CPUs are slow at it, so they stay fp32.
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        try:
+            self.processor = BlipProcessor.from_pretrained(model)
+            self.model = BlipForConditionalGeneration.from_pretrained(model)
+        except (OSError, ValueError) as exc:
+            raise CaptionError(
+                f"cannot load the captioning model {model!r}: {str(exc).splitlines()[0]} "
+                "(give a BLIP model id, a local directory saved with save_pretrained, or 'tiny')"
+            ) from None
+        self.model.to(self.device, dtype=self.dtype).eval()
+        self.min_new_tokens = min_new_tokens
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, images: list[Image.Image]) -> list[str]:
+        import torch
+
+        inputs = self.processor(images=images, return_tensors="pt").to(self.device, self.dtype)
+        with torch.inference_mode():
+            tokens = self.model.generate(
+                **inputs, min_new_tokens=self.min_new_tokens, max_new_tokens=self.max_new_tokens
+            )
+        return [" ".join(text.split()) for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def caption_dataset(
+    dataset: Path,
+    settings: CaptionSettings,
+    prefix: str = "",
+    overwrite: bool = False,
+    data_dir: Path | None = None,
+    progress: bool = True,
+) -> CaptionReport:
+    """Fill the empty captions of DATASET (every caption with `overwrite`) and save after each batch."""
+    dataset = Path(dataset)
+    rows = read_metadata(dataset)
+    todo = [row for row in rows if needs_caption(row, overwrite)]
+    if not todo:
+        return CaptionReport(total=len(rows), captioned=0, empty=0)
+    captioner = Captioner(
+        resolve_model(settings.model, data_dir), settings.device, settings.min_new_tokens, settings.max_new_tokens
+    )
+    empty = 0
+    with tqdm(total=len(todo), desc="captioning", unit="image", disable=not progress) as bar:
+        for start in range(0, len(todo), settings.batch_size):
+            batch = todo[start : start + settings.batch_size]
+            captions = captioner([_load_rgb(dataset / row["file_name"]) for row in batch])
+            for row, caption in zip(batch, captions):
+                row["text"] = with_prefix(prefix, caption)
+                empty += not caption
+            write_metadata(dataset, rows)
+            bar.update(len(batch))
+    report = CaptionReport(total=len(rows), captioned=len(todo), empty=empty)
+    log.info("%s: %s", dataset, report.summary())
+    return report
