@@ -167,6 +167,10 @@ def serve_pictures(app: web.Application, oversized: bytes) -> None:
         await response.write_eof()
         return response
 
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(body=png_bytes(picture(7)), content_type="image/png")
+
     async def page(request: web.Request) -> web.Response:
         return web.Response(text="<html>not a picture</html>", content_type="text/html")
 
@@ -174,6 +178,7 @@ def serve_pictures(app: web.Application, oversized: bytes) -> None:
     app.router.add_get("/big.png", big)
     app.router.add_get("/streamed.png", streamed_big)
     app.router.add_get("/page.html", page)
+    app.router.add_get("/slow.png", slow)
 
 
 async def test_a_url_list_is_downloaded_and_bad_downloads_are_dropped_with_the_reason(tmp_path, config_file, aiohttp_server):
@@ -181,7 +186,7 @@ async def test_a_url_list_is_downloaded_and_bad_downloads_are_dropped_with_the_r
     serve_pictures(app, oversized=png_bytes(picture(9, size=(400, 400))) + b"\0" * 300_000)
     server = await aiohttp_server(app)
     base = f"http://127.0.0.1:{server.port}"
-    config_file.write_text(config_file.read_text() + "max_download_bytes = 200000\n")
+    config_file.write_text(config_file.read_text() + "max_download_bytes = 200000\ndownload_timeout_s = 0.5\n")
     source = tmp_path / "urls.txt"
     source.write_text(
         "# pictures for the fox LoRA\n"
@@ -192,6 +197,7 @@ async def test_a_url_list_is_downloaded_and_bad_downloads_are_dropped_with_the_r
         f"{base}/page.html\n"
         f"{base}/big.png\n"
         f"{base}/streamed.png\n"
+        f"{base}/slow.png\n"
     )
 
     # The CLI runs its own event loop, so it goes on a thread while this loop serves.
@@ -207,7 +213,8 @@ async def test_a_url_list_is_downloaded_and_bad_downloads_are_dropped_with_the_r
     assert reasons["/page.html"][0] == "download_failed" and "text/html" in reasons["/page.html"][1]
     assert reasons["/big.png"][0] == "download_failed" and "too large" in reasons["/big.png"][1]
     assert reasons["/streamed.png"][0] == "download_failed" and "too large" in reasons["/streamed.png"][1]
-    assert "5 download failed" not in result.output and "4 download failed, 1 duplicate" in result.output
+    assert reasons["/slow.png"] == ("download_failed", "timed out")
+    assert "5 download failed, 1 duplicate" in result.output
 
 
 async def test_a_json_list_mixes_local_paths_and_urls(tmp_path, config_file, aiohttp_server):

@@ -151,7 +151,11 @@ def _sidecar_caption(image: Path) -> str | None:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Image files anywhere under `folder`, in a stable order, skipping hidden files and folders."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def _local_or_url(link: str, base: Path, caption: str | None) -> Candidate:
@@ -260,10 +264,10 @@ def read_url_list(src: Path) -> list[Candidate]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        url, _, caption = line.partition(" ")
+        url, *caption = line.split(maxsplit=1)
         if not is_url(url):
             raise DatasetError(f"{src}:{number}: not an http(s) URL: {url[:80]}")
-        candidates.append(Candidate(origin=url, caption=clean_caption(caption) or None, url=url))
+        candidates.append(Candidate(origin=url, caption=clean_caption(caption[0]) if caption else None, url=url))
     return candidates
 
 
@@ -296,9 +300,10 @@ def read_source(src: Path, source_format: str, settings: ImportSettings) -> tupl
 
 
 def _read(src: Path, source_format: str, settings: ImportSettings) -> list[Candidate]:
-    wants_folder = source_format in {"folder", "dreambooth"}
-    if wants_folder != src.is_dir() and not (source_format == "metadata" and src.is_dir()):
-        raise DatasetError(f"{src}: the {source_format} format needs {'a folder' if wants_folder else 'a file'}")
+    if source_format in {"folder", "dreambooth"} and not src.is_dir():
+        raise DatasetError(f"{src}: the {source_format} format reads a folder, not a file")
+    if source_format in {"json", "csv", "urls"} and not src.is_file():
+        raise DatasetError(f"{src}: the {source_format} format reads a file, not a folder")
     if source_format == "folder":
         return read_folder(src)
     if source_format == "dreambooth":
