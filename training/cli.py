@@ -98,4 +98,6 @@ def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, 
     click.echo(f"{dataset_dir}: {report.summary()}.")
 
 
-commands = [dataset]
+from training.train import train_command  # noqa: E402  (kept with its registration)
+
+commands = [dataset, train_command]

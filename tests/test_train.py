@@ -1,0 +1,258 @@
+"""`loraloop train`: SFT, DPO and KTO on the tiny model, adapters diffusers loads, exact resume, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image, ImageDraw
+
+from loraloop.cli import cli
+from loraloop.config import TrainingConfig
+from training.train import ADAPTER_FILE, Interrupted, Job, TrainError, read_provenance, train, validate
+
+# Small and fast: 32 px images (16x16 latents), high learning rate so a few dozen steps show.
+FAST = TrainingConfig(resolution=32, rank=4, alpha=8.0, learning_rate=1e-3, max_steps=6, validation_split=0.25,
+                      validation_every=3, checkpoint_every=3, log_with="none", snr_gamma=0.0)
+
+
+def picture(path: Path, shade: int, size: int = 32) -> None:
+    image = Image.new("RGB", (size, size), (shade, 40, 255 - shade))
+    ImageDraw.Draw(image).ellipse([4, 4, size - 8, size - 8], fill=(250, 250, 30))
+    image.save(path)
+
+
+def write_dataset(root: Path, count: int = 8, kind: str = "sft") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        picture(root / f"{i}.png", 20 * i)
+        if kind == "dpo":
+            picture(root / f"{i}b.png", 255 - 20 * i)
+            rows.append({"caption": f"a yellow disc {i}", "jpg_0": f"{i}.png", "jpg_1": f"{i}b.png",
+                         "label_0": 1.0 if i % 2 else 0.0})
+        else:
+            row = {"file_name": f"{i}.png", "text": f"a yellow disc {i}"}
+            if kind == "kto":
+                row["label"] = i % 2 == 0
+            rows.append(row)
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def run(tmp_path: Path, tiny_model_dir: Path, dataset: Path, output: str, **settings) -> dict:
+    job = Job(dataset=dataset, name="disc", model=str(tiny_model_dir),
+              settings=dataclasses.replace(FAST, **settings), data_dir=tmp_path / "data",
+              output=tmp_path / output)
+    return train(validate(job))
+
+
+def test_a_few_dozen_steps_lower_the_validation_loss_and_write_report_curve_and_adapter(
+        tmp_path, tiny_model_dir, data_dir):
+    dataset = write_dataset(tmp_path / "ds")
+    result = CliRunner().invoke(cli, [
+        "train", str(dataset), "--name", "disc", "--model", str(tiny_model_dir), "--output", str(tmp_path / "run"),
+        "--steps", "40", "--rank", "8", "--lr", "2e-3", "--set", "resolution=32", "--set", "validation_every=20",
+        "--set", "log_with='none'", "--set", "validation_split=0.25",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["steps"] == 40 and len(report["history"]) == 40
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in report["history"])
+    assert report["final_val_loss"] < report["base_val_loss"]
+    assert Image.open(tmp_path / "run" / "loss.png").size == (640, 400)
+    provenance = read_provenance(tmp_path / "run" / ADAPTER_FILE)
+    assert provenance["dataset_hash"] == report["dataset_hash"] and provenance["objective"] == "sft"
+    assert provenance["rank"] == 8 and provenance["steps"] == 40
+    assert provenance["final_val_loss"] == pytest.approx(report["final_val_loss"])
+    assert "adapters publish" in result.output
+
+
+def render(pipe, prompt: str = "a yellow disc") -> torch.Tensor:
+    generator = torch.Generator().manual_seed(7)
+    return pipe(prompt, height=32, width=32, num_inference_steps=3, generator=generator, output_type="pt").images
+
+
+def test_the_adapter_loads_in_diffusers_changes_the_output_and_keeps_alpha(tmp_path, tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    run(tmp_path, tiny_model_dir, write_dataset(tmp_path / "ds"), "run", rank=4, alpha=16.0)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    base = render(pipe)
+    pipe.load_lora_weights(str(tmp_path / "run"), weight_name=ADAPTER_FILE)
+    loaded = render(pipe)
+    assert not torch.equal(base, loaded)
+
+    # The same weights put in by hand with alpha 16 / rank 4: diffusers must have read alpha from the file.
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-000006" / "state.pt", weights_only=False)
+    by_hand = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    by_hand.set_progress_bar_config(disable=True)
+    by_hand.unet.add_adapter(LoraConfig(r=4, lora_alpha=16.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    set_peft_model_state_dict(by_hand.unet, state["lora"])
+    assert torch.allclose(render(by_hand), loaded, atol=1e-5)
+
+
+def test_the_kohya_copy_has_a1111_keys_and_the_real_alpha(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    run(tmp_path, tiny_model_dir, write_dataset(tmp_path / "ds"), "run", max_steps=1, kohya_copy=True)
+    kohya = load_file(tmp_path / "run" / "adapter.kohya.safetensors")
+    assert kohya and all(key.startswith("lora_unet_") for key in kohya)
+    alphas = [value.item() for key, value in kohya.items() if key.endswith(".alpha")]
+    assert alphas and set(alphas) == {8.0}
+
+
+def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    dataset = write_dataset(tmp_path / "ds")
+    # Cosine schedule, dropout, flips and caption dropout: everything random must be restored.
+    settings = dict(lr_scheduler="cosine", warmup_steps=2, dropout=0.1, caption_dropout=0.3, grad_accumulation=2)
+    whole = run(tmp_path, tiny_model_dir, dataset, "whole", **settings)
+    job = Job(dataset=dataset, name="disc", model=str(tiny_model_dir),
+              settings=dataclasses.replace(FAST, **settings), data_dir=tmp_path / "data",
+              output=tmp_path / "resumed", resume=tmp_path / "whole" / "checkpoints" / "step-000003")
+    resumed = train(validate(job))
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in whole["history"]]
+    a = load_file(tmp_path / "whole" / ADAPTER_FILE)
+    b = load_file(tmp_path / "resumed" / ADAPTER_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir):
+    dataset = write_dataset(tmp_path / "ds")
+    job = Job(dataset=dataset, name="disc", model=str(tiny_model_dir), settings=dataclasses.replace(FAST, max_steps=4),
+              data_dir=tmp_path / "data", output=tmp_path / "run")
+
+    def press_ctrl_c(progress):
+        if progress.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as interrupted:
+        train(validate(job), on_step=press_ctrl_c)
+    assert interrupted.value.checkpoint.name == "step-000002"
+    report = train(validate(dataclasses.replace(job, resume=tmp_path / "run")))
+    assert report["steps"] == 4 and len(report["history"]) == 4
+
+
+def test_resuming_with_different_settings_is_refused_before_loading(tmp_path, tiny_model_dir):
+    dataset = write_dataset(tmp_path / "ds")
+    run(tmp_path, tiny_model_dir, dataset, "run", max_steps=3)
+    job = Job(dataset=dataset, name="disc", model=str(tiny_model_dir),
+              settings=dataclasses.replace(FAST, rank=8), data_dir=tmp_path / "data", resume=tmp_path / "run")
+    with pytest.raises(TrainError, match=r"different settings \(rank: 4 -> 8\)"):
+        validate(job)
+
+
+def test_a_retrain_encodes_only_the_new_images(tmp_path, tiny_model_dir):
+    dataset = write_dataset(tmp_path / "ds", count=4)
+    first = run(tmp_path, tiny_model_dir, dataset, "first", max_steps=1, random_flip=False, validation_split=0.0)
+    picture(dataset / "new.png", 99)
+    with (dataset / "metadata.jsonl").open("a") as handle:
+        handle.write(json.dumps({"file_name": "new.png", "text": "a new disc"}) + "\n")
+    second = run(tmp_path, tiny_model_dir, dataset, "second", max_steps=1, random_flip=False, validation_split=0.0)
+    assert first["encode_cache"] == {"encoded": 8, "reused": 0}  # 4 latents + 4 captions
+    assert second["encode_cache"] == {"encoded": 2, "reused": 8}
+    assert first["dataset_hash"] != second["dataset_hash"]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_preference_objectives_change_the_adapter_and_log_their_metrics(tmp_path, tiny_model_dir, objective):
+    from safetensors.torch import load_file
+
+    dataset = write_dataset(tmp_path / "ds", kind=objective)
+    report = run(tmp_path, tiny_model_dir, dataset, "run", objective=objective, max_steps=4, validation_every=2)
+    for record in report["history"]:
+        assert 0.0 <= record["implicit_acc"] <= 1.0 and "ref_gap" in record
+    # The adapter starts as the reference (B = 0): a coin flip, and then it moves away from it.
+    assert report["history"][0]["implicit_acc"] == 0.5 and report["history"][0]["ref_gap"] == 0.0
+    assert any(r["ref_gap"] != 0.0 for r in report["history"][1:])
+    assert "val_implicit_acc" in report["validation"][-1]
+    weights = load_file(tmp_path / "run" / ADAPTER_FILE)
+    assert any(k.endswith("lora.up.weight") and v.abs().sum() > 0 for k, v in weights.items())
+    assert read_provenance(tmp_path / "run" / ADAPTER_FILE)["objective"] == objective
+
+
+def test_early_stopping_keeps_the_best_adapter(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    # A learning rate this high makes the validation loss worse, so it stops after `patience` evaluations.
+    report = run(tmp_path, tiny_model_dir, write_dataset(tmp_path / "ds"), "run", learning_rate=0.5, max_steps=30,
+                 validation_every=1, early_stopping_patience=2)
+    assert report["stopped_early"] and report["steps"] < 30
+    assert report["adapter_step"] == report["best_step"]
+    best = load_file(tmp_path / "run" / "best" / ADAPTER_FILE)
+    final = load_file(tmp_path / "run" / ADAPTER_FILE)
+    assert all(torch.equal(best[k], final[k]) for k in best)
+
+
+def test_validation_prompts_are_rendered_to_a_grid(tmp_path, tiny_model_dir):
+    run(tmp_path, tiny_model_dir, write_dataset(tmp_path / "ds"), "run", max_steps=2, sample_every=2, sample_steps=2,
+        validation_prompts=["a disc", "a square"])
+    grid = Image.open(tmp_path / "run" / "samples" / "step-000002.png")
+    assert grid.width > 2 * 32
+
+
+# --- bad input: each one a clear error before any weights load ---------------------------------
+
+
+def invoke_train(tmp_path: Path, *args: str):
+    return CliRunner().invoke(cli, ["train", *args, "--set", "log_with='none'"],
+                              env={"LORALOOP_DATA_DIR": str(tmp_path / "data")})
+
+
+def test_a_missing_dataset_is_a_clear_error(tmp_path):
+    result = invoke_train(tmp_path, str(tmp_path / "nope"), "--name", "x")
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_an_empty_dataset_is_a_clear_error(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "metadata.jsonl").write_text("")
+    result = invoke_train(tmp_path, str(tmp_path / "ds"), "--name", "x")
+    assert result.exit_code == 1 and "is empty" in result.output
+
+
+def test_missing_columns_name_the_line_and_the_columns(tmp_path):
+    dataset = write_dataset(tmp_path / "ds", count=2)
+    result = invoke_train(tmp_path, str(dataset), "--name", "x", "--objective", "kto")
+    assert result.exit_code == 1 and "metadata.jsonl:1: missing column(s) label" in result.output
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    dataset = write_dataset(tmp_path / "ds", count=2)
+    (dataset / "1.png").write_bytes(b"not a png")
+    result = invoke_train(tmp_path, str(dataset), "--name", "x")
+    assert result.exit_code == 1 and "image 1.png is unreadable" in result.output
+
+
+def test_a_base_model_path_that_does_not_exist_is_a_clear_error(tmp_path):
+    dataset = write_dataset(tmp_path / "ds", count=2)
+    result = invoke_train(tmp_path, str(dataset), "--name", "x", "--model", str(tmp_path / "no-model"))
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_an_invalid_adapter_name_is_refused(tmp_path):
+    dataset = write_dataset(tmp_path / "ds", count=2)
+    result = invoke_train(tmp_path, str(dataset), "--name", "../evil")
+    assert result.exit_code == 1 and "adapter name '../evil' is not valid" in result.output
+
+
+def test_a_dpo_run_with_only_ties_is_refused(tmp_path):
+    dataset = write_dataset(tmp_path / "ds", count=2, kind="dpo")
+    lines = [dict(json.loads(line), label_0=0.5) for line in (dataset / "metadata.jsonl").read_text().splitlines()]
+    (dataset / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    result = invoke_train(tmp_path, str(dataset), "--name", "x", "--objective", "dpo")
+    assert result.exit_code == 1 and "no preference pairs" in result.output and "2 tie(s) dropped" in result.output
+
+
+def test_an_unknown_set_key_is_refused(tmp_path):
+    dataset = write_dataset(tmp_path / "ds", count=2)
+    result = invoke_train(tmp_path, str(dataset), "--name", "x", "--set", "rnak=3")
+    assert result.exit_code == 1 and "rnak: unknown [training] key" in result.output
