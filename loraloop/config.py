@@ -265,6 +265,34 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class CurationConfig:
+    # `loraloop dataset curate`: the default output layout (sft, kto or dpo).
+    format: typing.Literal["sft", "kto", "dpo"] = "sft"
+    # Distinct raters an image needs before its score is trusted at all.
+    min_raters: int = 2
+    # Net score (likes - dislikes) to keep an image (kto: to label it liked, or with its sign flipped, disliked).
+    min_score: int = 1
+    # Wilson lower bound on the like ratio (0-1) an image must reach; 0 turns the check off.
+    min_wilson: float = 0.0
+    # z of the Wilson interval: 1.96 is 95% confidence; higher demands more votes.
+    wilson_z: float = 1.96
+    # Count the requester's own vote on their image (off: people upvote their own).
+    include_self_votes: bool = False
+    # Perceptual-hash Hamming distance (0-32) under which two images collapse onto the better one.
+    near_duplicate_distance: int = 4
+    # dpo: at most this many pairs per prompt, clearest preferences first; 0 means no cap.
+    max_pairs_per_prompt: int = 10
+
+    def __post_init__(self) -> None:
+        _require(self.min_raters >= 1, "min_raters", "must be at least 1")
+        _require(0.0 <= self.min_wilson < 1.0, "min_wilson", "must be between 0 and 1")
+        _require(self.wilson_z > 0, "wilson_z", "must be positive")
+        _require(0 <= self.near_duplicate_distance <= 32, "near_duplicate_distance",
+                 "must be between 0 and 32")
+        _require(self.max_pairs_per_prompt >= 0, "max_pairs_per_prompt", "must be 0 or more")
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
@@ -272,6 +300,7 @@ class Config:
     bot: BotConfig = field(default_factory=BotConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    curation: CurationConfig = field(default_factory=CurationConfig)
     # The file this was read from (None: defaults only); relative paths resolve against it.
     source: Path | None = None
 

@@ -18,7 +18,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_the_shipped_config_loads_and_matches_the_defaults():
     config = load_config(REPO_ROOT / "config.toml")
     defaults = Config()
-    for section in ("paths", "service", "store", "bot", "training", "dataset"):
+    for section in ("paths", "service", "store", "bot", "training", "dataset", "curation"):
         assert getattr(config, section) == getattr(defaults, section), section
 
 

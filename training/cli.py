@@ -98,6 +98,69 @@ def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, 
     click.echo(f"{dataset_dir}: {report.summary()}.")
 
 
+@dataset.command("curate")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "dataset_format", type=click.Choice(["sft", "kto", "dpo"]),
+              help="sft: liked images; kto: liked and disliked, labelled; dpo: preference pairs ([curation] format).")
+@click.option("--adapter", help="Only images made with this adapter (NAME, or NAME@VERSION).")
+@click.option("--adapter-version", type=click.IntRange(min=0), help="Only this version of --adapter.")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M"]), help="Only images made at or after this UTC date.")
+@click.option("--until", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M"]), help="Only images made before this UTC date.")
+@click.option("--min-raters", type=click.IntRange(min=1), help="Distinct raters an image needs ([curation] min_raters).")
+@click.option("--min-score", type=int, help="Net votes to keep an image ([curation] min_score).")
+@click.option("--min-wilson", type=click.FloatRange(0, 1, max_open=True),
+              help="Wilson lower bound on the like ratio to keep an image ([curation] min_wilson).")
+@click.option("--include-self-votes/--exclude-self-votes", default=None,
+              help="Count requesters' votes on their own images ([curation] include_self_votes).")
+@click.option("--near-duplicate-distance", type=click.IntRange(0, 32),
+              help="Perceptual-hash bits under which images collapse ([curation] near_duplicate_distance).")
+@click.option("--max-pairs-per-prompt", type=click.IntRange(min=0), help="dpo: pairs per prompt, 0 for no cap.")
+@pass_app
+def curate_(app: AppContext, out: Path, dataset_format: str | None, adapter: str | None,
+            adapter_version: int | None, since, until, min_raters: int | None, min_score: int | None,
+            min_wilson: float | None, include_self_votes: bool | None,
+            near_duplicate_distance: int | None, max_pairs_per_prompt: int | None) -> None:
+    """Turn the server's votes into a training dataset in OUT.
+
+    Flagged images, opted-out users, self-votes, thinly rated images and duplicates are left
+    out; OUT/report.json says what was kept and why the rest was dropped, OUT/dataset_hash
+    names the dataset for training, OUT/score_histogram.png shows the scores.
+
+    \b
+        loraloop dataset curate data/datasets/liked
+        loraloop dataset curate data/datasets/thumbs --format kto --min-raters 3
+        loraloop dataset curate data/datasets/pairs --format dpo --adapter pixel@3
+        loraloop dataset curate data/datasets/nov --since 2026-11-01 --until 2026-12-01 --min-wilson 0.5
+    """
+    import datetime as dt
+
+    from loraloop.store import Store, StoreError
+    from training.curate import CurationError, curate, settings_from_config
+
+    if adapter and "@" in adapter:
+        adapter, _, pinned = adapter.partition("@")
+        if not pinned.isdigit() or adapter_version is not None:
+            raise click.UsageError("write the adapter as NAME@VERSION or use --adapter-version, not both")
+        adapter_version = int(pinned)
+    settings = settings_from_config(
+        app.config.curation, format=dataset_format, adapter=adapter, adapter_version=adapter_version,
+        since=since.replace(tzinfo=dt.timezone.utc) if since else None,
+        until=until.replace(tzinfo=dt.timezone.utc) if until else None,
+        min_raters=min_raters, min_score=min_score, min_wilson=min_wilson,
+        include_self_votes=include_self_votes, near_duplicate_distance=near_duplicate_distance,
+        max_pairs_per_prompt=max_pairs_per_prompt,
+    )
+    if not app.config.database_path.exists():
+        raise click.ClickException(f"No database at {app.config.database_path}: nothing has been rated yet.")
+    try:
+        with Store.from_config(app.config) as store:
+            report = curate(store, out, settings)
+    except (CurationError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Curated a {settings.format} dataset in {out}: {report.summary()}.")
+    click.echo(f"Dataset hash {report.dataset_hash}; details in {out / 'report.json'}")
+
+
 from training.train import train_command  # noqa: E402  (kept with its registration)
 
 commands = [dataset, train_command]

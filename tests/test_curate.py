@@ -1,0 +1,323 @@
+"""Curation: votes in a real SQLite store turned into sft, kto and dpo datasets on disk."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from loraloop.cli import cli
+from loraloop.store import Store
+from training.curate import (
+    CurationError,
+    CurationSettings,
+    NearDuplicateIndex,
+    curate,
+    dataset_hash,
+    wilson_lower_bound,
+)
+
+REQUESTER = 1
+START = dt.datetime(2026, 11, 2, 12, 0, tzinfo=dt.timezone.utc)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+def png(seed: int, nudge: int = 0) -> bytes:
+    """A distinct 64x64 picture per seed; `nudge` brightens it a little (a near-duplicate)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    pixels = np.kron(blocks, np.ones((8, 8, 1), dtype=np.uint8)).astype(np.int16) + nudge
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class World:
+    """A store with helpers to make rated images in one line each."""
+
+    def __init__(self, root: Path) -> None:
+        self.clock = Clock()
+        self.store = Store(root / "loraloop.db", root, clock=self.clock)
+        self._jobs = 0
+
+    def image(self, votes: list[int] = (), *, prompt: str = "a red fox", seed: int | None = None,
+              data: bytes | None = None, requester: int = REQUESTER, adapters=()) -> int:
+        self._jobs += 1
+        generation = self.store.record_generation(job_id=f"job-{self._jobs}", prompt=prompt,
+                                                  requester_id=requester, adapters=adapters)
+        image_id = self.store.add_image(generation, index=0, seed=self._jobs, width=64, height=64,
+                                        png=data or png(seed if seed is not None else self._jobs))
+        for voter, value in enumerate(votes, start=100):
+            self.store.set_vote(image_id, voter, value, "👍" if value > 0 else "👎")
+        return image_id
+
+
+@pytest.fixture
+def world(tmp_path):
+    world = World(tmp_path / "data")
+    yield world
+    world.store.close()
+
+
+def read_lines(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+def kept_ids(folder: Path) -> list[int]:
+    return sorted(row["image_id"] for row in json.loads((folder / "report.json").read_text())["kept"])
+
+
+def dropped(folder: Path) -> dict[int, str]:
+    report = json.loads((folder / "report.json").read_text())
+    return {row["image_id"]: row["reason"] for row in report["dropped"]}
+
+
+# --- scores ---------------------------------------------------------------------------------
+
+
+def test_the_wilson_bound_trusts_many_votes_more_than_few():
+    assert wilson_lower_bound(0, 0, 1.96) == 0.0
+    assert wilson_lower_bound(3, 3, 1.96) < wilson_lower_bound(30, 32, 1.96)
+    assert wilson_lower_bound(5, 10, 1.96) < 0.5 < wilson_lower_bound(90, 100, 1.96)
+    assert 0.0 <= wilson_lower_bound(1, 1, 1.96) <= 1.0
+
+
+def test_the_near_duplicate_index_finds_hashes_within_the_distance_only():
+    index = NearDuplicateIndex(max_distance=4)
+    index.add(0xFFFF_0000_FFFF_0000, image_id=7)
+    assert index.find(0xFFFF_0000_FFFF_000F) == 7  # 4 bits apart
+    assert index.find(0xFFFF_0000_FFFF_001F) is None  # 5 bits apart
+    assert index.find(0x0000_FFFF_0000_FFFF) is None
+
+
+# --- sft ------------------------------------------------------------------------------------
+
+
+def test_sft_keeps_liked_images_and_says_why_each_other_image_was_dropped(world, tmp_path):
+    liked = world.image([1, 1, 1])
+    mixed = world.image([1, -1])
+    lonely = world.image([1])
+    flagged = world.image([1, 1, 1])
+    world.store.flag(flagged, 100, "nsfw")
+    private = world.image([1, 1, 1], requester=55)
+    world.store.opt_out(55)
+
+    out = tmp_path / "sft"
+    report = curate(world.store, out, CurationSettings(format="sft"))
+
+    assert kept_ids(out) == [liked]
+    assert dropped(out) == {mixed: "score_below_minimum", lonely: "too_few_raters",
+                            flagged: "flagged", private: "requester_opted_out"}
+    sha = world.store.image(liked).sha256
+    assert read_lines(out) == [{"file_name": f"{sha[:16]}.png", "text": "a red fox"}]
+    assert (out / f"{sha[:16]}.png").read_bytes() == world.store.image_path(world.store.image(liked)).read_bytes()
+    assert report.considered == 5
+    assert json.loads((out / "report.json").read_text())["dropped_by_reason"]["flagged"] == 1
+
+
+def test_the_dataset_hash_names_the_content_and_is_written_down(world, tmp_path):
+    world.image([1, 1])
+    world.image([1, 1, 1], prompt="a blue bird")
+    first = curate(world.store, tmp_path / "one", CurationSettings())
+    second = curate(world.store, tmp_path / "two", CurationSettings())
+    assert first.dataset_hash == second.dataset_hash == dataset_hash(tmp_path / "one")
+    assert (tmp_path / "one" / "dataset_hash").read_text().strip() == first.dataset_hash
+    assert json.loads((tmp_path / "one" / "report.json").read_text())["dataset_hash"] == first.dataset_hash
+    with Image.open(tmp_path / "one" / "score_histogram.png") as histogram:
+        assert histogram.format == "PNG" and histogram.width > 100
+    # Any change to an image changes the hash.
+    image = next((tmp_path / "two").glob("*.png"))
+    image.write_bytes(png(999))
+    assert dataset_hash(tmp_path / "two") != first.dataset_hash
+
+
+def test_self_votes_are_left_out_unless_asked_for(world, tmp_path):
+    image_id = world.image([1])
+    world.store.set_vote(image_id, REQUESTER, 1, "👍")
+    with pytest.raises(CurationError, match="too_few_raters"):
+        curate(world.store, tmp_path / "without", CurationSettings())
+    curate(world.store, tmp_path / "with", CurationSettings(include_self_votes=True))
+    assert kept_ids(tmp_path / "with") == [image_id]
+
+
+def test_votes_of_opted_out_users_do_not_count(world, tmp_path):
+    image_id = world.image([1, 1])
+    world.store.opt_out(101)
+    with pytest.raises(CurationError, match="1 too_few_raters"):
+        curate(world.store, tmp_path / "out", CurationSettings())
+    world.store.opt_in(101)
+    curate(world.store, tmp_path / "out", CurationSettings())
+    assert kept_ids(tmp_path / "out") == [image_id]
+
+
+def test_the_wilson_threshold_wants_enough_votes_to_be_sure(world, tmp_path):
+    few = world.image([1, 1])
+    many = world.image([1] * 12)
+    curate(world.store, tmp_path / "out", CurationSettings(min_wilson=0.6))
+    assert kept_ids(tmp_path / "out") == [many]
+    assert dropped(tmp_path / "out") == {few: "wilson_below_minimum"}
+
+
+def test_exact_and_near_duplicates_collapse_onto_the_best_rated_copy(world, tmp_path):
+    best = world.image([1, 1, 1], seed=1)
+    copy = world.image([1, 1], seed=1)  # the same bytes, another generation
+    lookalike = world.image([1, 1], data=png(1, nudge=2))  # re-encoded a shade brighter
+    other = world.image([1, 1], seed=2)
+    assert world.store.image(lookalike).sha256 != world.store.image(best).sha256
+
+    curate(world.store, tmp_path / "out", CurationSettings())
+    assert kept_ids(tmp_path / "out") == [best, other]
+    assert dropped(tmp_path / "out") == {copy: "duplicate", lookalike: "near_duplicate"}
+
+
+def test_perceptual_hashes_are_computed_once_and_cached_in_the_store(world, tmp_path):
+    world.image([1, 1])
+    world.image([1, 1])
+    assert curate(world.store, tmp_path / "one", CurationSettings()).phashes_computed == 2
+    assert curate(world.store, tmp_path / "two", CurationSettings()).phashes_computed == 0
+
+
+# --- filters --------------------------------------------------------------------------------
+
+
+def test_adapter_version_and_date_range_select_images(world, tmp_path):
+    old_v1 = world.image([1, 1], adapters=[{"name": "pixel", "version": 1}])
+    world.clock.now = START + dt.timedelta(days=10)
+    new_v2 = world.image([1, 1], adapters=[{"name": "pixel", "version": 2}])
+    new_base = world.image([1, 1])
+
+    curate(world.store, tmp_path / "v2", CurationSettings(adapter="pixel", adapter_version=2))
+    assert kept_ids(tmp_path / "v2") == [new_v2]
+    curate(world.store, tmp_path / "pixel", CurationSettings(adapter="pixel"))
+    assert kept_ids(tmp_path / "pixel") == [old_v1, new_v2]
+    curate(world.store, tmp_path / "recent",
+           CurationSettings(since=START + dt.timedelta(days=5)))
+    assert kept_ids(tmp_path / "recent") == [new_v2, new_base]
+    curate(world.store, tmp_path / "early",
+           CurationSettings(until=START + dt.timedelta(days=5)))
+    assert kept_ids(tmp_path / "early") == [old_v1]
+
+
+# --- kto and dpo ----------------------------------------------------------------------------
+
+
+def test_kto_labels_liked_and_disliked_images_and_drops_the_unclear(world, tmp_path):
+    liked = world.image([1, 1, 1])
+    disliked = world.image([-1, -1])
+    unclear = world.image([1, -1])
+    out = tmp_path / "kto"
+    curate(world.store, out, CurationSettings(format="kto"))
+    labels = {row["file_name"]: row["label"] for row in read_lines(out)}
+    sha = {i: world.store.image(i).sha256[:16] + ".png" for i in (liked, disliked)}
+    assert labels == {sha[liked]: True, sha[disliked]: False}
+    assert all(row["text"] == "a red fox" for row in read_lines(out))
+    assert dropped(out) == {unclear: "no_clear_verdict"}
+
+
+def test_dpo_pairs_images_of_one_prompt_and_drops_ties(world, tmp_path):
+    good = world.image([1, 1, 1], prompt="a castle")
+    bad = world.image([-1, -1], prompt="a castle")
+    also_bad = world.image([-1, -1], prompt="a castle")
+    alone = world.image([1, 1], prompt="a lighthouse")
+    out = tmp_path / "dpo"
+    report = curate(world.store, out, CurationSettings(format="dpo"))
+
+    name = {i: world.store.image(i).sha256[:16] + ".png" for i in (good, bad, also_bad)}
+    rows = read_lines(out)
+    assert sorted((r["jpg_0"], r["jpg_1"], r["label_0"]) for r in rows) == sorted([
+        (name[good], name[bad], 1.0), (name[good], name[also_bad], 1.0)])
+    assert all(r["caption"] == "a castle" for r in rows)
+    assert (report.pairs, report.tied_pairs_dropped) == (2, 1)
+    assert dropped(out) == {alone: "no_pair_with_a_different_score"}
+    assert all((out / n).is_file() for n in name.values())
+
+
+def test_dpo_marks_the_second_image_when_it_is_preferred(world, tmp_path):
+    worse = world.image([1, -1], prompt="a castle")
+    better = world.image([1, 1], prompt="a castle")
+    curate(world.store, tmp_path / "dpo", CurationSettings(format="dpo"))
+    (row,) = read_lines(tmp_path / "dpo")
+    assert row["jpg_0"].startswith(world.store.image(worse).sha256[:16])
+    assert row["jpg_1"].startswith(world.store.image(better).sha256[:16])
+    assert row["label_0"] == 0.0
+
+
+# --- faults ---------------------------------------------------------------------------------
+
+
+def test_missing_and_corrupt_files_are_skipped_and_reported(world, tmp_path):
+    fine = world.image([1, 1], seed=1)
+    missing = world.image([1, 1], seed=2)
+    tampered = world.image([1, 1], seed=3)
+    truncated = world.image([1, 1], data=png(4)[:60])
+    world.store.image_path(world.store.image(missing)).unlink()
+    world.store.image_path(world.store.image(tampered)).write_bytes(png(5))
+
+    out = tmp_path / "out"
+    curate(world.store, out, CurationSettings())
+    assert kept_ids(out) == [fine]
+    assert dropped(out) == {missing: "missing_file", tampered: "corrupt_file",
+                            truncated: "corrupt_file"}
+
+
+def test_an_empty_selection_is_an_error_and_writes_nothing(world, tmp_path):
+    world.image([1])
+    world.image([])
+    out = tmp_path / "out"
+    with pytest.raises(CurationError, match=r"all 2 were dropped \(2 too_few_raters\); lower --min-raters"):
+        curate(world.store, out, CurationSettings())
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"]
+
+
+def test_an_empty_database_is_an_error(world, tmp_path):
+    with pytest.raises(CurationError, match="No images in the database for adapter pixel"):
+        curate(world.store, tmp_path / "out", CurationSettings(adapter="pixel"))
+
+
+def test_a_folder_that_is_not_empty_is_never_overwritten(world, tmp_path):
+    world.image([1, 1])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(CurationError, match="not empty"):
+        curate(world.store, out, CurationSettings())
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def test_the_curate_command_builds_a_dpo_dataset_from_the_configured_database(data_dir, tmp_path):
+    world = World(data_dir)  # the database the command finds through $LORALOOP_DATA_DIR
+    world.image([1, 1], prompt="a castle", adapters=[{"name": "pixel", "version": 3}])
+    world.image([-1, -1], prompt="a castle", adapters=[{"name": "pixel", "version": 3}])
+    world.store.close()
+
+    out = tmp_path / "pairs"
+    result = CliRunner().invoke(cli, ["dataset", "curate", str(out), "--format", "dpo",
+                                      "--adapter", "pixel@3"])
+    assert result.exit_code == 0, result.output
+    assert "1 pairs" in result.output and "Dataset hash" in result.output
+    assert len(read_lines(out)) == 1
+    assert json.loads((out / "report.json").read_text())["settings"]["adapter_version"] == 3
+
+
+def test_the_curate_command_explains_an_empty_selection(data_dir, tmp_path):
+    Store(data_dir / "loraloop.db", data_dir).close()
+    result = CliRunner().invoke(cli, ["dataset", "curate", str(tmp_path / "out"), "--min-raters", "5"])
+    assert result.exit_code == 1
+    assert "No images in the database" in result.output

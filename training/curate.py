@@ -1,0 +1,536 @@
+"""Curation: the server's votes in the feedback store turned into a training dataset.
+
+    loraloop dataset curate data/datasets/liked                     # sft: the well-liked images
+    loraloop dataset curate data/datasets/thumbs --format kto       # liked and disliked, labelled
+    loraloop dataset curate data/datasets/pairs --format dpo --adapter pixel --adapter-version 3
+    loraloop dataset curate out --since 2026-11-01 --until 2026-11-08 --min-raters 3 --min-wilson 0.5
+
+This module owns choosing images (filters, scores, duplicates), the three output layouts, and
+the report. Every image in the selection is either kept or dropped with a reason:
+
+1. the store tallies votes per image, leaving out votes by opted-out users and, unless asked,
+   the requester's own vote (`Store.rated_images`);
+2. images whose requester opted out, flagged images (NSFW, artifact) and images with fewer than
+   `min_raters` distinct raters are dropped;
+3. sft keeps images with net score >= `min_score` and a Wilson lower bound on the like ratio
+   >= `min_wilson`; kto labels an image liked or disliked when it clears the same bars in
+   either direction and drops the unclear rest; dpo keeps everything for pairing;
+4. image files that are missing, fail their sha256 or cannot be decoded are dropped;
+5. exact duplicates (same sha256) and near-duplicates (perceptual hashes within
+   `near_duplicate_distance` bits) collapse onto the best-scored copy;
+6. dpo pairs images of the same prompt whose net scores differ; ties are dropped, never counted
+   as a win.
+
+Layouts (what training/data.py reads):
+
+    sft  OUT/metadata.jsonl  {"file_name": "<sha256[:16]>.png", "text": prompt}
+    kto  OUT/metadata.jsonl  {"file_name": ..., "text": prompt, "label": true | false}
+    dpo  OUT/metadata.jsonl  {"caption": prompt, "jpg_0": ..., "jpg_1": ..., "label_0": 1.0 | 0.0}
+
+plus OUT/report.json (kept, dropped and why, the settings), OUT/score_histogram.png and
+OUT/dataset_hash: sha256 over metadata.jsonl then each image's name and sha256 in name order,
+the same content hash training computes, so a run names exactly what it learned from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+from loraloop.store import RatedImage, Store
+
+log = logging.getLogger(__name__)
+
+Format = Literal["sft", "kto", "dpo"]
+FORMATS: tuple[str, ...] = ("sft", "kto", "dpo")
+METADATA_FILE = "metadata.jsonl"
+REPORT_FILE = "report.json"
+HISTOGRAM_FILE = "score_histogram.png"
+HASH_FILE = "dataset_hash"
+
+# Why an image was left out; the report counts by these codes.
+REQUESTER_OPTED_OUT = "requester_opted_out"
+FLAGGED = "flagged"
+TOO_FEW_RATERS = "too_few_raters"
+LOW_SCORE = "score_below_minimum"
+LOW_WILSON = "wilson_below_minimum"
+NO_CLEAR_VERDICT = "no_clear_verdict"
+MISSING_FILE = "missing_file"
+CORRUPT_FILE = "corrupt_file"
+DUPLICATE = "duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+NO_PAIR = "no_pair_with_a_different_score"
+PAIRS_CAPPED = "beyond_max_pairs_per_prompt"
+
+
+class CurationError(Exception):
+    """A curation problem a person can fix; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class CurationSettings:
+    """What to select and how; defaults come from `[curation]` in config.toml."""
+
+    format: Format = "sft"
+    adapter: str | None = None
+    adapter_version: int | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    min_raters: int = 2
+    min_score: int = 1
+    min_wilson: float = 0.0
+    wilson_z: float = 1.96
+    include_self_votes: bool = False
+    near_duplicate_distance: int = 4
+    max_pairs_per_prompt: int = 10
+
+    def validate(self) -> None:
+        if self.format not in FORMATS:
+            raise CurationError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+        if self.adapter_version is not None and self.adapter is None:
+            raise CurationError("--adapter-version needs --adapter NAME")
+        if self.since and self.until and self.since >= self.until:
+            raise CurationError("--since must be before --until")
+        if not 0 <= self.near_duplicate_distance <= 32:
+            raise CurationError("near_duplicate_distance must be between 0 and 32 bits")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("since", "until"):
+            if data[key] is not None:
+                data[key] = data[key].isoformat()
+        return data
+
+
+def settings_from_config(section: Any, **overrides: Any) -> CurationSettings:
+    """Settings from a `[curation]` config section, with CLI options (None: keep) on top."""
+    base = CurationSettings(
+        format=section.format, min_raters=section.min_raters, min_score=section.min_score,
+        min_wilson=section.min_wilson, wilson_z=section.wilson_z,
+        include_self_votes=section.include_self_votes,
+        near_duplicate_distance=section.near_duplicate_distance,
+        max_pairs_per_prompt=section.max_pairs_per_prompt,
+    )
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def wilson_lower_bound(positive: int, total: int, z: float) -> float:
+    """The lower end of the Wilson score interval for positive/total: a like ratio that is
+    only high when there are enough votes to believe it (3/3 likes scores below 30/32)."""
+    if total == 0:
+        return 0.0
+    p = positive / total
+    z2 = z * z
+    centre = p + z2 / (2 * total)
+    margin = z * math.sqrt((p * (1 - p) + z2 / (4 * total)) / total)
+    return (centre - margin) / (1 + z2 / total)
+
+
+@dataclass
+class Candidate:
+    """An image on its way through curation."""
+
+    image: RatedImage
+    wilson: float
+    label: bool | None = None  # kto: liked (True) or disliked (False)
+    phash: int | None = None
+
+
+@dataclass
+class CurationReport:
+    format: str
+    settings: dict[str, Any]
+    database: str
+    considered: int = 0
+    kept: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    pairs: int = 0
+    tied_pairs_dropped: int = 0
+    dataset_hash: str = ""
+    phashes_computed: int = 0
+
+    def drop(self, candidate: Candidate, reason: str, detail: str = "") -> None:
+        image = candidate.image
+        self.dropped.append({"image_id": image.id, "reason": reason, "detail": detail,
+                             "score": image.score, "raters": image.raters})
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(row["reason"] for row in self.dropped).most_common())
+
+    def summary(self) -> str:
+        kept = f"{len(self.kept)} images"
+        if self.format == "dpo":
+            kept += f" in {self.pairs} pairs ({self.tied_pairs_dropped} tied pairs dropped)"
+        reasons = ", ".join(f"{n} {reason}" for reason, n in self.dropped_by_reason().items())
+        return f"{self.considered} considered, kept {kept}; dropped: {reasons or 'none'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format, "settings": self.settings, "database": self.database,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "dataset_hash": self.dataset_hash,
+            "counts": {"considered": self.considered, "kept": len(self.kept),
+                       "dropped": len(self.dropped), "pairs": self.pairs,
+                       "tied_pairs_dropped": self.tied_pairs_dropped},
+            "dropped_by_reason": self.dropped_by_reason(),
+            "histogram": HISTOGRAM_FILE,
+            "kept": self.kept, "dropped": self.dropped,
+        }
+
+
+# --- choosing images ------------------------------------------------------------------------
+
+
+def _passes_rating_filters(candidate: Candidate, settings: CurationSettings,
+                           report: CurationReport) -> bool:
+    image = candidate.image
+    if image.requester_opted_out:
+        report.drop(candidate, REQUESTER_OPTED_OUT)
+        return False
+    if image.flags:
+        report.drop(candidate, FLAGGED, ",".join(image.flags))
+        return False
+    if image.raters < settings.min_raters:
+        report.drop(candidate, TOO_FEW_RATERS, f"{image.raters} < {settings.min_raters}")
+        return False
+    if settings.format == "sft":
+        if image.score < settings.min_score:
+            report.drop(candidate, LOW_SCORE, f"{image.score} < {settings.min_score}")
+            return False
+        if candidate.wilson < settings.min_wilson:
+            report.drop(candidate, LOW_WILSON, f"{candidate.wilson:.3f} < {settings.min_wilson}")
+            return False
+    elif settings.format == "kto":
+        disliked_bound = wilson_lower_bound(image.dislikes, image.raters, settings.wilson_z)
+        if image.score >= settings.min_score and candidate.wilson >= settings.min_wilson:
+            candidate.label = True
+        elif -image.score >= settings.min_score and disliked_bound >= settings.min_wilson:
+            candidate.label = False
+        else:
+            report.drop(candidate, NO_CLEAR_VERDICT, f"score {image.score}")
+            return False
+    return True
+
+
+def _perceptual_hash(image: Image.Image) -> int:
+    # imagehash is imported here: it pulls scipy, and only this step needs it.
+    import imagehash
+
+    return int(str(imagehash.phash(image)), 16)
+
+
+def _check_file(candidate: Candidate, store: Store, report: CurationReport) -> bytes | None:
+    """The image's bytes if the file is present and intact; else dropped with the reason."""
+    path = store.image_path(candidate.image)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        report.drop(candidate, MISSING_FILE, str(path))
+        return None
+    if hashlib.sha256(data).hexdigest() != candidate.image.sha256:
+        report.drop(candidate, CORRUPT_FILE, f"{path}: contents do not match its sha256")
+        return None
+    if candidate.image.phash is not None:
+        candidate.phash = int(candidate.image.phash, 16)
+        return data
+    try:
+        with Image.open(io.BytesIO(data)) as decoded:
+            decoded.load()
+            candidate.phash = _perceptual_hash(decoded)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        report.drop(candidate, CORRUPT_FILE, f"{path}: cannot be decoded ({exc})")
+        return None
+    report.phashes_computed += 1
+    return data
+
+
+class NearDuplicateIndex:
+    """Finds a kept image whose 64-bit perceptual hash is within `max_distance` bits.
+
+    Split into max_distance + 1 chunks, two hashes that close must agree exactly on at least
+    one chunk (pigeonhole), so a lookup only compares against images sharing a chunk instead
+    of every kept image: linear time for tens of thousands of images.
+    """
+
+    def __init__(self, max_distance: int) -> None:
+        self.max_distance = max_distance
+        parts = max_distance + 1
+        edges = [round(i * 64 / parts) for i in range(parts + 1)]
+        self._chunks = list(zip(edges, edges[1:]))
+        self._buckets: list[dict[int, list[tuple[int, int]]]] = [defaultdict(list) for _ in self._chunks]
+
+    def _keys(self, value: int) -> list[int]:
+        return [(value >> start) & ((1 << (end - start)) - 1) for start, end in self._chunks]
+
+    def find(self, value: int) -> int | None:
+        for bucket, key in zip(self._buckets, self._keys(value)):
+            for other, image_id in bucket.get(key, ()):
+                if (value ^ other).bit_count() <= self.max_distance:
+                    return image_id
+        return None
+
+    def add(self, value: int, image_id: int) -> None:
+        for bucket, key in zip(self._buckets, self._keys(value)):
+            bucket[key].append((value, image_id))
+
+
+def _collapse_duplicates(candidates: list[Candidate], settings: CurationSettings,
+                         report: CurationReport) -> list[Candidate]:
+    # Best first, so the copy that survives is the best-rated one.
+    ranked = sorted(candidates, key=lambda c: (-c.image.score, -c.wilson, c.image.id))
+    by_sha: dict[str, int] = {}
+    index = NearDuplicateIndex(settings.near_duplicate_distance)
+    kept = []
+    for candidate in ranked:
+        image = candidate.image
+        if image.sha256 in by_sha:
+            report.drop(candidate, DUPLICATE, f"same file as image {by_sha[image.sha256]}")
+            continue
+        twin = index.find(candidate.phash) if candidate.phash is not None else None
+        if twin is not None:
+            report.drop(candidate, NEAR_DUPLICATE, f"looks like image {twin}")
+            continue
+        by_sha[image.sha256] = image.id
+        if candidate.phash is not None:
+            index.add(candidate.phash, image.id)
+        kept.append(candidate)
+    return kept
+
+
+def _pairs(candidates: list[Candidate], settings: CurationSettings,
+           report: CurationReport) -> list[tuple[Candidate, Candidate]]:
+    """Preference pairs of images of the same prompt; (jpg_0, jpg_1) in image id order."""
+    by_prompt: dict[str, list[Candidate]] = defaultdict(list)
+    for candidate in candidates:
+        by_prompt[candidate.image.prompt.strip()].append(candidate)
+    pairs = []
+    paired: set[int] = set()
+    for group in by_prompt.values():
+        group.sort(key=lambda c: c.image.id)
+        options = []
+        for first, second in itertools.combinations(group, 2):
+            if first.image.score == second.image.score:
+                report.tied_pairs_dropped += 1
+                continue
+            options.append((first, second))
+        # The clearest preferences first, when a prompt has more pairs than the cap allows.
+        options.sort(key=lambda p: (-abs(p[0].image.score - p[1].image.score),
+                                    p[0].image.id, p[1].image.id))
+        if settings.max_pairs_per_prompt:
+            options = options[: settings.max_pairs_per_prompt]
+        pairs.extend(options)
+        paired.update(c.image.id for pair in options for c in pair)
+    for candidate in candidates:
+        if candidate.image.id not in paired:
+            report.drop(candidate, NO_PAIR, candidate.image.prompt[:80])
+    return pairs
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def file_name(image: RatedImage) -> str:
+    return f"{image.sha256[:16]}.png"
+
+
+def dataset_hash(folder: Path) -> str:
+    """sha256 over metadata.jsonl, then each image it names (name, NUL, sha256) in name order."""
+    metadata = folder / METADATA_FILE
+    digest = hashlib.sha256(metadata.read_bytes())
+    names: set[str] = set()
+    for line in metadata.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            names.update(row[key] for key in ("file_name", "jpg_0", "jpg_1") if key in row)
+    for name in sorted(names):
+        file_digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        digest.update(name.encode() + b"\0" + file_digest.encode())
+    return digest.hexdigest()
+
+
+def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def draw_histogram(path: Path, kept_scores: list[int], dropped_scores: list[int],
+                   title: str) -> None:
+    """Net score (likes - dislikes) per image, kept stacked on dropped, scores clipped to +-10."""
+    limit = 10
+    bins = list(range(-limit, limit + 1))
+    kept = Counter(max(-limit, min(limit, s)) for s in kept_scores)
+    dropped = Counter(max(-limit, min(limit, s)) for s in dropped_scores)
+    tallest = max([kept[b] + dropped[b] for b in bins] + [1])
+
+    width, height, left, bottom, top = 720, 360, 50, 40, 40
+    bar = (width - left - 20) // len(bins)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    draw.text((left, 10), title, fill="black", font=font)
+    plot_height = height - top - bottom
+    base_y = height - bottom
+    for i, value in enumerate(bins):
+        x0 = left + i * bar + 2
+        x1 = x0 + bar - 4
+        dropped_h = round(plot_height * dropped[value] / tallest)
+        kept_h = round(plot_height * kept[value] / tallest)
+        if dropped_h:
+            draw.rectangle([x0, base_y - dropped_h, x1, base_y], fill=(170, 170, 170))
+        if kept_h:
+            draw.rectangle([x0, base_y - dropped_h - kept_h, x1, base_y - dropped_h],
+                           fill=(46, 139, 87))
+        label = f"{value}" if abs(value) < limit else ("<=-10" if value < 0 else ">=10")
+        if value % 5 == 0:
+            draw.text((x0, base_y + 6), label, fill="black", font=font)
+    draw.line([left, base_y, width - 20, base_y], fill="black")
+    draw.text((left, base_y + 20), "net score (likes - dislikes)", fill="black", font=font)
+    draw.text((width - 200, 10), f"kept (green) / dropped (grey), max {tallest}",
+              fill="black", font=font)
+    canvas.save(path)
+
+
+def check_output_folder(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CurationError(f"{out} already exists and is not empty; choose a new output folder")
+
+
+def curate(store: Store, out: Path, settings: CurationSettings) -> CurationReport:
+    """Select rated images from `store` and write them to `out` in `settings.format`.
+
+    Raises CurationError before writing anything when nothing survives the filters. The
+    dataset is built beside `out` and renamed into place, so an interruption never leaves a
+    half-written dataset where training would look.
+    """
+    settings.validate()
+    out = Path(out)
+    check_output_folder(out)
+    report = CurationReport(format=settings.format, settings=settings.to_dict(),
+                            database=str(store.db_path))
+    images = store.rated_images(
+        adapter=settings.adapter, adapter_version=settings.adapter_version,
+        since=settings.since, until=settings.until,
+        include_self_votes=settings.include_self_votes,
+    )
+    report.considered = len(images)
+    candidates = [Candidate(image, wilson_lower_bound(image.likes, image.raters, settings.wilson_z))
+                  for image in images]
+    candidates = [c for c in candidates if _passes_rating_filters(c, settings, report)]
+
+    contents: dict[int, bytes] = {}
+    intact = []
+    for candidate in candidates:
+        data = _check_file(candidate, store, report)
+        if data is not None:
+            contents[candidate.image.id] = data
+            intact.append(candidate)
+    new_hashes = [(c.image.id, f"{c.phash:016x}") for c in intact
+                  if c.image.phash is None and c.phash is not None]
+    if new_hashes:
+        store.set_image_phash(new_hashes)
+    survivors = _collapse_duplicates(intact, settings, report)
+
+    pairs: list[tuple[Candidate, Candidate]] = []
+    if settings.format == "dpo":
+        pairs = _pairs(survivors, settings, report)
+        in_pairs = {c.image.id for pair in pairs for c in pair}
+        survivors = [c for c in survivors if c.image.id in in_pairs]
+        report.pairs = len(pairs)
+
+    if not survivors:
+        raise CurationError(_empty_selection_message(report, settings))
+
+    staging = out.with_name(f".{out.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        _write_dataset(staging, survivors, pairs, contents, settings, report)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("curated %s dataset %s: %s", settings.format, out, report.summary())
+    return report
+
+
+def _write_dataset(folder: Path, survivors: list[Candidate],
+                   pairs: list[tuple[Candidate, Candidate]], contents: dict[int, bytes],
+                   settings: CurationSettings, report: CurationReport) -> None:
+    for candidate in sorted(survivors, key=lambda c: c.image.id):
+        image = candidate.image
+        (folder / file_name(image)).write_bytes(contents[image.id])
+        kept = {"image_id": image.id, "file_name": file_name(image), "prompt": image.prompt,
+                "score": image.score, "likes": image.likes, "dislikes": image.dislikes,
+                "wilson": round(candidate.wilson, 4)}
+        if candidate.label is not None:
+            kept["label"] = candidate.label
+        report.kept.append(kept)
+
+    if settings.format == "dpo":
+        rows = [
+            {"caption": first.image.prompt, "jpg_0": file_name(first.image),
+             "jpg_1": file_name(second.image),
+             "label_0": 1.0 if first.image.score > second.image.score else 0.0}
+            for first, second in pairs
+        ]
+    else:
+        rows = []
+        for candidate in sorted(survivors, key=lambda c: file_name(c.image)):
+            row: dict[str, Any] = {"file_name": file_name(candidate.image),
+                                   "text": candidate.image.prompt}
+            if settings.format == "kto":
+                row["label"] = candidate.label
+            rows.append(row)
+    _write_lines(folder / METADATA_FILE, rows)
+
+    report.dataset_hash = dataset_hash(folder)
+    (folder / HASH_FILE).write_text(report.dataset_hash + "\n", encoding="utf-8")
+    draw_histogram(
+        folder / HISTOGRAM_FILE,
+        [row["score"] for row in report.kept],
+        [row["score"] for row in report.dropped],
+        f"{settings.format}: {len(report.kept)} kept, {len(report.dropped)} dropped",
+    )
+    (folder / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False),
+                                      encoding="utf-8")
+
+
+def _empty_selection_message(report: CurationReport, settings: CurationSettings) -> str:
+    if report.considered == 0:
+        where = []
+        if settings.adapter:
+            where.append(f"adapter {settings.adapter}"
+                         + (f" v{settings.adapter_version}" if settings.adapter_version else ""))
+        if settings.since or settings.until:
+            where.append("the date range")
+        scope = f" for {' and '.join(where)}" if where else ""
+        return f"No images in the database{scope}; nothing to curate."
+    reasons = ", ".join(f"{n} {reason}" for reason, n in report.dropped_by_reason().items())
+    hint = {
+        TOO_FEW_RATERS: "lower --min-raters or wait for more votes",
+        LOW_SCORE: "lower --min-score",
+        LOW_WILSON: "lower --min-wilson",
+        NO_CLEAR_VERDICT: "lower --min-score or --min-wilson",
+        NO_PAIR: "dpo needs images of the same prompt with different scores",
+    }
+    top_reason = next(iter(report.dropped_by_reason()), "")
+    advice = f"; {hint[top_reason]}" if top_reason in hint else ""
+    return (f"No images left to curate: all {report.considered} were dropped ({reasons})"
+            f"{advice}.")
