@@ -63,11 +63,12 @@ def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
 
 def _register() -> None:
     # Imported here, not at the top, so each package's module can import `pass_app` from us.
+    from bot.cli import commands as bot_commands
     from generation.cli import commands as generation_commands
     from loraloop.db_cli import commands as db_commands
     from training.cli import commands as training_commands
 
-    for command in [*generation_commands, *training_commands, *db_commands]:
+    for command in [*generation_commands, *training_commands, *db_commands, *bot_commands]:
         cli.add_command(command)
 
 

@@ -699,6 +699,17 @@ class Store:
         )
         return [Image.from_row(row) for row in rows]
 
+    def posted_images(self, limit: int = 200) -> list[tuple[Image, int | None]]:
+        """The newest images shown in Discord, each with its generation's channel id: what the
+        bot re-reads at start to pick up reactions made while it was offline."""
+        rows = self._rows(
+            "SELECT i.*, g.channel_id AS channel_id FROM images i"
+            " JOIN generations g ON g.id = i.generation_id"
+            " WHERE i.message_id IS NOT NULL ORDER BY i.id DESC LIMIT ?",
+            (limit,),
+        )
+        return [(Image.from_row(row), row["channel_id"]) for row in rows]
+
     def image_path(self, image: Image | RatedImage) -> Path:
         return self.data_dir / image.path
 
@@ -1113,6 +1124,12 @@ class AsyncStore:
 
     async def images_for_generation(self, generation_id: int) -> list[Image]:
         return await self._call(self._store.images_for_generation, generation_id)
+
+    async def posted_images(self, limit: int = 200) -> list[tuple[Image, int | None]]:
+        return await self._call(self._store.posted_images, limit)
+
+    async def flags_for(self, image_id: int) -> list[tuple[int, str]]:
+        return await self._call(self._store.flags_for, image_id)
 
     async def set_vote(self, image_id: int, user_id: int, value: int, emoji: str) -> bool:
         return await self._call(self._store.set_vote, image_id, user_id, value, emoji)

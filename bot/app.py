@@ -1,0 +1,121 @@
+"""The Discord client: wiring of commands, buttons, reactions and the start-up catch-up.
+
+`LoraloopBot` is built with its collaborators (the service client and the store) so tests can
+hand it real ones pointed at loopback. `setup_hook` does the slow start-up work once, before
+the gateway connects: register the slash commands and the persistent buttons, sync commands.
+After READY, reactions missed while offline are re-read in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import discord
+from discord import app_commands
+
+from bot.imagine import Generate
+from bot.limits import Limits
+from bot.reactions import Votes
+from bot.views import DYNAMIC_ITEMS
+from loraloop.config import Config
+
+log = logging.getLogger(__name__)
+
+# How long the list of styles is trusted for autocomplete and for checking a chosen style.
+STYLES_TTL_S = 60.0
+
+
+class CommandTree(app_commands.CommandTree):
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        """No traceback ever reaches a user: log it, answer with a reference."""
+        if isinstance(error, app_commands.CheckFailure):
+            text = str(error) or "You can't use that command here."
+        else:
+            log.error("interaction %s (/%s) failed", interaction.id,
+                      interaction.command.qualified_name if interaction.command else "?", exc_info=error)
+            text = f"Something went wrong (reference `{interaction.id}`); it has been logged."
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException:
+            log.warning("interaction %s: could not tell the user about the error", interaction.id)
+
+
+class LoraloopBot(discord.Client):
+    def __init__(self, config: Config, service: Any, store: Any, *, limits: Limits | None = None,
+                 **client_options: Any) -> None:
+        # Reactions come as raw events, so no message cache or message-content intent is needed.
+        intents = discord.Intents(guilds=True, guild_reactions=True, dm_reactions=True)
+        super().__init__(intents=intents, max_messages=None, **client_options)
+        self.config = config
+        self.settings = config.bot
+        self.service = service
+        self.store = store
+        self.limits = limits or Limits(config.bot, bans_path=config.data_dir / "bans.json")
+        self.tree = CommandTree(self)
+        self.generate = Generate(self)
+        self.votes = Votes(self)
+        self._styles: list[Any] | None = None
+        self._styles_at = 0.0
+        self.caught_up = asyncio.Event()
+        self._background: set[asyncio.Task] = set()
+
+    async def setup_hook(self) -> None:
+        from bot.commands import register
+
+        register(self)
+        self.add_dynamic_items(*DYNAMIC_ITEMS)
+        if self.settings.guild_ids:
+            for guild_id in self.settings.guild_ids:
+                guild = discord.Object(id=guild_id)
+                self.tree.copy_global_to(guild=guild)
+                await self.tree.sync(guild=guild)
+        else:
+            await self.tree.sync()
+        self._spawn(self._catch_up())
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _catch_up(self) -> None:
+        await self.wait_until_ready()
+        try:
+            await self.votes.catch_up()
+        except Exception:  # a failed catch-up must not take the bot down; live votes still work
+            log.exception("catch-up of offline reactions failed")
+        finally:
+            self.caught_up.set()
+
+    # ---- reactions ---------------------------------------------------------------------------
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        await self.votes.on_add(payload)
+
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        await self.votes.on_remove(payload)
+
+    # ---- shared helpers ----------------------------------------------------------------------
+
+    def is_admin(self, user: discord.abc.User) -> bool:
+        roles = {role.id for role in getattr(user, "roles", [])}
+        return bool(roles & set(self.settings.admin_role_ids))
+
+    async def styles(self, refresh: bool = False) -> list[Any]:
+        """The service's adapters, cached for a minute (autocomplete asks on every keystroke)."""
+        if refresh or self._styles is None or time.monotonic() - self._styles_at > STYLES_TTL_S:
+            self._styles = list(await self.service.adapters())
+            self._styles_at = time.monotonic()
+        return self._styles
+
+    def known_styles(self) -> set[str] | None:
+        """Style names from the cache, or None when the cache is empty (the service decides)."""
+        if self._styles is None:
+            return None
+        return {a.name for a in self._styles}

@@ -1,0 +1,197 @@
+"""The slash commands: /imagine, /styles, /stats, /optout, /optin and /admin.
+
+The commands are built inside `register()` because their ranges come from config
+(`app_commands.Range[int, 1, max_steps]`), and discord.py reads annotations when a command is
+defined. That is also why this module does not use `from __future__ import annotations`.
+Discord validates ranges and choices before our code runs; the bot checks the rest.
+"""
+
+import logging
+from typing import TYPE_CHECKING, Literal, Optional
+
+import discord
+from discord import app_commands
+
+from bot.imagine import Spec, describe_error, size_for
+
+if TYPE_CHECKING:
+    from bot.app import LoraloopBot
+
+log = logging.getLogger(__name__)
+
+Aspect = Literal["1:1", "2:3", "3:2", "16:9", "9:16"]
+
+
+def register(bot: "LoraloopBot") -> None:
+    settings = bot.settings
+    tree = bot.tree
+    MaxSteps = app_commands.Range[int, 1, settings.max_steps]
+    MaxCount = app_commands.Range[int, 1, settings.max_count]
+
+    @tree.command()
+    @app_commands.describe(
+        prompt="What to draw",
+        negative="What to keep out of the image",
+        style="A trained style (see /styles)",
+        style_weight="How strongly the style applies (0 to 2; 1 is as trained)",
+        aspect="Shape of the image",
+        steps="Denoising steps: more is slower and often finer",
+        guidance="How literally to follow the prompt (about 7 is usual)",
+        seed="Same seed and settings give the same image",
+        count="How many images",
+        image="A starting image to transform",
+        strength="With an image: how far to move away from it (0 to 1)",
+    )
+    async def imagine(
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, 2000],
+        negative: Optional[str] = None,
+        style: Optional[str] = None,
+        style_weight: app_commands.Range[float, 0.0, 2.0] = 1.0,
+        aspect: Aspect = "1:1",
+        steps: Optional[MaxSteps] = None,
+        guidance: Optional[app_commands.Range[float, 0.0, 30.0]] = None,
+        seed: Optional[app_commands.Range[int, 0, 2**32 - 1]] = None,
+        count: MaxCount = 1,
+        image: Optional[discord.Attachment] = None,
+        strength: app_commands.Range[float, 0.05, 1.0] = 0.6,
+    ) -> None:
+        """Make images from a prompt; rate them with reactions to teach the bot."""
+        width, height = size_for(aspect, settings.base_size)
+        spec = Spec(prompt=prompt, negative=negative or "", style=style or None, style_weight=style_weight,
+                    width=width, height=height, steps=steps, guidance=guidance, seed=seed, count=count,
+                    strength=strength if image is not None else None)
+        await bot.generate.start(interaction, spec, image)
+
+    @imagine.autocomplete("style")
+    async def style_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        try:
+            styles = await bot.styles()
+        except Exception as exc:  # autocomplete has no way to show an error; offer nothing
+            log.warning("style autocomplete: service unavailable: %s", exc)
+            return []
+        names = sorted({a.name for a in styles})
+        wanted = current.lower()
+        return [app_commands.Choice(name=n, value=n) for n in names if wanted in n.lower()][:25]
+
+    @tree.command()
+    async def styles(interaction: discord.Interaction) -> None:
+        """List the styles (trained adapters) /imagine can use."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            adapters = await bot.styles(refresh=True)
+        except Exception as exc:
+            await interaction.followup.send(describe_error(exc, str(interaction.id)), ephemeral=True)
+            return
+        latest = [a for a in adapters if a.latest]
+        if not latest:
+            await interaction.followup.send("There are no styles yet: only the base model.", ephemeral=True)
+            return
+        lines = [f"**{a.name}**" + (f" v{a.version}" if a.version is not None else "")
+                 + (f": {a.description}" if a.description else "") for a in latest]
+        embed = discord.Embed(title="Styles", description="\n".join(lines)[:4000])
+        await interaction.followup.send(embed=embed, ephemeral=True)
+
+    @tree.command()
+    async def stats(interaction: discord.Interaction) -> None:
+        """Images, votes and like rate per style version, and the week's top images."""
+        await interaction.response.defer(thinking=True)
+        rows = await bot.store.adapter_stats()
+        top = await bot.store.top_images(limit=5, guild_id=interaction.guild_id)
+        lines = []
+        for row in rows:
+            name = "base model" if row.adapter is None else (
+                f"{row.adapter} v{row.version}" if row.version is not None else row.adapter)
+            rate = "n/a" if row.like_rate is None else f"{row.like_rate:.0%}"
+            lines.append(f"**{name}**: {row.images} images, {row.votes} votes, {rate} liked")
+        embed = discord.Embed(title="Stats", description="\n".join(lines)[:4000] or "No images yet.")
+        if top:
+            links = []
+            for item in top:
+                where = (f"https://discord.com/channels/{item.guild_id or '@me'}/{item.channel_id}/{item.message_id}"
+                         if item.message_id and item.channel_id else "")
+                label = discord.utils.escape_markdown(item.prompt[:80])
+                links.append(f"{item.score:+d} [{label}]({where})" if where else f"{item.score:+d} {label}")
+            embed.add_field(name="Top images this week", value="\n".join(links)[:1024], inline=False)
+        await interaction.followup.send(embed=embed)
+
+    @tree.command()
+    async def optout(interaction: discord.Interaction) -> None:
+        """Keep your prompts, images and votes out of every future training dataset."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await bot.store.opt_out(interaction.user.id)
+        log.info("user %s opted out of datasets", interaction.user.id)
+        await interaction.followup.send("Done: nothing of yours goes into future training datasets. "
+                                        "/optin undoes this.", ephemeral=True)
+
+    @tree.command()
+    async def optin(interaction: discord.Interaction) -> None:
+        """Let your prompts, images and votes into future training datasets again."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await bot.store.opt_in(interaction.user.id)
+        log.info("user %s opted in to datasets", interaction.user.id)
+        await interaction.followup.send("Done: your images and votes can teach future styles again.",
+                                        ephemeral=True)
+
+    tree.add_command(admin_group(bot))
+
+
+def admin_group(bot: "LoraloopBot") -> app_commands.Group:
+    def is_admin(interaction: discord.Interaction) -> bool:
+        if not bot.is_admin(interaction.user):
+            raise app_commands.CheckFailure("Only the image admins can do that.")
+        return True
+
+    admin = app_commands.Group(name="admin", description="Run the image service (admins only)",
+                               guild_only=True)
+
+    async def service_call(interaction: discord.Interaction, action: str, done: str) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            await getattr(bot.service, action)()
+        except Exception as exc:
+            await interaction.followup.send(describe_error(exc, str(interaction.id)), ephemeral=True)
+            return
+        log.info("admin %s: %s", interaction.user.id, action)
+        await interaction.followup.send(done, ephemeral=True)
+
+    @admin.command()
+    @app_commands.check(is_admin)
+    async def pause(interaction: discord.Interaction) -> None:
+        """Stop starting new jobs (running ones finish)."""
+        await service_call(interaction, "pause", "Paused: new jobs are refused until /admin resume.")
+
+    @admin.command()
+    @app_commands.check(is_admin)
+    async def resume(interaction: discord.Interaction) -> None:
+        """Start taking jobs again."""
+        await service_call(interaction, "resume", "Resumed: jobs are running again.")
+
+    @admin.command()
+    @app_commands.check(is_admin)
+    async def reload(interaction: discord.Interaction) -> None:
+        """Re-read the adapters directory (new or updated styles)."""
+        await service_call(interaction, "reload_adapters", "Reloaded the styles.")
+        bot._styles = None
+
+    @admin.command()
+    @app_commands.check(is_admin)
+    @app_commands.describe(user="Who may no longer make images")
+    async def ban(interaction: discord.Interaction, user: discord.User) -> None:
+        """Stop a user from making images."""
+        changed = bot.limits.ban(user.id)
+        await interaction.response.send_message(
+            f"{user.mention} can no longer make images." if changed else f"{user.mention} was already banned.",
+            ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+
+    @admin.command()
+    @app_commands.check(is_admin)
+    @app_commands.describe(user="Who may make images again")
+    async def unban(interaction: discord.Interaction, user: discord.User) -> None:
+        """Let a banned user make images again."""
+        changed = bot.limits.unban(user.id)
+        await interaction.response.send_message(
+            f"{user.mention} can make images again." if changed else f"{user.mention} was not banned.",
+            ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+
+    return admin

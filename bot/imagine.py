@@ -1,0 +1,369 @@
+"""One generation as a person sees it in Discord: refuse or defer, queue, progress, images, votes.
+
+`Generate.run()` owns the life of a job started from `/imagine`, 🔁 reroll or 🎨 variation:
+
+1. checks (`bot.limits`, the attachment, the style) answered at once with a short ephemeral
+   refusal, else the interaction is deferred, well inside Discord's 3-second deadline;
+2. the job is submitted and recorded in the store, and the deferred message shows its queue
+   position with a ❌ cancel button;
+3. the service's events become edits of that message (step/total and a preview), at most one
+   every `progress_interval` seconds;
+4. each image is posted as its own message (so a reaction rates exactly one image) with a line
+   of provenance, the rating reactions and the 🔁 🎨 🗑 buttons, and recorded in the store.
+
+Interaction tokens die after 15 minutes: `Reply` notices (by age, or by Discord refusing the
+token) and continues with ordinary channel messages. Errors a person can act on become one
+sentence; anything else is logged with the job id, and the person sees that id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import discord
+from PIL import Image
+
+from generation.contract import AdapterRef, JobRequest, JobState, JobStatus
+
+if TYPE_CHECKING:
+    from bot.app import LoraloopBot
+
+log = logging.getLogger(__name__)
+
+ASPECTS = {"1:1": (1, 1), "2:3": (2, 3), "3:2": (3, 2), "16:9": (16, 9), "9:16": (9, 16)}
+
+# Discord lets an interaction token post for 15 minutes; stop trusting it a little before.
+TOKEN_LIFETIME_S = 14 * 60
+# JSON error codes Discord answers when an interaction token is no longer usable.
+DEAD_TOKEN_CODES = {50027, 10015}
+
+
+def size_for(aspect: str, base: int) -> tuple[int, int]:
+    """Width and height for an aspect: the short side is `base`, the long one a multiple of 8."""
+    w, h = ASPECTS[aspect]
+    long_side = int(round(base * max(w, h) / min(w, h) / 8)) * 8
+    return (base, base) if w == h else (long_side, base) if w > h else (base, long_side)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a person asked for, before it becomes a `JobRequest`."""
+
+    prompt: str
+    negative: str = ""
+    style: str | None = None
+    style_weight: float = 1.0
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    count: int = 1
+    init_image: bytes | None = None
+    strength: float | None = None
+
+    def request(self, requester: int) -> JobRequest:
+        return JobRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative,
+            adapters=(AdapterRef(self.style, self.style_weight),) if self.style else (),
+            steps=self.steps,
+            guidance=self.guidance,
+            seed=self.seed,
+            width=self.width,
+            height=self.height,
+            count=self.count,
+            init_image=base64.b64encode(self.init_image).decode() if self.init_image else None,
+            strength=self.strength if self.init_image else None,
+            requester=f"discord:{requester}",
+        )
+
+    @classmethod
+    def from_generation(cls, generation: Any) -> "Spec":
+        """The settings of a recorded generation (for 🔁 and 🎨), without its seed."""
+        params = generation.parameters
+        adapter = generation.adapters[0] if generation.adapters else None
+        return cls(
+            prompt=generation.prompt,
+            negative=generation.negative_prompt,
+            style=adapter["name"] if adapter else None,
+            style_weight=float(adapter.get("weight", 1.0)) if adapter else 1.0,
+            width=params.get("width"),
+            height=params.get("height"),
+            steps=params.get("steps"),
+            guidance=params.get("guidance"),
+            count=int(params.get("count", 1)),
+        )
+
+
+def provenance(spec_prompt: str, image: Any, status: JobStatus) -> str:
+    """The line under each image: enough to reproduce it."""
+    params = status.parameters
+    parts = [f"seed {image.seed}", f"{image.width}×{image.height}"]
+    if params.get("steps"):
+        parts.append(f"{params['steps']} steps")
+    if params.get("guidance") is not None:
+        parts.append(f"cfg {params['guidance']}")
+    if status.adapters:
+        parts.append(" + ".join(
+            f"{a.name} v{a.version}" if a.version is not None else a.name for a in status.adapters))
+    else:
+        parts.append("base model")
+    prompt = spec_prompt if len(spec_prompt) <= 300 else spec_prompt[:299] + "…"
+    return f"**{discord.utils.escape_markdown(prompt)}**\n-# " + " · ".join(parts)
+
+
+def fit_for_discord(png: bytes, limit: int, name: str) -> list[discord.File]:
+    """The image as file(s) under Discord's upload limit: the PNG as is, else re-encoded.
+
+    Re-encoding tries an optimized PNG (keeps the parameters chunk), then JPEG at falling
+    quality, then halves the size; the original always stays in the store.
+    """
+    if len(png) <= limit:
+        return [discord.File(io.BytesIO(png), filename=f"{name}.png")]
+    with Image.open(io.BytesIO(png)) as source:
+        image = source.convert("RGB")
+        info = source.info
+    out = io.BytesIO()
+    pnginfo = None
+    if "parameters" in info:
+        from PIL.PngImagePlugin import PngInfo
+        pnginfo = PngInfo()
+        pnginfo.add_text("parameters", info["parameters"])
+    image.save(out, format="PNG", optimize=True, pnginfo=pnginfo)
+    if out.tell() <= limit:
+        return [discord.File(io.BytesIO(out.getvalue()), filename=f"{name}.png")]
+    while True:
+        for quality in (90, 75, 60):
+            out = io.BytesIO()
+            image.save(out, format="JPEG", quality=quality)
+            if out.tell() <= limit:
+                return [discord.File(io.BytesIO(out.getvalue()), filename=f"{name}.jpg")]
+        image = image.resize((max(1, image.width // 2), max(1, image.height // 2)))
+
+
+class Reply:
+    """Where a job's messages go: the interaction while its token lives, then the channel."""
+
+    def __init__(self, interaction: discord.Interaction) -> None:
+        self.interaction = interaction
+        self.channel = interaction.channel
+        self.started = time.monotonic()
+        self.token_dead = False
+
+    @property
+    def token_alive(self) -> bool:
+        return not self.token_dead and time.monotonic() - self.started < TOKEN_LIFETIME_S
+
+    def _is_dead_token(self, exc: discord.HTTPException) -> bool:
+        return exc.code in DEAD_TOKEN_CODES or exc.status == 401
+
+    async def edit(self, **kwargs: Any) -> None:
+        """Edit the deferred message; skipped once the token is gone (progress is optional)."""
+        if not self.token_alive:
+            return
+        try:
+            await self.interaction.edit_original_response(**kwargs)
+        except discord.HTTPException as exc:
+            if not self._is_dead_token(exc):
+                raise
+            self.token_dead = True
+            log.info("interaction %s: token expired; continuing in the channel", self.interaction.id)
+
+    async def send(self, **kwargs: Any) -> discord.Message:
+        if self.token_alive:
+            try:
+                return await self.interaction.followup.send(wait=True, **kwargs)
+            except discord.HTTPException as exc:
+                if not self._is_dead_token(exc):
+                    raise
+                self.token_dead = True
+                log.info("interaction %s: token expired; continuing in the channel", self.interaction.id)
+        # A job that outlived its token: an ordinary message that mentions who asked.
+        kwargs.pop("ephemeral", None)
+        content = kwargs.pop("content", None) or ""
+        mention = self.interaction.user.mention
+        return await self.channel.send(content=f"{mention} {content}".strip(), **kwargs)
+
+
+def describe_error(exc: Exception, job_ref: str) -> str:
+    """One sentence for a person, for whatever went wrong talking to the service."""
+    from generation.client import ServiceError
+
+    if isinstance(exc, ServiceError):
+        code = getattr(exc, "code", "")
+        message = getattr(exc, "message", str(exc))
+        friendly = {
+            "queue_full": "The queue is full right now; try again in a minute.",
+            "requester_limit": "You already have the most jobs the queue takes from one person; "
+                               "wait for one to finish.",
+            "paused": "Image making is paused by the admins; try again later.",
+            "unavailable": "The image service is not reachable right now; try again in a minute.",
+        }
+        if code in friendly:
+            return friendly[code]
+        if code in ("invalid_request", "unknown_adapter", "unknown_scheduler", "invalid_image",
+                    "payload_too_large"):
+            return message
+    log.error("job %s failed: %r", job_ref, exc, exc_info=exc)
+    return f"Something went wrong making your image (reference `{job_ref}`); it has been logged."
+
+
+class Generate:
+    """Runs jobs for the bot; one instance per bot."""
+
+    def __init__(self, bot: "LoraloopBot") -> None:
+        self.bot = bot
+        self.settings = bot.settings
+        # Job id -> requester, so ❌ knows whose job it is even after a restart of the view.
+        self.jobs: dict[str, int] = {}
+
+    def refusal_for(self, interaction: discord.Interaction, spec: Spec,
+                    attachment: discord.Attachment | None = None) -> str | None:
+        """Everything decided without waiting on anything: None means go ahead."""
+        limits = self.bot.limits
+        in_dm = interaction.guild_id is None
+        refusal = limits.check_place(interaction.channel_id, in_dm) or limits.check(
+            interaction.user.id, spec.prompt, spec.negative)
+        if refusal is not None:
+            log.info("refused %s for user %s: %s", interaction.id, interaction.user.id, refusal.reason)
+            return refusal.message
+        if attachment is not None:
+            if not (attachment.content_type or "").startswith("image/"):
+                return f"{attachment.filename} is not an image; attach a PNG, JPEG or WebP."
+            if attachment.size > self.settings.max_attachment_bytes:
+                mib = self.settings.max_attachment_bytes / (1024 * 1024)
+                return f"{attachment.filename} is too large; attach an image under {mib:.0f} MiB."
+        known = self.bot.known_styles()
+        if spec.style and known is not None and spec.style.partition("@")[0] not in known:
+            return f"There is no style called {spec.style!r}; see /styles for the ones there are."
+        return None
+
+    async def start(self, interaction: discord.Interaction, spec: Spec,
+                    attachment: discord.Attachment | None = None) -> None:
+        """Refuse, or acknowledge and run the job to the end (called from a command or button)."""
+        refusal = self.refusal_for(interaction, spec, attachment)
+        if refusal is not None:
+            await interaction.response.send_message(refusal, ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        user_id = interaction.user.id
+        job_key = f"interaction-{interaction.id}"
+        self.bot.limits.started(user_id, job_key)
+        try:
+            if attachment is not None:
+                spec = replace(spec, init_image=await attachment.read())
+            await self._run(interaction, spec, job_key)
+        finally:
+            self.bot.limits.finished(user_id, job_key)
+
+    async def _run(self, interaction: discord.Interaction, spec: Spec, job_key: str) -> None:
+        reply = Reply(interaction)
+        user_id = interaction.user.id
+        request = spec.request(user_id)
+        try:
+            accepted = await self.bot.service.submit(request)
+        except Exception as exc:  # every failure becomes a sentence; unexpected ones are logged
+            await reply.edit(content=f"⚠️ {describe_error(exc, job_key)}")
+            return
+        job_id = accepted.id
+        self.jobs[job_id] = user_id
+        log.info("job %s: submitted for user %s from interaction %s", job_id, user_id, interaction.id)
+        parameters = {k: v for k, v in request.to_dict().items()
+                      if k not in ("prompt", "negative_prompt", "adapters", "init_image", "requester")}
+        generation_id = await self.bot.store.record_generation(
+            job_id=job_id, prompt=spec.prompt, negative_prompt=spec.negative,
+            requester_id=user_id, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+            parameters=parameters, adapters=[a.to_dict() for a in request.adapters],
+        )
+        from bot.views import progress_view
+
+        cancel = progress_view(job_id, user_id)
+        await reply.edit(content=f"🕒 Queued at position {accepted.position + 1}: **{spec.prompt[:200]}**",
+                         view=cancel)
+        try:
+            status = await self._follow(reply, job_id, job_key, user_id, spec, cancel)
+        except Exception as exc:
+            await self.bot.store.update_generation(generation_id, status="failed", error=repr(exc)[:500])
+            await reply.edit(content=f"⚠️ {describe_error(exc, job_id)}", view=None, attachments=[])
+            return
+        finally:
+            self.jobs.pop(job_id, None)
+        queue_ms = duration_ms = None
+        if status.started_at is not None and status.created_at:
+            queue_ms = int((status.started_at - status.created_at) * 1000)
+        if status.finished_at is not None and status.started_at is not None:
+            duration_ms = int((status.finished_at - status.started_at) * 1000)
+        if status.state is not JobState.DONE:
+            error = status.error.message if status.error else None
+            await self.bot.store.update_generation(generation_id, status=status.state.value, error=error,
+                                                   queue_ms=queue_ms, duration_ms=duration_ms)
+            if status.state is JobState.CANCELLED:
+                text = "❌ Cancelled."
+            else:
+                log.error("job %s failed: %s", job_id, error)
+                text = f"⚠️ That didn't work: {error or 'the service failed'} (reference `{job_id}`)."
+            await reply.edit(content=text, view=None, attachments=[])
+            return
+        await self.bot.store.update_generation(
+            generation_id, adapters=[a.to_dict() for a in status.adapters],
+            queue_ms=queue_ms, duration_ms=duration_ms)
+        await reply.edit(content=f"🖼️ Posting {len(status.images)} image(s)…", view=None, attachments=[])
+        for image in status.images:
+            await self._post_image(reply, generation_id, job_id, user_id, spec, status, image)
+        await self.bot.store.update_generation(generation_id, status="done")
+        await reply.edit(content=f"✅ Done: {len(status.images)} image(s) for **{spec.prompt[:200]}**")
+        log.info("job %s: done, %d image(s) posted", job_id, len(status.images))
+
+    async def _follow(self, reply: Reply, job_id: str, job_key: str, user_id: int, spec: Spec,
+                      cancel: discord.ui.View) -> JobStatus:
+        """Turn the service's events into progress edits, throttled; return the final status."""
+        interval = self.settings.progress_interval
+        last_edit = time.monotonic()
+        last_text = ""
+        pending_preview: str | None = None
+        async for status in self.bot.service.events(job_id):
+            if status.state is JobState.RUNNING:
+                self.bot.limits.running(user_id, job_key)
+            if status.state.finished:
+                return status
+            if status.preview:
+                pending_preview = status.preview
+            if status.state is JobState.QUEUED:
+                text = f"🕒 Queued at position {status.position + 1}: **{spec.prompt[:200]}**"
+            else:
+                text = f"⏳ Step {status.step}/{status.total_steps}: **{spec.prompt[:200]}**"
+            now = time.monotonic()
+            if text == last_text or now - last_edit < interval:
+                continue
+            kwargs: dict[str, Any] = {"content": text, "view": cancel}
+            if pending_preview:
+                kwargs["attachments"] = [discord.File(io.BytesIO(base64.b64decode(pending_preview)),
+                                                      filename="preview.png")]
+                pending_preview = None
+            last_edit, last_text = now, text
+            await reply.edit(**kwargs)
+        # The stream ended without a final state (the service went away mid-job): ask once.
+        return await self.bot.service.status(job_id)
+
+    async def _post_image(self, reply: Reply, generation_id: int, job_id: str, user_id: int, spec: Spec,
+                          status: JobStatus, image: Any) -> None:
+        from bot.views import image_view
+
+        png = await self.bot.service.image(job_id, image.index)
+        image_id = await self.bot.store.add_image(generation_id, index=image.index, seed=image.seed,
+                                                  width=image.width, height=image.height, png=png)
+        limit = getattr(reply.interaction, "filesize_limit", 10 * 1024 * 1024)
+        files = fit_for_discord(png, limit, f"{job_id}-{image.index}")
+        message = await reply.send(content=provenance(spec.prompt, image, status), files=files,
+                                   view=image_view(user_id))
+        await self.bot.store.set_image_message(image_id, message.id)
+        for emoji in [*self.settings.rating_emojis, self.settings.flag_emoji]:
+            await message.add_reaction(emoji)

@@ -1,0 +1,124 @@
+"""Reactions on image messages become votes and flags in the store, including missed ones.
+
+One table maps each emoji to what it means (config `rating_emojis` and `flag_emoji`). The raw
+gateway events are used, so reactions on messages the bot never cached (older than its last
+start) still count. Guard clauses drop the bot's own reactions, unknown emojis and messages
+that are not generations.
+
+While the bot is offline Discord sends it nothing, so `catch_up()` re-reads the reactions of
+the newest posted images at start and makes the store agree with them: a vote whose reaction
+is gone is withdrawn, a reaction without a vote is recorded. Every store call is idempotent,
+so a reaction seen both live and by the catch-up counts once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import discord
+
+if TYPE_CHECKING:
+    from bot.app import LoraloopBot
+
+log = logging.getLogger(__name__)
+
+FLAG_KIND = "nsfw"  # the 🚩 flag: bad or unsafe, kept out of every dataset
+
+
+@dataclass(frozen=True)
+class Meaning:
+    vote: int | None = None  # +1 or -1
+    flag: str | None = None  # a store flag kind
+
+
+def meanings(rating_emojis: dict[str, int], flag_emoji: str) -> dict[str, Meaning]:
+    table = {emoji: Meaning(vote=value) for emoji, value in rating_emojis.items()}
+    table[flag_emoji] = Meaning(flag=FLAG_KIND)
+    return table
+
+
+class Votes:
+    """The bot's reaction handling; one instance per bot."""
+
+    def __init__(self, bot: "LoraloopBot") -> None:
+        self.bot = bot
+        self.table = meanings(bot.settings.rating_emojis, bot.settings.flag_emoji)
+
+    def _meaning(self, payload: discord.RawReactionActionEvent) -> Meaning | None:
+        if self.bot.user is not None and payload.user_id == self.bot.user.id:
+            return None
+        if payload.emoji.id is not None:  # custom server emojis carry no meaning here
+            return None
+        return self.table.get(payload.emoji.name or "")
+
+    async def on_add(self, payload: discord.RawReactionActionEvent) -> None:
+        meaning = self._meaning(payload)
+        if meaning is None:
+            return
+        image = await self.bot.store.image_for_message(payload.message_id)
+        if image is None:
+            return
+        emoji = str(payload.emoji)
+        if meaning.vote is not None:
+            await self.bot.store.set_vote(image.id, payload.user_id, meaning.vote, emoji)
+            log.info("image %s: vote %+d by user %s", image.id, meaning.vote, payload.user_id)
+        else:
+            await self.bot.store.flag(image.id, payload.user_id, meaning.flag)
+            log.info("image %s: flagged %s by user %s", image.id, meaning.flag, payload.user_id)
+
+    async def on_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        meaning = self._meaning(payload)
+        if meaning is None:
+            return
+        image = await self.bot.store.image_for_message(payload.message_id)
+        if image is None:
+            return
+        if meaning.vote is not None:
+            await self.bot.store.remove_vote(image.id, payload.user_id, str(payload.emoji))
+            log.info("image %s: vote withdrawn by user %s", image.id, payload.user_id)
+        else:
+            await self.bot.store.unflag(image.id, payload.user_id, meaning.flag)
+
+    async def catch_up(self) -> int:
+        """Reconcile the newest posted images with their reactions; returns images re-read."""
+        posted = await self.bot.store.posted_images(self.bot.settings.catch_up_messages)
+        done = 0
+        for image, channel_id in posted:
+            if channel_id is None or image.message_id is None:
+                continue
+            try:
+                await self._reconcile(image, channel_id)
+            except discord.NotFound:
+                continue  # the message was deleted; its votes stay as they were
+            except discord.HTTPException as exc:
+                log.warning("catch-up: image %s: %s", image.id, exc)
+                continue
+            done += 1
+        log.info("catch-up: re-read reactions of %d image message(s)", done)
+        return done
+
+    async def _reconcile(self, image, channel_id: int) -> None:
+        channel = self.bot.get_partial_messageable(channel_id)
+        message = await channel.fetch_message(image.message_id)
+        me = self.bot.user.id if self.bot.user else None
+        present: dict[str, set[int]] = {}
+        for reaction in message.reactions:
+            emoji = str(reaction.emoji)
+            if emoji not in self.table or reaction.count == (1 if reaction.me else 0):
+                continue
+            present[emoji] = {user.id async for user in reaction.users(limit=None) if user.id != me}
+        for vote in await self.bot.store.votes_for(image.id):
+            if vote.user_id not in present.get(vote.emoji, set()):
+                await self.bot.store.remove_vote(image.id, vote.user_id, vote.emoji)
+        for user_id, kind in await self.bot.store.flags_for(image.id):
+            if kind == FLAG_KIND and user_id not in present.get(self.bot.settings.flag_emoji, set()):
+                await self.bot.store.unflag(image.id, user_id, kind)
+        for emoji, users in present.items():
+            meaning = self.table[emoji]
+            for user_id in sorted(users):
+                if meaning.vote is not None:
+                    await self.bot.store.set_vote(image.id, user_id, meaning.vote, emoji)
+                else:
+                    await self.bot.store.flag(image.id, user_id, meaning.flag)

@@ -1,0 +1,180 @@
+"""The Discord bot end to end: the real discord.py client against the fake Discord on loopback,
+a real SQLite store, and (for the tests that make images) the real service on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bot.app import LoraloopBot
+from fake_discord import FakeDiscord
+from loraloop.config import Config
+from loraloop.store import AsyncStore
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def png_bytes(size: int = 16, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture
+async def fake(monkeypatch):
+    discord_fake = FakeDiscord()
+    await discord_fake.start()
+    discord_fake.point_discord_py_here(monkeypatch)
+    yield discord_fake
+    await discord_fake.stop()
+
+
+@pytest.fixture
+async def store(data_dir: Path):
+    opened = await AsyncStore.open(data_dir / "loraloop.db", data_dir)
+    yield opened
+    await opened.close()
+
+
+def make_config(fake: FakeDiscord, **bot_settings) -> Config:
+    settings = {"base_size": 64, "cooldown_seconds": 0.0, "progress_interval": 0.0,
+                "admin_role_ids": [fake.admin_role_id], "max_active_per_user": 4, "max_queued_per_user": 4,
+                **bot_settings}
+    config = Config()
+    return dataclasses.replace(config, bot=dataclasses.replace(config.bot, **settings))
+
+
+class Bots:
+    """Starts and stops bots (a restart is a stop and a fresh start on the same store)."""
+
+    def __init__(self, fake: FakeDiscord, store: AsyncStore) -> None:
+        self.fake = fake
+        self.store = store
+        self.running: list[tuple[LoraloopBot, asyncio.Task]] = []
+
+    async def start(self, service=None, **bot_settings) -> LoraloopBot:
+        # The fake sends every guild at once, so discord.py need not wait 2 s for stragglers.
+        bot = LoraloopBot(make_config(self.fake, **bot_settings), service, self.store,
+                          guild_ready_timeout=0.05)
+        task = asyncio.create_task(bot.start("fake-token"))
+        await asyncio.wait_for(bot.caught_up.wait(), timeout=15)
+        self.running.append((bot, task))
+        return bot
+
+    async def stop(self, bot: LoraloopBot) -> None:
+        for entry in list(self.running):
+            if entry[0] is bot:
+                self.running.remove(entry)
+                await bot.close()
+                await entry[1]
+        await self.fake.wait_for(lambda: not self.fake.connected)
+
+
+@pytest.fixture
+async def bots(fake, store):
+    manager = Bots(fake, store)
+    yield manager
+    for bot, _task in list(manager.running):
+        await manager.stop(bot)
+
+
+async def posted_image(fake: FakeDiscord, store: AsyncStore, requester: dict, prompt: str = "a red fox") -> tuple[int, int]:
+    """An image the bot posted before this test's bot started: (message id, image id)."""
+    generation_id = await store.record_generation(
+        job_id=f"job-{fake.snowflake()}", prompt=prompt, requester_id=int(requester["id"]),
+        guild_id=fake.guild_id, channel_id=fake.channel_id,
+        parameters={"width": 64, "height": 64, "steps": 2, "count": 1})
+    png = png_bytes()
+    image_id = await store.add_image(generation_id, index=0, seed=1, width=16, height=16, png=png)
+    message = fake.post_as_bot(prompt, [("image.png", png)])
+    await store.set_image_message(image_id, int(message["id"]))
+    return int(message["id"]), image_id
+
+
+async def votes(store: AsyncStore, image_id: int) -> dict[int, int]:
+    return {v.user_id: v.value for v in await store.votes_for(image_id)}
+
+
+# ---- connecting -------------------------------------------------------------------------------
+
+
+async def test_the_bot_logs_in_and_syncs_its_slash_commands(fake, bots):
+    await bots.start()
+    names = {c["name"] for c in fake.commands}
+    assert {"imagine", "styles", "stats", "optout", "optin", "admin"} <= names
+    imagine = next(c for c in fake.commands if c["name"] == "imagine")
+    options = {o["name"]: o for o in imagine["options"]}
+    assert options["prompt"]["required"] and options["style"]["autocomplete"]
+    assert [c["value"] for c in options["aspect"]["choices"]] == ["1:1", "2:3", "3:2", "16:9", "9:16"]
+    assert options["count"]["max_value"] == 4
+
+
+# ---- reactions --------------------------------------------------------------------------------
+
+
+async def test_adding_a_reaction_records_the_vote_and_removing_it_withdraws_it(fake, store, bots):
+    await bots.start()
+    message_id, image_id = await posted_image(fake, store, fake.alice)
+    await fake.react(message_id, "👍", fake.bob)
+    await fake.react(message_id, "👎", fake.carol)
+    await fake.wait_for(lambda: True)
+    await wait_until(lambda: votes(store, image_id), {int(fake.bob["id"]): 1, int(fake.carol["id"]): -1})
+    await fake.unreact(message_id, "👍", fake.bob)
+    await wait_until(lambda: votes(store, image_id), {int(fake.carol["id"]): -1})
+
+
+async def test_the_flag_reaction_flags_the_image_apart_from_votes(fake, store, bots):
+    await bots.start()
+    message_id, image_id = await posted_image(fake, store, fake.alice)
+    await fake.react(message_id, "🚩", fake.bob)
+    await wait_until(lambda: store.flags_for(image_id), [(int(fake.bob["id"]), "nsfw")])
+    assert await votes(store, image_id) == {}
+    await fake.unreact(message_id, "🚩", fake.bob)
+    await wait_until(lambda: store.flags_for(image_id), [])
+
+
+async def test_the_bots_own_reactions_other_emojis_and_other_messages_are_ignored(fake, store, bots):
+    await bots.start()
+    message_id, image_id = await posted_image(fake, store, fake.alice)
+    chat = fake.post_as_user(fake.bob, "just chatting")
+    await fake.react(message_id, "👍", fake.bot_user)
+    await fake.react(message_id, "🦊", fake.bob)
+    await fake.react(int(chat["id"]), "👍", fake.carol)
+    # A vote that is counted after all the ignored ones shows the bot has handled them.
+    await fake.react(message_id, "👎", fake.carol)
+    await wait_until(lambda: votes(store, image_id), {int(fake.carol["id"]): -1})
+    assert await store.image_for_message(int(chat["id"])) is None
+
+
+async def test_votes_made_while_the_bot_was_offline_are_picked_up_at_the_next_start(fake, store, bots):
+    bot = await bots.start()
+    message_id, image_id = await posted_image(fake, store, fake.alice)
+    await fake.react(message_id, "👍", fake.bob)
+    await wait_until(lambda: votes(store, image_id), {int(fake.bob["id"]): 1})
+    await bots.stop(bot)
+
+    # While offline: bob takes his like back, carol dislikes, and the bot's own reaction exists.
+    await fake.unreact(message_id, "👍", fake.bob, gateway=False)
+    await fake.react(message_id, "👎", fake.carol, gateway=False)
+    await fake.react(message_id, "🚩", fake.carol, gateway=False)
+    await fake.react(message_id, "👍", fake.bot_user, gateway=False)
+    await bots.start()
+    assert await votes(store, image_id) == {int(fake.carol["id"]): -1}
+    assert await store.flags_for(image_id) == [(int(fake.carol["id"]), "nsfw")]
+
+
+async def wait_until(read, expected, timeout: float = 10.0):
+    """Poll an async read (the store is written from the bot's event handlers) until it matches."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await read()
+        if value == expected:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"expected {expected!r}, still {value!r}")
+        await asyncio.sleep(0.02)
