@@ -178,3 +178,97 @@ async def wait_until(read, expected, timeout: float = 10.0):
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"expected {expected!r}, still {value!r}")
         await asyncio.sleep(0.02)
+
+
+# ---- refusals (decided before anything is queued) -----------------------------------------------
+
+
+async def refused_with(fake: FakeDiscord, interaction, *words: str) -> str:
+    await fake.wait_for(lambda: interaction.acknowledged_at is not None)
+    assert interaction.ephemeral, "a refusal is shown only to the person who asked"
+    text = interaction.callback_data["content"]
+    for word in words:
+        assert word in text
+    assert "Traceback" not in text
+    return text
+
+
+async def test_a_dm_is_refused_unless_dms_are_enabled(fake, bots):
+    await bots.start()
+    interaction = await fake.slash("imagine", {"prompt": "a fox"}, channel_id=None)
+    await refused_with(fake, interaction, "DMs")
+
+
+async def test_a_channel_outside_the_allowlist_is_refused_with_where_to_go(fake, bots):
+    await bots.start(channels=[fake.channel_id])
+    interaction = await fake.slash("imagine", {"prompt": "a fox"}, channel_id=fake.other_channel_id)
+    await refused_with(fake, interaction, f"<#{fake.channel_id}>")
+
+
+async def test_blocked_terms_and_long_prompts_are_refused(fake, bots):
+    await bots.start(blocked_terms=["gore"], max_prompt_chars=40)
+    blocked = await fake.slash("imagine", {"prompt": "a fox, gore"})
+    await refused_with(fake, blocked, "blocked term", "rephrase")
+    long = await fake.slash("imagine", {"prompt": "a fox " * 10})
+    await refused_with(fake, long, "60 characters", "40")
+
+
+async def test_an_attachment_that_is_not_an_image_or_too_large_is_refused(fake, bots):
+    await bots.start(max_attachment_bytes=1000)
+    text = fake.upload("notes.txt", b"hello", content_type="text/plain")
+    interaction = await fake.slash("imagine", {"prompt": "a fox", "image": text})
+    await refused_with(fake, interaction, "notes.txt", "not an image")
+    big = fake.upload("big.png", png_bytes(size=256, color=(1, 2, 3)) + b"\0" * 2000)
+    interaction = await fake.slash("imagine", {"prompt": "a fox", "image": big})
+    await refused_with(fake, interaction, "big.png", "too large")
+
+
+async def test_an_admin_can_ban_and_unban_and_a_banned_user_is_refused(fake, bots):
+    fake.admins.add(int(fake.carol["id"]))
+    await bots.start()
+    not_admin = await fake.slash("admin ban", {"user": fake.bob}, user=fake.alice)
+    await refused_with(fake, not_admin, "Only the image admins")
+    ban = await fake.slash("admin ban", {"user": fake.bob}, user=fake.carol)
+    await refused_with(fake, ban, "can no longer make images")
+    refused = await fake.slash("imagine", {"prompt": "a fox"}, user=fake.bob)
+    await refused_with(fake, refused, "can't make images")
+    unban = await fake.slash("admin unban", {"user": fake.bob}, user=fake.carol)
+    await refused_with(fake, unban, "can make images again")
+
+
+# ---- opting out ---------------------------------------------------------------------------------
+
+
+async def test_optout_and_optin_change_what_datasets_may_use(fake, store, bots):
+    await bots.start()
+    bob = int(fake.bob["id"])
+    interaction = await fake.slash("optout", user=fake.bob)
+    await fake.wait_for(lambda: interaction.followup_ids)
+    assert await store.is_opted_out(bob)
+    assert "/optin" in fake.texts_seen_by(interaction)[-1]
+    interaction = await fake.slash("optin", user=fake.bob)
+    await fake.wait_for(lambda: interaction.followup_ids)
+    assert not await store.is_opted_out(bob)
+
+
+# ---- buttons after a restart ---------------------------------------------------------------------
+
+
+async def test_the_delete_button_works_after_a_restart_for_the_requester_only(fake, store, bots):
+    from bot.views import image_view
+
+    bot = await bots.start()
+    await bots.stop(bot)
+    message_id, _image_id = await posted_image(fake, store, fake.alice)
+    # The message's buttons as the bot posts them, made before this bot process existed.
+    fake.messages[message_id]["components"] = image_view(int(fake.alice["id"])).to_components()
+    delete_id = next(c["custom_id"] for row in fake.messages[message_id]["components"]
+                     for c in row["components"] if c["custom_id"].startswith("loraloop:delete"))
+
+    await bots.start()
+    refused = await fake.click(message_id, delete_id, user=fake.bob)
+    await refused_with(fake, refused, "Only the person who asked")
+    assert message_id not in fake.deleted_messages
+    clicked = await fake.click(message_id, delete_id, user=fake.alice)
+    await fake.wait_for(lambda: message_id in fake.deleted_messages)
+    assert clicked.ack_seconds < 3
