@@ -519,6 +519,10 @@ def save_adapter(unet, lora_config, directory: Path, provenance: dict[str, Any],
     with safe_open(str(tmp), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
     metadata.update({f"loraloop.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in provenance.items()})
+    # The plain keys the service's adapter list shows (generation/adapters.py).
+    metadata["base_model"] = str(provenance.get("base_model", ""))
+    metadata["description"] = (f"{provenance.get('objective', '')} LoRA, rank {provenance.get('rank')}, "
+                               f"{provenance.get('steps')} steps on {Path(str(provenance.get('dataset', ''))).name}")
     save_file(load_file(tmp), tmp, metadata=metadata)
     os.replace(tmp, directory / ADAPTER_FILE)
     if kohya:
