@@ -272,3 +272,16 @@ async def test_the_delete_button_works_after_a_restart_for_the_requester_only(fa
     clicked = await fake.click(message_id, delete_id, user=fake.alice)
     await fake.wait_for(lambda: message_id in fake.deleted_messages)
     assert clicked.ack_seconds < 3
+
+
+async def test_stats_show_votes_per_style_version_and_the_weeks_top_image(fake, store, bots):
+    await bots.start()
+    message_id, image_id = await posted_image(fake, store, fake.alice, prompt="a lighthouse at dusk")
+    await fake.react(message_id, "👍", fake.bob)
+    await wait_until(lambda: votes(store, image_id), {int(fake.bob["id"]): 1})
+    interaction = await fake.slash("stats")
+    await fake.wait_for(lambda: interaction.followup_ids)
+    embed = fake.messages[interaction.followup_ids[0]]["embeds"][0]
+    assert "**base model**: 1 images, 1 votes, 100% liked" in embed["description"]
+    top = embed["fields"][0]["value"]
+    assert "a lighthouse at dusk" in top and str(message_id) in top
