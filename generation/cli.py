@@ -1,3 +1,169 @@
-"""`loraloop serve` and `loraloop imagine`."""
+"""`loraloop serve` and `loraloop imagine`.
 
-commands: list = []
+    loraloop serve --model tiny --port 8765
+    loraloop imagine "a red fox in the snow" --seed 42 --adapter pixel:0.8 -o fox.png
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+from pathlib import Path
+
+import click
+
+from generation.contract import SCHEDULERS, AdapterRef, InvalidRequest, JobRequest
+from loraloop.cli import pass_app
+from loraloop.config import ConfigError, Secrets
+
+log = logging.getLogger(__name__)
+
+
+@click.command()
+@click.option("--host", help="Address to listen on (default: [service] host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default: [service] port, 8765).")
+@click.option("--model", help="Model id, local directory, .safetensors file, or 'tiny'.")
+@click.option("--device", help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+@pass_app
+def serve(app, host: str | None, port: int | None, model: str | None, device: str | None) -> None:
+    """Run the generation service (loads the model, then serves HTTP).
+
+    \b
+    Examples:
+      loraloop serve --model tiny                  # offline, random weights, seconds to start
+      LORALOOP_SERVICE_TOKEN=s3cret loraloop serve --host 0.0.0.0
+    """
+    from aiohttp import web
+
+    from generation.pipeline import ModelLoadError
+    from generation.server import create_app
+
+    changes = {k: v for k, v in {"host": host, "port": port, "model": model, "device": device}.items() if v}
+    try:
+        config = app.config.replace("service", **changes) if changes else app.config
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    secrets = Secrets.from_env()
+    settings = config.service
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not secrets.service_token:
+        log.warning("listening on %s without LORALOOP_SERVICE_TOKEN: anyone who can reach it can use it",
+                    settings.host)
+    try:
+        web.run_app(create_app(config, secrets), host=settings.host, port=settings.port,
+                    print=lambda message: log.info("%s", message.strip()))
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+
+
+def _parse_adapter(value: str) -> AdapterRef:
+    """NAME, NAME:WEIGHT, NAME@VERSION or NAME@VERSION:WEIGHT."""
+    name, _, weight = value.partition(":")
+    try:
+        return AdapterRef.from_dict({"name": name, "weight": float(weight) if weight else 1.0})
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: use NAME or NAME:WEIGHT, e.g. pixel:0.8 ({exc})") from None
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("image.png"),
+              show_default=True, help="Where to save; with --count N, NAME-1.png ... NAME-N.png.")
+@click.option("-n", "--negative", "negative_prompt", default="", help="What the image should not show.")
+@click.option("-a", "--adapter", "adapters", multiple=True, help="LoRA as NAME[@VERSION][:WEIGHT]; repeatable.")
+@click.option("--steps", type=int, help="Denoising steps (default: the service's).")
+@click.option("--guidance", type=float, help="CFG scale (default: the service's).")
+@click.option("--seed", type=int, help="Seed of the first image; the same seed gives the same image.")
+@click.option("--width", type=int, help="Width in pixels, a multiple of 8.")
+@click.option("--height", type=int, help="Height in pixels, a multiple of 8.")
+@click.option("--count", type=int, default=1, show_default=True, help="Images to make (seeds seed, seed+1, ...).")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), help="Sampler (default: the service's).")
+@click.option("--init-image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Start from this image (img2img).")
+@click.option("--strength", type=float, help="img2img: how far from the init image to go, 0-1.")
+@click.option("--url", help="Service URL (default: http://[service] host:port).")
+@pass_app
+def imagine(app, prompt: str, output: Path, negative_prompt: str, adapters: tuple[str, ...], steps, guidance, seed,
+            width, height, count: int, scheduler, init_image: Path | None, strength, url: str | None) -> None:
+    """Generate an image with a running `loraloop serve`, showing progress.
+
+    \b
+    Examples:
+      loraloop imagine "a red fox in the snow" -o fox.png
+      loraloop imagine "a castle" --adapter pixel:0.8 --seed 42 --count 4 -o castle.png
+      loraloop imagine "as a watercolour" --init-image photo.png --strength 0.6 -o watercolour.png
+    """
+    from generation.client import ServiceClient, ServiceError
+
+    settings = app.config.service
+    base_url = url or f"http://{settings.host}:{settings.port}"
+    data = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "adapters": [_parse_adapter(a).to_dict() for a in adapters],
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "count": count,
+        "scheduler": scheduler,
+        "strength": strength,
+        "requester": f"cli:{os.environ.get('USER', '')}",
+    }
+    if init_image is not None:
+        data["init_image"] = base64.b64encode(init_image.read_bytes()).decode("ascii")
+    try:
+        request = JobRequest.from_dict(data)
+    except InvalidRequest as exc:
+        raise click.ClickException(exc.message) from None
+    token = Secrets.from_env().service_token
+    try:
+        paths = asyncio.run(_imagine(ServiceClient(base_url, token=token), request, output))
+    except ServiceError as exc:
+        raise click.ClickException(exc.message) from None
+    for path in paths:
+        click.echo(f"saved {path}")
+
+
+async def _imagine(client, request: JobRequest, output: Path) -> list[Path]:
+    from tqdm import tqdm
+
+    from generation.client import ServiceError
+
+    async with client:
+        accepted = await client.submit(request)
+        bar = tqdm(total=1, desc="queued", unit="step", leave=False)
+        try:
+            status = None
+            async for status in client.events(accepted.id):
+                if status.state.value == "queued":
+                    bar.set_description(f"queued (position {status.position + 1})")
+                elif status.total_steps:
+                    bar.set_description("generating")
+                    bar.total = status.total_steps
+                    bar.n = status.step
+                    bar.refresh()
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            await client.cancel(accepted.id)
+            raise
+        finally:
+            bar.close()
+        if status is None or status.state.value != "done":
+            message = status.error.message if status and status.error else "the job did not finish"
+            raise ServiceError("generation_failed", f"Job {accepted.id} {status.state.value if status else ''}: "
+                               f"{message}")
+        paths = []
+        for image in status.images:
+            path = output if len(status.images) == 1 else output.with_name(
+                f"{output.stem}-{image.index + 1}{output.suffix}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(await client.image(accepted.id, image.index))
+            paths.append(path)
+        return paths
+
+
+commands = [serve, imagine]

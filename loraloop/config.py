@@ -56,9 +56,49 @@ class ServiceConfig:
     device: str = "auto"
     # Directory of LoRA adapters (NAME/vN.safetensors or NAME.safetensors). Empty: DATA_DIR/adapters.
     adapters_dir: str = ""
+    # Jobs waiting beyond this are refused with 429: a longer queue only means longer waits.
+    max_queue: int = 64
+    # Queued + running jobs one requester may hold; lower keeps one person from filling the queue.
+    max_per_requester: int = 4
+    # Images per pipeline call: more raises GPU throughput but costs memory and per-job latency.
+    max_batch: int = 4
+    # How long the worker waits for compatible jobs to join a batch: throughput vs first-image latency.
+    batch_wait_ms: int = 50
+    # Request limits: each higher value lets one job cost more GPU time or memory.
+    default_steps: int = 25
+    max_steps: int = 80
+    default_guidance: float = 7.0
+    max_count: int = 4
+    max_prompt_chars: int = 1000
+    # 0 takes the model's native size (512 for SD 1.5, 1024 for SDXL, 64 for tiny).
+    default_width: int = 0
+    default_height: int = 0
+    # Largest width*height accepted; memory grows with it.
+    max_pixels: int = 1048576
+    # Largest request body (an img2img init image travels in it, base64-encoded).
+    max_body_bytes: int = 8388608
+    # Scheduler used when a request names none: dpmpp_2m, euler_a, ddim or lcm.
+    default_scheduler: str = "dpmpp_2m"
+    # Send a small preview image every N steps in the event stream; 0 turns previews off.
+    preview_every: int = 5
+    # Finished jobs (and their PNGs) kept in memory for clients to fetch; more costs memory.
+    keep_finished: int = 256
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "port", "must be between 1 and 65535")
+        for key in ("max_queue", "max_per_requester", "max_batch", "max_steps", "max_count",
+                    "max_prompt_chars", "max_pixels", "max_body_bytes", "keep_finished"):
+            _require(getattr(self, key) >= 1, key, "must be at least 1")
+        _require(self.batch_wait_ms >= 0, "batch_wait_ms", "must be 0 or more")
+        _require(self.preview_every >= 0, "preview_every", "must be 0 or more")
+        _require(1 <= self.default_steps <= self.max_steps, "default_steps",
+                 "must be between 1 and max_steps")
+        _require(0.0 <= self.default_guidance <= 30.0, "default_guidance", "must be between 0 and 30")
+        for key in ("default_width", "default_height"):
+            _require(getattr(self, key) >= 0 and getattr(self, key) % 8 == 0, key,
+                     "must be 0 (the model's size) or a positive multiple of 8")
+        _require(self.default_scheduler in ("dpmpp_2m", "euler_a", "ddim", "lcm"), "default_scheduler",
+                 "must be one of dpmpp_2m, euler_a, ddim, lcm")
         _require(self.model.strip() != "", "model", "must name a model id, a path or 'tiny'")
         _require(self.device in {"auto", "cpu", "cuda"} or self.device.startswith("cuda:"),
                  "device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")

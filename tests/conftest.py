@@ -40,3 +40,34 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path.mkdir()
     monkeypatch.setenv("LORALOOP_DATA_DIR", str(path))
     return path
+
+
+@pytest.fixture
+async def make_service(tiny_model_dir: Path, data_dir: Path):
+    """Start the real generation service on 127.0.0.1 (ephemeral port) on the tiny model.
+
+    `await make_service(token="s3cret", max_queue=2)` overrides [service] keys; the result has
+    `.url`, `.app`, `.service` and `.adapters_dir` (DATA_DIR/adapters, empty). Stopped after the test.
+    Defaults are made cheap for tests: 4 steps, 20 ms batch wait.
+    """
+    from generation.server import start_service
+    from loraloop.config import Config, Secrets
+
+    started = []
+
+    async def make(token: str | None = None, **service_keys):
+        keys = {"model": str(tiny_model_dir), "default_steps": 4, "batch_wait_ms": 20, **service_keys}
+        config = Config().replace("service", **keys)
+        running = await start_service(config, Secrets(discord_token=None, service_token=token))
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        await running.stop()
+
+
+@pytest.fixture
+async def service(make_service):
+    """The real generation service with test defaults (see `make_service`)."""
+    return await make_service()

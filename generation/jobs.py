@@ -1,0 +1,256 @@
+"""Jobs: a request checked against the service's limits (`JobSpec`), and its live state (`Job`).
+
+`build_spec` turns a parsed `JobRequest` into a `JobSpec` with every default applied, every limit
+checked and the adapters resolved to files, raising `InvalidRequest` with a sentence a person can
+act on. It decodes the img2img init image, so it is blocking: the server runs it on an executor.
+
+A `Job` belongs to the event loop: only loop code mutates it. The worker reads its immutable
+`spec`, checks `cancel_requested` (a thread-safe Event) and sends updates back through the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from generation.adapters import AdapterCatalog, AdapterFile
+from generation.contract import (
+    SCHEDULERS,
+    ApiError,
+    ErrorCode,
+    ImageResult,
+    InvalidRequest,
+    JobRequest,
+    JobState,
+    JobStatus,
+    ResolvedAdapter,
+)
+from loraloop.config import ServiceConfig
+
+ADAPTER_WEIGHT_RANGE = (-2.0, 2.0)
+GUIDANCE_RANGE = (0.0, 30.0)
+# An init image may have at most this many times max_pixels before decoding: more is a
+# decompression bomb (a few KB of PNG that inflates to gigabytes).
+INIT_IMAGE_PIXEL_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class AppliedAdapter:
+    file: AdapterFile
+    requested_name: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A request with defaults applied and limits checked: exactly what the worker runs."""
+
+    prompt: str
+    negative_prompt: str
+    adapters: tuple[AppliedAdapter, ...]
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...]
+    width: int
+    height: int
+    scheduler: str
+    init_image: Image.Image | None = None
+    strength: float | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def mode(self) -> str:
+        return "txt2img" if self.init_image is None else "img2img"
+
+    @property
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can share one pipeline call."""
+        adapters = tuple((a.file.sha256, a.weight) for a in self.adapters)
+        return (self.mode, adapters, self.width, self.height, self.steps, self.guidance,
+                self.scheduler, self.strength)
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps the pipeline really runs: img2img skips the first (1 - strength) of them."""
+        if self.strength is None:
+            return self.steps
+        return min(int(self.steps * self.strength), self.steps)
+
+    def parameters(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "seeds": list(self.seeds),
+            "width": self.width,
+            "height": self.height,
+            "count": self.count,
+            "scheduler": self.scheduler,
+            "mode": self.mode,
+        }
+        if self.strength is not None:
+            data["strength"] = self.strength
+        return data
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be between {low:g} and {high:g} (got {value:g}).")
+
+
+def build_spec(request: JobRequest, config: ServiceConfig, catalog: AdapterCatalog, native_size: int) -> JobSpec:
+    if len(request.prompt) > config.max_prompt_chars:
+        raise InvalidRequest(
+            f"The prompt is {len(request.prompt)} characters; the limit is {config.max_prompt_chars}."
+        )
+    if len(request.negative_prompt) > config.max_prompt_chars:
+        raise InvalidRequest(
+            f"The negative prompt is {len(request.negative_prompt)} characters; "
+            f"the limit is {config.max_prompt_chars}."
+        )
+    steps = config.default_steps if request.steps is None else request.steps
+    _in_range("steps", steps, 1, config.max_steps)
+    guidance = config.default_guidance if request.guidance is None else request.guidance
+    _in_range("guidance", guidance, *GUIDANCE_RANGE)
+    _in_range("count", request.count, 1, config.max_count)
+    scheduler = request.scheduler or config.default_scheduler
+    if scheduler not in SCHEDULERS:
+        raise InvalidRequest(
+            f"Unknown scheduler {scheduler!r}. Use one of: {', '.join(SCHEDULERS)}.",
+            ErrorCode.UNKNOWN_SCHEDULER,
+        )
+    width = request.width or config.default_width or native_size
+    height = request.height or config.default_height or native_size
+    for name, value in (("width", width), ("height", height)):
+        if value < 8 or value % 8:
+            raise InvalidRequest(f"'{name}' must be a positive multiple of 8 (got {value}).")
+    if width * height > config.max_pixels:
+        raise InvalidRequest(
+            f"{width}x{height} is {width * height} pixels; the limit is {config.max_pixels} "
+            "(for example 1024x1024)."
+        )
+    adapters = []
+    for ref in request.adapters:
+        _in_range(f"weight of adapter {ref.name}", ref.weight, *ADAPTER_WEIGHT_RANGE)
+        adapters.append(AppliedAdapter(catalog.resolve(ref), ref.name, ref.weight))
+    if len({a.file.name for a in adapters}) != len(adapters):
+        raise InvalidRequest("Each adapter may appear once per request.")
+    init_image = None
+    strength = None
+    if request.init_image is not None:
+        strength = 0.75 if request.strength is None else request.strength
+        _in_range("strength", strength, 0.0, 1.0)
+        if int(steps * strength) < 1:
+            raise InvalidRequest(
+                f"strength {strength:g} with {steps} steps runs no step at all; raise either."
+            )
+        init_image = decode_init_image(request.init_image, config.max_pixels * INIT_IMAGE_PIXEL_FACTOR)
+        init_image = init_image.resize((width, height), Image.Resampling.LANCZOS)
+    elif request.strength is not None:
+        raise InvalidRequest("'strength' only applies to img2img: send an 'init_image' with it.")
+    if request.seed is None:
+        first_seed = secrets.randbelow(2**32 - request.count)
+    else:
+        first_seed = request.seed
+    seeds = tuple((first_seed + i) % 2**32 for i in range(request.count))
+    return JobSpec(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        adapters=tuple(adapters),
+        steps=steps,
+        guidance=guidance,
+        seeds=seeds,
+        width=width,
+        height=height,
+        scheduler=scheduler,
+        init_image=init_image,
+        strength=strength,
+    )
+
+
+def decode_init_image(data: str, max_pixels: int) -> Image.Image:
+    """An RGB image from base64, refusing anything that is not a whole, reasonably sized image."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("'init_image' is not valid base64.", ErrorCode.INVALID_IMAGE) from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        # The header gives the size before any pixel is decoded, so a bomb never inflates.
+        if image.width * image.height > max_pixels:
+            raise InvalidRequest(
+                f"'init_image' is {image.width}x{image.height}; at most {max_pixels} pixels are accepted.",
+                ErrorCode.INVALID_IMAGE,
+            )
+        image.load()
+        return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise InvalidRequest(
+            "'init_image' is not an image PIL can read (send PNG, JPEG or WebP).", ErrorCode.INVALID_IMAGE
+        ) from None
+    except Image.DecompressionBombError:
+        raise InvalidRequest("'init_image' is too large to decode safely.", ErrorCode.INVALID_IMAGE) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidRequest(
+            f"'init_image' is damaged or truncated ({exc}).", ErrorCode.INVALID_IMAGE
+        ) from None
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's live state, owned by the event loop."""
+
+    id: str
+    spec: JobSpec
+    requester: str
+    created_at: float = field(default_factory=time.time)
+    state: JobState = JobState.QUEUED
+    step: int = 0
+    total_steps: int = 0
+    images: list[ImageResult] = field(default_factory=list)
+    pngs: list[bytes] = field(default_factory=list)
+    error: ApiError | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    subscribers: set[asyncio.Queue] = field(default_factory=set)
+
+    @property
+    def count(self) -> int:
+        return self.spec.count
+
+    @property
+    def batch_key(self) -> tuple:
+        return self.spec.batch_key
+
+    def status(self, position: int = 0, preview: str | None = None) -> JobStatus:
+        return JobStatus(
+            id=self.id,
+            state=self.state,
+            position=position,
+            step=self.step,
+            total_steps=self.total_steps,
+            images=tuple(self.images),
+            adapters=tuple(
+                ResolvedAdapter(a.file.name, a.file.version, a.weight, a.file.sha256) for a in self.spec.adapters
+            ),
+            parameters=self.spec.parameters(),
+            error=self.error,
+            preview=preview,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+        )

@@ -1,0 +1,55 @@
+"""Counters behind `GET /metrics`, rendered in the Prometheus text format.
+
+Updated only on the event loop (the worker's reports arrive there), so no locking is needed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+# Seconds per denoising step (one pipeline step for the whole batch).
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+OUTCOMES = ("done", "failed", "cancelled")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.outcomes: Counter[str] = Counter({outcome: 0 for outcome in OUTCOMES})
+        self.images = 0
+        self.refused = 0
+        self.step_buckets = [0] * len(STEP_BUCKETS)
+        self.step_count = 0
+        self.step_sum = 0.0
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_count += 1
+        self.step_sum += seconds
+        for i, bound in enumerate(STEP_BUCKETS):
+            if seconds <= bound:
+                self.step_buckets[i] += 1
+
+    def render(self, queue_depth: int, paused: bool) -> str:
+        lines = [
+            "# HELP loraloop_queue_depth Jobs waiting to start.",
+            "# TYPE loraloop_queue_depth gauge",
+            f"loraloop_queue_depth {queue_depth}",
+            "# HELP loraloop_queue_paused 1 while the queue is paused.",
+            "# TYPE loraloop_queue_paused gauge",
+            f"loraloop_queue_paused {int(paused)}",
+            "# HELP loraloop_jobs_total Finished jobs by outcome.",
+            "# TYPE loraloop_jobs_total counter",
+            *(f'loraloop_jobs_total{{outcome="{o}"}} {self.outcomes[o]}' for o in OUTCOMES),
+            "# HELP loraloop_jobs_refused_total Jobs refused because the queue or a requester was full.",
+            "# TYPE loraloop_jobs_refused_total counter",
+            f"loraloop_jobs_refused_total {self.refused}",
+            "# HELP loraloop_images_total Images generated.",
+            "# TYPE loraloop_images_total counter",
+            f"loraloop_images_total {self.images}",
+            "# HELP loraloop_step_seconds Time per denoising step of a batch.",
+            "# TYPE loraloop_step_seconds histogram",
+            *(f'loraloop_step_seconds_bucket{{le="{b}"}} {n}' for b, n in zip(STEP_BUCKETS, self.step_buckets)),
+            f'loraloop_step_seconds_bucket{{le="+Inf"}} {self.step_count}',
+            f"loraloop_step_seconds_sum {self.step_sum:.6f}",
+            f"loraloop_step_seconds_count {self.step_count}",
+        ]
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,182 @@
+"""Loading the diffusion model, and the small torch helpers the worker needs around it.
+
+    load_model("tiny", "auto", data_dir)                         # the offline test model
+    load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", "auto", data_dir)
+    load_model("/models/sdxl.safetensors", "cuda", data_dir)     # a single-file checkpoint
+
+SD 1.x, 2.x and SDXL are supported. fp16 on CUDA, fp32 on the CPU (half precision on the CPU is
+slow and poorly supported). Only the worker thread calls into what this returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PICKLE_CHECKPOINT_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+
+class ModelLoadError(Exception):
+    """The configured model cannot be loaded; the message says what to change."""
+
+
+@dataclass
+class LoadedModel:
+    name: str  # as configured ("tiny", a hub id, a path)
+    txt2img: Any
+    img2img: Any
+    device: str
+    dtype: Any
+    native_size: int  # the model's training resolution: 64 tiny, 512 SD 1.5, 768 SD 2.x, 1024 SDXL
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device = {requested!r} but no CUDA GPU is visible; use 'auto' or 'cpu'.")
+    return requested
+
+
+def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
+    """Load txt2img and img2img pipelines (sharing weights) onto the device."""
+    import torch
+    from diffusers import (
+        AutoPipelineForImage2Image,
+        DiffusionPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    device = pick_device(device)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    source: str | Path = model
+    if model == "tiny":
+        from loraloop.tiny import tiny_model_path
+
+        source = tiny_model_path(data_dir)
+    path = Path(str(source)).expanduser()
+    try:
+        if path.suffix.lower() in PICKLE_CHECKPOINT_SUFFIXES:
+            raise ModelLoadError(
+                f"{path}: pickle checkpoints can run code when loaded; use a .safetensors file."
+            )
+        if path.suffix.lower() == ".safetensors":
+            if not path.is_file():
+                raise ModelLoadError(f"{path}: no such checkpoint file.")
+            cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
+            pipe = cls.from_single_file(str(path), torch_dtype=dtype)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(str(source), torch_dtype=dtype, use_safetensors=True)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(
+            f"Cannot load model {model!r}: {exc}. Use a diffusers model id, a local diffusers "
+            "directory, a .safetensors checkpoint, or 'tiny'."
+        ) from exc
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise ModelLoadError(
+            f"{model!r} is a {type(pipe).__name__}; the service runs Stable Diffusion 1.x, 2.x and SDXL."
+        )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    make_batch_invariant(pipe)
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    log.info("model %s loaded on %s (%s), native size %d", model, device, dtype, native)
+    return LoadedModel(model, pipe, img2img, device, dtype, native)
+
+
+def _is_sdxl_checkpoint(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return any(key.startswith("conditioner.embedders.1") for key in handle.keys())
+
+
+def make_scheduler(name: str, base_config: Any) -> Any:
+    """A fresh scheduler of the named kind, from the model's own scheduler config."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        LCMScheduler,
+    )
+
+    if name == "dpmpp_2m":
+        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler.from_config(base_config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(base_config)
+    if name == "lcm":
+        return LCMScheduler.from_config(base_config)
+    raise ValueError(f"unknown scheduler {name!r}")
+
+
+def make_batch_invariant(pipe: Any) -> None:
+    """Make each image's pixels independent of which batch it ran in (on the CPU; see below).
+
+    Two things make a row's result depend on its batch: linear layers on 2-D inputs (the
+    timestep embedding: (B, C)) where BLAS picks a different kernel for each B, and the VAE
+    decoding the whole batch at once. The first runs row by row here (tiny vectors, no cost
+    worth measuring); the second is the VAE's slicing mode (one image at a time, the same
+    arithmetic solo or batched; a small cost next to the denoising steps).
+    """
+    import torch
+
+    pipe.vae.enable_slicing()
+    modules = [pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    for module in modules:
+        if module is None:
+            continue
+        for layer in module.modules():
+            if type(layer) is torch.nn.Linear:
+                layer.__class__ = RowwiseLinear
+
+
+def _rowwise_linear_class() -> type:
+    import torch
+    import torch.nn.functional as F
+
+    class RowwiseLinear(torch.nn.Linear):
+        """nn.Linear that runs a (B, C) input one row at a time, so no row sees the batch size."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 2 and x.shape[0] > 1:
+                return torch.cat([F.linear(row, self.weight, self.bias) for row in x.split(1)])
+            return F.linear(x, self.weight, self.bias)
+
+    return RowwiseLinear
+
+
+RowwiseLinear = _rowwise_linear_class()
+
+# SD 1.x/2.x latent channels -> RGB, a linear fit good enough for a thumbnail (no VAE decode).
+LATENT_RGB = (
+    (0.298, 0.207, 0.208),
+    (0.187, 0.286, 0.173),
+    (-0.158, 0.189, 0.264),
+    (-0.184, -0.271, -0.473),
+)
+
+
+def latent_preview(latents: Any, max_side: int = 128) -> "Any":
+    """A small PIL preview of one (4, h, w) latent, made without running the VAE."""
+    import torch
+    from PIL import Image
+
+    factors = torch.tensor(LATENT_RGB, dtype=torch.float32)
+    rgb = torch.einsum("chw,cr->hwr", latents.detach().float().cpu(), factors)  # (h, w, 3)
+    pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels, "RGB")
+    image.thumbnail((max_side, max_side))
+    return image

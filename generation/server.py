@@ -1,0 +1,466 @@
+"""The HTTP API of the generation service (aiohttp), and the bookkeeping of jobs on the loop.
+
+    app = create_app(config, Secrets.from_env())      # what `loraloop serve` runs
+    running = await start_service(config, secrets)    # the same on an ephemeral port (tests, bench)
+
+Routes (all JSON; errors are `{"error": {"code", "message"}}`; bearer token when
+LORALOOP_SERVICE_TOKEN is set, on everything but /healthz):
+
+    POST   /v1/jobs                   -> 202 {"id", "position"}
+    GET    /v1/jobs/{id}              -> JobStatus
+    GET    /v1/jobs/{id}/events       -> server-sent events, one JobStatus each, until it finishes
+    GET    /v1/jobs/{id}/images/{n}   -> image/png with a `parameters` text chunk
+    DELETE /v1/jobs/{id}              -> cancel: queued jobs are dropped, running ones stop at the next step
+    GET    /v1/adapters               -> [AdapterInfo]
+    POST   /v1/adapters/reload        -> [AdapterInfo]
+    POST   /v1/queue/pause | resume   -> Health (a paused queue accepts jobs but starts none)
+    GET    /healthz                   -> Health
+    GET    /metrics                   -> Prometheus text
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+from aiohttp import web
+
+from generation.adapters import AdapterCatalog, AdapterDirectory
+from generation.contract import (
+    ApiError,
+    ErrorCode,
+    Health,
+    ImageResult,
+    InvalidRequest,
+    JobAccepted,
+    JobRequest,
+    JobState,
+)
+from generation.jobs import Job, build_spec
+from generation.metrics import Metrics
+from generation.queue import FairQueue, QueueRefused
+from generation.worker import Worker
+from loraloop.config import Config, Secrets
+
+log = logging.getLogger(__name__)
+
+SERVICE_KEY: web.AppKey["GenerationService"] = web.AppKey("service")
+# Load balancers and supervisors probe health without the token.
+_OPEN_ENDPOINTS = {"/healthz"}
+
+STATUS_FOR_CODE = {
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.UNKNOWN_ADAPTER: 400,
+    ErrorCode.UNKNOWN_SCHEDULER: 400,
+    ErrorCode.INVALID_IMAGE: 400,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.QUEUE_FULL: 429,
+    ErrorCode.REQUESTER_LIMIT: 429,
+}
+
+
+class ServiceFailure(Exception):
+    """An expected failure with an HTTP status; becomes the JSON error body."""
+
+    def __init__(self, code: ErrorCode, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status or STATUS_FOR_CODE.get(code, 500)
+
+
+def error_response(code: ErrorCode | str, message: str, status: int) -> web.Response:
+    code_value = code.value if isinstance(code, ErrorCode) else code
+    return web.json_response(ApiError(code_value, message).to_dict(), status=status)
+
+
+class GenerationService:
+    """Jobs by id, the fair queue, the worker, the adapter catalog and the metrics, on one loop."""
+
+    def __init__(self, config: Config, secrets: Secrets) -> None:
+        self.config = config
+        self.settings = config.service
+        self.token = secrets.service_token
+        self.queue = FairQueue(self.settings.max_queue, self.settings.max_per_requester)
+        self.adapter_dir = AdapterDirectory(config.adapters_dir)
+        self.catalog = AdapterCatalog({})
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.metrics = Metrics()
+        self.worker: Worker | None = None
+        self._reload_lock = asyncio.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.config.adapters_dir.mkdir(parents=True, exist_ok=True)
+        await self.reload_adapters()
+        self.worker = Worker(
+            model=self.settings.model,
+            device=self.settings.device,
+            data_dir=self.config.data_dir,
+            queue=self.queue,
+            sink=self,
+            loop=loop,
+            max_batch=self.settings.max_batch,
+            batch_wait=self.settings.batch_wait_ms / 1000,
+            preview_every=self.settings.preview_every,
+        )
+        await self.worker.start()
+
+    async def stop(self) -> None:
+        for job in list(self.jobs.values()):
+            if not job.state.finished:
+                job.cancel_requested.set()
+        if self.worker is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
+
+    @property
+    def native_size(self) -> int:
+        return self.worker.model.native_size if self.worker and self.worker.model else 512
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def submit(self, request: JobRequest) -> JobAccepted:
+        loop = asyncio.get_running_loop()
+        # Decoding an init image is CPU work: off the loop.
+        spec = await loop.run_in_executor(None, build_spec, request, self.settings, self.catalog, self.native_size)
+        job = Job(id=uuid.uuid4().hex, spec=spec, requester=request.requester)
+        try:
+            position = self.queue.put(job)
+        except QueueRefused as exc:
+            self.metrics.refused += 1
+            raise ServiceFailure(exc.code, exc.message) from None
+        self.jobs[job.id] = job
+        self._forget_old_jobs()
+        log.info("job %s: queued at position %d for %r (%d image(s), %s)", job.id, position,
+                 job.requester or "anonymous", job.count, spec.mode)
+        return JobAccepted(id=job.id, position=position)
+
+    def job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ServiceFailure(ErrorCode.NOT_FOUND, f"No job {job_id!r}: it never existed or has expired.")
+        return job
+
+    def position(self, job: Job) -> int:
+        if job.state is not JobState.QUEUED:
+            return 0
+        order = self.queue.order()
+        return order.index(job) if job in order else 0
+
+    def cancel(self, job: Job) -> None:
+        if job.state.finished:
+            return
+        job.cancel_requested.set()
+        if self.queue.remove(job):
+            self._finish(job, JobState.CANCELLED)
+            log.info("job %s: cancelled while queued", job.id)
+        else:
+            log.info("job %s: cancel requested; it stops at the next step", job.id)
+
+    async def reload_adapters(self) -> AdapterCatalog:
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            self.catalog = await loop.run_in_executor(None, self.adapter_dir.scan)
+        if self.worker is not None:
+            self.worker.forget_adapters_except({f.sha256 for f in self.catalog.files()})
+        log.info("adapters: %d available (%s)", len(self.catalog.files()), ", ".join(self.catalog.names()) or "none")
+        return self.catalog
+
+    def health(self) -> Health:
+        return Health(
+            status="ok",
+            model=self.settings.model,
+            device=self.worker.device if self.worker else "loading",
+            queue_depth=self.queue.depth(),
+            paused=self.queue.paused,
+        )
+
+    # -- the worker's reports (JobSink), on the loop -----------------------------------------
+
+    def on_started(self, jobs: Sequence[Job], total_steps: int) -> None:
+        for job in jobs:
+            if job.state.finished:
+                continue
+            job.state = JobState.RUNNING
+            job.started_at = _now()
+            job.total_steps = total_steps
+            self._publish(job)
+        self._publish_positions()
+
+    def on_progress(self, jobs: Sequence[Job], step: int, previews: dict[str, str], step_seconds: float) -> None:
+        self.metrics.observe_step(step_seconds)
+        for job in jobs:
+            if job.state is JobState.RUNNING:
+                job.step = step
+                self._publish(job, previews.get(job.id))
+
+    def on_finished(self, job: Job, images: list[ImageResult], pngs: list[bytes]) -> None:
+        if job.state.finished:
+            return
+        job.images, job.pngs = images, pngs
+        job.step = job.total_steps
+        self.metrics.images += len(pngs)
+        self._finish(job, JobState.DONE)
+        log.info("job %s: done, %d image(s)", job.id, len(pngs))
+
+    def on_cancelled(self, job: Job) -> None:
+        if not job.state.finished:
+            self._finish(job, JobState.CANCELLED)
+            log.info("job %s: cancelled", job.id)
+
+    def on_failed(self, job: Job, error: ApiError) -> None:
+        if not job.state.finished:
+            job.error = error
+            self._finish(job, JobState.FAILED)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _finish(self, job: Job, state: JobState) -> None:
+        job.state = state
+        job.finished_at = _now()
+        self.metrics.outcomes[state.value] += 1
+        self._publish(job)
+        self._publish_positions()
+
+    def _publish(self, job: Job, preview: str | None = None) -> None:
+        if not job.subscribers:
+            return
+        status = job.status(self.position(job), preview)
+        for subscriber in job.subscribers:
+            subscriber.put_nowait(status)
+
+    def _publish_positions(self) -> None:
+        for position, job in enumerate(self.queue.order()):
+            if job.subscribers:
+                status = job.status(position)
+                for subscriber in job.subscribers:
+                    subscriber.put_nowait(status)
+
+    def _forget_old_jobs(self) -> None:
+        finished = [job_id for job_id, job in self.jobs.items() if job.state.finished]
+        for job_id in finished[: max(0, len(finished) - self.settings.keep_finished)]:
+            del self.jobs[job_id]
+
+
+def _now() -> float:
+    return time.time()
+
+
+# -- HTTP ----------------------------------------------------------------------------------
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    service = request.app[SERVICE_KEY]
+    if service.token and request.path not in _OPEN_ENDPOINTS:
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), service.token.encode()):
+            return error_response(
+                ErrorCode.UNAUTHORIZED,
+                "Missing or wrong token: send 'Authorization: Bearer <LORALOOP_SERVICE_TOKEN>'.",
+                401,
+            )
+    try:
+        return await handler(request)
+    except InvalidRequest as exc:
+        return error_response(exc.code, exc.message, STATUS_FOR_CODE.get(exc.code, 400))
+    except ServiceFailure as exc:
+        return error_response(exc.code, exc.message, exc.status)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"The request body is over the {service.settings.max_body_bytes}-byte limit; "
+            "send a smaller init image.",
+            413,
+        )
+    except web.HTTPNotFound:
+        return error_response(ErrorCode.NOT_FOUND, f"No such endpoint: {request.method} {request.path}.", 404)
+    except web.HTTPMethodNotAllowed as exc:
+        return error_response(
+            ErrorCode.INVALID_REQUEST,
+            f"{request.method} is not allowed on {request.path}; use {', '.join(sorted(exc.allowed_methods))}.",
+            405,
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(ErrorCode.INVALID_REQUEST, exc.reason, exc.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        reference = uuid.uuid4().hex[:8]
+        log.exception("internal error %s on %s %s", reference, request.method, request.path)
+        return error_response(ErrorCode.INTERNAL, f"Internal error (reference {reference}); see the service log.", 500)
+
+
+routes = web.RouteTableDef()
+
+
+def _service(request: web.Request) -> GenerationService:
+    return request.app[SERVICE_KEY]
+
+
+@routes.post("/v1/jobs")
+async def submit_job(request: web.Request) -> web.Response:
+    if request.content_type != "application/json":
+        raise ServiceFailure(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"Send JSON with 'Content-Type: application/json' (got {request.content_type!r}).",
+        )
+    body = await request.read()
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"The body is not valid JSON ({exc}).") from None
+    accepted = await _service(request).submit(JobRequest.from_dict(data))
+    return web.json_response(accepted.to_dict(), status=202)
+
+
+@routes.get("/v1/jobs/{id}")
+async def job_status(request: web.Request) -> web.Response:
+    service = _service(request)
+    job = service.job(request.match_info["id"])
+    return web.json_response(job.status(service.position(job)).to_dict())
+
+
+@routes.get("/v1/jobs/{id}/events")
+async def job_events(request: web.Request) -> web.StreamResponse:
+    service = _service(request)
+    job = service.job(request.match_info["id"])
+    updates: asyncio.Queue = asyncio.Queue()
+    job.subscribers.add(updates)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    try:
+        status = job.status(service.position(job))
+        while True:
+            await response.write(f"data: {json.dumps(status.to_dict())}\n\n".encode())
+            if status.state.finished:
+                break
+            status = await updates.get()
+    finally:
+        job.subscribers.discard(updates)
+    await response.write_eof()
+    return response
+
+
+@routes.get("/v1/jobs/{id}/images/{index}")
+async def job_image(request: web.Request) -> web.Response:
+    job = _service(request).job(request.match_info["id"])
+    raw_index = request.match_info["index"]
+    if job.state is not JobState.DONE:
+        raise ServiceFailure(ErrorCode.NOT_FOUND, f"Job {job.id} has no images: it is {job.state.value}.")
+    if not raw_index.isdigit() or int(raw_index) >= len(job.pngs):
+        raise ServiceFailure(
+            ErrorCode.NOT_FOUND, f"Job {job.id} has images 0 to {len(job.pngs) - 1}; there is no {raw_index!r}."
+        )
+    return web.Response(body=job.pngs[int(raw_index)], content_type="image/png")
+
+
+@routes.delete("/v1/jobs/{id}")
+async def cancel_job(request: web.Request) -> web.Response:
+    service = _service(request)
+    job = service.job(request.match_info["id"])
+    service.cancel(job)
+    return web.json_response(job.status(service.position(job)).to_dict())
+
+
+@routes.get("/v1/adapters")
+async def list_adapters(request: web.Request) -> web.Response:
+    return web.json_response([f.info().to_dict() for f in _service(request).catalog.files()])
+
+
+@routes.post("/v1/adapters/reload")
+async def reload_adapters(request: web.Request) -> web.Response:
+    catalog = await _service(request).reload_adapters()
+    return web.json_response([f.info().to_dict() for f in catalog.files()])
+
+
+@routes.post("/v1/queue/pause")
+async def pause_queue(request: web.Request) -> web.Response:
+    service = _service(request)
+    service.queue.pause()
+    log.info("queue paused")
+    return web.json_response(service.health().to_dict())
+
+
+@routes.post("/v1/queue/resume")
+async def resume_queue(request: web.Request) -> web.Response:
+    service = _service(request)
+    service.queue.resume()
+    log.info("queue resumed")
+    return web.json_response(service.health().to_dict())
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response(_service(request).health().to_dict())
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    service = _service(request)
+    text = service.metrics.render(queue_depth=service.queue.depth(), paused=service.queue.paused)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+def create_app(config: Config, secrets: Secrets) -> web.Application:
+    """The service as an aiohttp app; the model loads in its startup hook (on the worker thread)."""
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=config.service.max_body_bytes)
+    service = GenerationService(config, secrets)
+    app[SERVICE_KEY] = service
+    app.add_routes(routes)
+
+    async def start(app: web.Application) -> None:
+        await service.start()
+
+    async def stop(app: web.Application) -> None:
+        await service.stop()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+    return app
+
+
+@dataclass
+class RunningService:
+    """A started service on a real socket: `url` to reach it, `app` and `service` to look inside."""
+
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def service(self) -> GenerationService:
+        return self.app[SERVICE_KEY]
+
+    @property
+    def adapters_dir(self) -> Any:
+        return self.service.config.adapters_dir
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_service(config: Config, secrets: Secrets, host: str = "127.0.0.1", port: int = 0) -> RunningService:
+    """Start the service on host:port (0: an ephemeral port) and return once it serves."""
+    app = create_app(config, secrets)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_host, bound_port = runner.addresses[0][:2]
+    return RunningService(url=f"http://{bound_host}:{bound_port}", app=app, runner=runner)

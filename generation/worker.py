@@ -1,0 +1,263 @@
+"""The one thread that touches torch: it loads the model, takes batches from the fair queue and
+runs them, and reports every change back to the event loop with `call_soon_threadsafe`.
+
+Nothing else in the service imports torch, so an HTTP handler can never block on the GPU.
+
+Per-image seeds: each image gets its own CPU `torch.Generator`, so image i of a batch starts from
+the same noise as it would alone; `pipeline.make_batch_invariant` takes care of the arithmetic.
+A job asking for more images than `max_batch` runs alone, in consecutive chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from generation.contract import ApiError, ErrorCode, ImageResult
+from generation.jobs import AppliedAdapter, Job
+from generation.pngmeta import ImageParameters, encode_png
+from generation.queue import FairQueue
+
+log = logging.getLogger(__name__)
+
+
+class JobSink(Protocol):
+    """The loop-side receiver of the worker's reports (all called on the event loop)."""
+
+    def on_started(self, jobs: Sequence[Job], total_steps: int) -> None: ...
+    def on_progress(self, jobs: Sequence[Job], step: int, previews: dict[str, str], step_seconds: float) -> None: ...
+    def on_finished(self, job: Job, images: list[ImageResult], pngs: list[bytes]) -> None: ...
+    def on_cancelled(self, job: Job) -> None: ...
+    def on_failed(self, job: Job, error: ApiError) -> None: ...
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        model: str,
+        device: str,
+        data_dir: Path,
+        queue: FairQueue,
+        sink: JobSink,
+        loop: asyncio.AbstractEventLoop,
+        max_batch: int,
+        batch_wait: float,
+        preview_every: int,
+    ) -> None:
+        self.model_name = model
+        self.requested_device = device
+        self.data_dir = data_dir
+        self.queue = queue
+        self.sink = sink
+        self.loop = loop
+        self.max_batch = max_batch
+        self.batch_wait = batch_wait
+        self.preview_every = preview_every
+        self.model: Any = None
+        self.device = "loading"
+        self._loaded_adapters: dict[str, str] = {}  # sha256 -> peft adapter name
+        self._wanted_shas: set[str] | None = None
+        self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
+        self._ready: asyncio.Future = loop.create_future()
+
+    async def start(self) -> None:
+        """Start the thread and wait until the model is loaded (raises what loading raised)."""
+        self._thread.start()
+        await self._ready
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the thread to exit after the current batch, and wait for it (blocking)."""
+        self.queue.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def forget_adapters_except(self, sha256s: set[str]) -> None:
+        """After a reload: unload adapters no longer in the directory, at the next batch."""
+        self._wanted_shas = set(sha256s)
+
+    # -- on the worker thread --------------------------------------------------------------
+
+    def _report(self, callback: Any, *args: Any) -> None:
+        self.loop.call_soon_threadsafe(callback, *args)
+
+    def _run(self) -> None:
+        from generation.pipeline import load_model
+
+        try:
+            self.model = load_model(self.model_name, self.requested_device, self.data_dir)
+            self.device = self.model.device
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, which raises it at start
+            self._report(_settle, self._ready, exc)
+            return
+        self._report(_settle, self._ready, None)
+        while True:
+            batch = self.queue.take_batch(self.max_batch, self.batch_wait)
+            if batch is None:
+                return
+            try:
+                self._run_batch(batch)
+            finally:
+                for job in batch:
+                    self.queue.done(job)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        live = []
+        for job in jobs:
+            if job.cancel_requested.is_set():
+                self._report(self.sink.on_cancelled, job)
+            else:
+                live.append(job)
+        if not live:
+            return
+        spec = live[0].spec
+        # (job, seed index) per image; a lone job over max_batch runs in chunks.
+        items = [(job, i) for job in live for i in range(job.count)]
+        chunks = [items[start:start + self.max_batch] for start in range(0, len(items), self.max_batch)]
+        per_chunk = spec.denoising_steps
+        total = per_chunk * len(chunks)
+        ids = ",".join(job.id for job in live)
+        log.info("jobs %s: running %d image(s) in %d call(s), %s", ids, len(items), len(chunks), spec.mode)
+        self._report(self.sink.on_started, live, total)
+        try:
+            self._prune_adapters()
+            self._apply_adapters(spec.adapters)
+            pipe = self.model.txt2img if spec.init_image is None else self.model.img2img
+            images: dict[tuple[str, int], Any] = {}
+            for number, chunk in enumerate(chunks):
+                outputs = self._call_pipeline(pipe, live, chunk, number * per_chunk, total)
+                for (job, index), image in zip(chunk, outputs):
+                    images[(job.id, index)] = image
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the worker
+            log.exception("jobs %s: generation failed", ids)
+            error = ApiError(ErrorCode.GENERATION_FAILED.value, f"Generation failed: {exc}")
+            for job in live:
+                self._report(self.sink.on_failed, job, error)
+            return
+        for job in live:
+            if job.cancel_requested.is_set():
+                self._report(self.sink.on_cancelled, job)
+                continue
+            results, pngs = [], []
+            for index in range(job.count):
+                png = encode_png(images[(job.id, index)], self._parameters(job, index))
+                pngs.append(png)
+                results.append(ImageResult(index, job.spec.seeds[index], job.spec.width, job.spec.height,
+                                           hashlib.sha256(png).hexdigest()))
+            self._report(self.sink.on_finished, job, results, pngs)
+
+    def _call_pipeline(self, pipe: Any, live: list[Job], chunk: list[tuple[Job, int]], done_before: int,
+                       total: int) -> list[Any]:
+        import torch
+
+        from generation.pipeline import latent_preview, make_scheduler
+
+        spec = chunk[0][0].spec
+        pipe.scheduler = make_scheduler(spec.scheduler, self.model.txt2img.scheduler.config)
+        last = time.perf_counter()
+
+        def on_step_end(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal last
+            now = time.perf_counter()
+            seconds, last = now - last, now
+            previews: dict[str, str] = {}
+            if self.preview_every and (step + 1) % self.preview_every == 0:
+                latents = kwargs["latents"]  # (B, 4, H/8, W/8); B = images in this chunk
+                for row, (job, _) in enumerate(chunk):
+                    if job.id not in previews:  # one thumbnail per job: its first image in this chunk
+                        previews[job.id] = _png_base64(latent_preview(latents[row]))
+            self._report(self.sink.on_progress, live, done_before + step + 1, previews, seconds)
+            if all(job.cancel_requested.is_set() for job, _ in chunk):
+                pipeline._interrupt = True  # diffusers skips the remaining steps
+            return kwargs
+
+        arguments: dict[str, Any] = dict(
+            prompt=[job.spec.prompt for job, _ in chunk],
+            negative_prompt=[job.spec.negative_prompt for job, _ in chunk],
+            num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance,
+            generator=[torch.Generator("cpu").manual_seed(job.spec.seeds[i]) for job, i in chunk],
+            callback_on_step_end=on_step_end,
+            output_type="pil",
+        )
+        if spec.init_image is None:
+            arguments.update(width=spec.width, height=spec.height)
+        else:
+            arguments.update(image=[job.spec.init_image for job, _ in chunk], strength=spec.strength)
+        with torch.inference_mode():
+            return list(pipe(**arguments).images)
+
+    def _apply_adapters(self, adapters: tuple[AppliedAdapter, ...]) -> None:
+        pipe = self.model.txt2img
+        names = []
+        for adapter in adapters:
+            sha = adapter.file.sha256
+            if sha not in self._loaded_adapters:
+                name = f"lora_{sha[:16]}"
+                try:
+                    pipe.load_lora_weights(str(adapter.file.path), adapter_name=name)
+                except Exception as exc:
+                    if name in _adapter_names(pipe):
+                        pipe.delete_adapters(name)
+                    raise RuntimeError(
+                        f"adapter {adapter.file.label} does not fit this model ({exc})"
+                    ) from exc
+                self._loaded_adapters[sha] = name
+                log.info("adapter %s loaded (%s)", adapter.file.label, sha[:12])
+            names.append(self._loaded_adapters[sha])
+        if names:
+            pipe.enable_lora()
+            pipe.set_adapters(names, adapter_weights=[a.weight for a in adapters])
+        elif self._loaded_adapters:
+            pipe.disable_lora()
+
+    def _prune_adapters(self) -> None:
+        wanted, self._wanted_shas = self._wanted_shas, None
+        if wanted is None:
+            return
+        stale = [sha for sha in self._loaded_adapters if sha not in wanted]
+        if stale:
+            self.model.txt2img.delete_adapters([self._loaded_adapters.pop(sha) for sha in stale])
+            log.info("unloaded %d adapter(s) no longer in the adapters directory", len(stale))
+
+    def _parameters(self, job: Job, index: int) -> ImageParameters:
+        spec = job.spec
+        return ImageParameters(
+            prompt=spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            steps=spec.steps,
+            guidance=spec.guidance,
+            seed=spec.seeds[index],
+            width=spec.width,
+            height=spec.height,
+            scheduler=spec.scheduler,
+            model=self.model_name if self.model_name == "tiny" else Path(self.model_name).name,
+            adapters=tuple((a.requested_name, a.weight, a.file.sha256) for a in spec.adapters),
+            strength=spec.strength,
+        )
+
+
+def _adapter_names(pipe: Any) -> set[str]:
+    return {name for names in pipe.get_list_adapters().values() for name in names}
+
+
+def _png_base64(image: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
