@@ -279,6 +279,8 @@ class DatasetConfig:
     max_download_bytes: int = 20_000_000
     download_concurrency: int = 8
     download_timeout_s: float = 30.0
+    # Processes decoding and resizing images during import; 0: one per CPU core.
+    import_workers: int = 0
     # `loraloop dataset caption`: a BLIP model id, a local directory, or "tiny".
     caption_model: str = "Salesforce/blip-image-captioning-large"
     caption_batch_size: int = 8
@@ -296,6 +298,7 @@ class DatasetConfig:
         _require(self.max_download_bytes >= 1, "max_download_bytes", "must be at least 1")
         _require(self.download_concurrency >= 1, "download_concurrency", "must be at least 1")
         _require(self.download_timeout_s > 0, "download_timeout_s", "must be positive")
+        _require(self.import_workers >= 0, "import_workers", "must be 0 (one per CPU core) or more")
         _require(self.caption_model.strip() != "", "caption_model", "must name a model id, a path or 'tiny'")
         _require(self.caption_batch_size >= 1, "caption_batch_size", "must be at least 1")
         _require(1 <= self.caption_min_new_tokens <= self.caption_max_new_tokens, "caption_min_new_tokens",

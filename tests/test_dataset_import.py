@@ -48,7 +48,8 @@ def png_bytes(image: Image.Image) -> bytes:
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "config.toml"
-    path.write_text(f"[training]\nresolution = {RESOLUTION}\n\n[dataset]\nmin_image_size = 48\n")
+    # One worker: tests stay in-process; test_several_workers_give_the_same_dataset covers the pool.
+    path.write_text(f"[training]\nresolution = {RESOLUTION}\n\n[dataset]\nmin_image_size = 48\nimport_workers = 1\n")
     return path
 
 
@@ -380,3 +381,25 @@ def test_the_resolution_flag_overrides_the_config_and_is_validated(tmp_path, con
     assert report["resolution"] == 96
     with Image.open(tmp_path / "out" / rows[0]["file_name"]) as image:
         assert image.size == (96, 96)
+
+
+def test_several_workers_give_the_same_dataset_as_one(tmp_path, config_file):
+    src = tmp_path / "pictures"
+    src.mkdir()
+    for seed in range(6):
+        picture(seed).save(src / f"{seed}.png")
+        (src / f"{seed}.txt").write_text(f"picture {seed}")
+    shutil.copy(src / "0.png", src / "0-copy.png")
+    picture(1).resize((90, 75)).save(src / "1-small.jpg", quality=80)
+    (src / "broken.png").write_bytes(b"nope")
+
+    serial = run_import(config_file, src, tmp_path / "serial", "--workers", "1")
+    parallel = run_import(config_file, src, tmp_path / "parallel", "--workers", "2")
+
+    assert serial.exit_code == 0 and parallel.exit_code == 0, serial.output + parallel.output
+    serial_report, parallel_report = (read_dataset(tmp_path / name)[1] for name in ("serial", "parallel"))
+    assert parallel_report["kept"] == serial_report["kept"]
+    assert parallel_report["dropped"] == serial_report["dropped"]
+    assert serial_report["dropped_by_reason"] == {"duplicate": 1, "near_duplicate": 1, "unreadable": 1}
+    for row in serial_report["kept"]:
+        assert (tmp_path / "serial" / row["file_name"]).read_bytes() == (tmp_path / "parallel" / row["file_name"]).read_bytes()

@@ -25,10 +25,11 @@ def dataset() -> None:
 @click.option("--min-size", type=click.IntRange(min=1), help="Drop images whose shorter side is smaller.")
 @click.option("--image-column", help="CSV column with the image path or URL ([dataset] csv_image_column).")
 @click.option("--caption-column", help="CSV column with the caption ([dataset] csv_caption_column).")
+@click.option("--workers", type=click.IntRange(min=0), help="Processes resizing images; 0: one per core ([dataset] import_workers).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 @pass_app
-def import_(app: AppContext, src: Path, out: Path, source_format: str, resolution: int | None,
-            min_size: int | None, image_column: str | None, caption_column: str | None, no_progress: bool) -> None:
+def import_(app: AppContext, src: Path, out: Path, source_format: str, resolution: int | None, min_size: int | None,
+            image_column: str | None, caption_column: str | None, workers: int | None, no_progress: bool) -> None:
     """Import pictures from SRC into a training dataset folder OUT.
 
     SRC is a folder of images with .txt captions, a folder with metadata.jsonl, DreamBooth
@@ -45,7 +46,8 @@ def import_(app: AppContext, src: Path, out: Path, source_format: str, resolutio
     from training.importer import DatasetError, import_dataset, settings_from_config
 
     overrides = {k: v for k, v in {"min_image_size": min_size, "csv_image_column": image_column,
-                                   "csv_caption_column": caption_column}.items() if v is not None}
+                                   "csv_caption_column": caption_column, "import_workers": workers}.items()
+                 if v is not None}
     try:
         config = app.config.replace("dataset", **overrides) if overrides else app.config
         if resolution is not None:

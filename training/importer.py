@@ -21,23 +21,26 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import hashlib
 import io
 import json
 import logging
-import re
+import multiprocessing
 import os
+import re
 import shutil
 import warnings
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import aiohttp
 import imagehash
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from loraloop import __version__
@@ -87,6 +90,7 @@ class ImportSettings:
     download_timeout_s: float = 30.0
     csv_image_column: str = "image"
     csv_caption_column: str = "caption"
+    workers: int = 0  # processes decoding and resizing; 0: one per CPU core
 
 
 @dataclass
@@ -492,6 +496,54 @@ def _write_json_lines(path: Path, rows: Iterable[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+@dataclass(frozen=True)
+class Processed:
+    """What a worker learned about one file: its hash, and either a drop reason or the PNG to keep."""
+
+    sha256: str | None = None
+    drop: tuple[str, str] | None = None  # (reason, detail)
+    fingerprint: int = 0
+    png: bytes = b""
+
+
+def process_file(path: Path, resolution: int, min_image_size: int) -> Processed:
+    """Read, hash and normalise one file; pure, so it runs the same inline or in a worker process."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return Processed(drop=(UNREADABLE, exc.strerror or str(exc)))
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        image, (width, height) = open_normalised(data, resolution)
+    except UnidentifiedImageError:
+        return Processed(sha256=sha256, drop=(UNREADABLE, "not in an image format PIL knows"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL signals damaged files with any of these, depending on the codec.
+        detail = f"damaged or too large ({type(exc).__name__}: {exc})"[:200]
+        return Processed(sha256=sha256, drop=(UNREADABLE, detail))
+    if min(width, height) < min_image_size:
+        return Processed(sha256=sha256, drop=(TOO_SMALL, f"{width}x{height}, shorter side under {min_image_size}"))
+    buffer = io.BytesIO()
+    # zlib level 1: about 3x faster to write than the default 6 for ~20% more disk; training
+    # reads each file once into its latent cache, so speed wins here.
+    image.save(buffer, format="PNG", compress_level=1)
+    return Processed(sha256=sha256, fingerprint=int(perceptual_hash(image)), png=buffer.getvalue())
+
+
+def _process_all(files: list[Path], settings: ImportSettings) -> Iterator[Processed]:
+    """process_file over `files`, in order; on several processes when there is enough work."""
+    work = functools.partial(process_file, resolution=settings.resolution, min_image_size=settings.min_image_size)
+    workers = min(settings.workers or os.cpu_count() or 1, len(files))
+    if workers <= 1:
+        yield from map(work, files)
+        return
+    # spawn, not fork: the download step may leave resolver threads behind, and forking a
+    # process with threads can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(work, files, chunksize=4)
+
+
 def _build(candidates: list[Candidate], staging: Path, settings: ImportSettings, report: ImportReport, progress: bool) -> None:
     # Captions are checked first: a junk caption is dropped before its image is downloaded.
     wanted = []
@@ -512,43 +564,37 @@ def _build(candidates: list[Candidate], staging: Path, settings: ImportSettings,
         downloads_dir.mkdir()
         downloaded = asyncio.run(download_all(urls, downloads_dir, settings, progress))
 
+    files: list[tuple[Candidate, Path]] = []
+    for candidate in wanted:
+        fetched = downloaded[candidate.url] if candidate.url is not None else candidate.path
+        if isinstance(fetched, str):
+            report.drop(candidate, DOWNLOAD_FAILED, fetched)
+        else:
+            files.append((candidate, fetched))
+
+    # Decoding and resizing run in parallel; keeping or dropping is decided here, in source
+    # order, so the result does not depend on the number of workers.
     seen_sha256: dict[str, str] = {}
     near_duplicates = NearDuplicateIndex(settings.near_duplicate_distance)
-    for candidate in tqdm(wanted, desc="importing", unit="image", disable=not progress):
-        if candidate.url is not None:
-            fetched = downloaded[candidate.url]
-            if isinstance(fetched, str):
-                report.drop(candidate, DOWNLOAD_FAILED, fetched)
-                continue
-            file = fetched
-        else:
-            file = candidate.path
-        try:
-            data = file.read_bytes()
-        except OSError as exc:
-            report.drop(candidate, UNREADABLE, exc.strerror or str(exc))
+    results = _process_all([file for _, file in files], settings)
+    for (candidate, _), result in tqdm(
+        zip(files, results), total=len(files), desc="importing", unit="image", disable=not progress
+    ):
+        if result.sha256 is not None and result.sha256 in seen_sha256:
+            report.drop(candidate, DUPLICATE, f"same file as {seen_sha256[result.sha256]}")
             continue
-        sha256 = hashlib.sha256(data).hexdigest()
-        if sha256 in seen_sha256:
-            report.drop(candidate, DUPLICATE, f"same file as {seen_sha256[sha256]}")
+        if result.sha256 is not None:
+            seen_sha256[result.sha256] = candidate.origin
+        if result.drop is not None:
+            report.drop(candidate, *result.drop)
             continue
-        seen_sha256[sha256] = candidate.origin
-        try:
-            image, (width, height) = open_normalised(data, settings.resolution)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            # PIL signals corrupt files with any of these, depending on the codec.
-            report.drop(candidate, UNREADABLE, f"not an image PIL can read ({type(exc).__name__}: {exc})"[:200])
-            continue
-        if min(width, height) < settings.min_image_size:
-            report.drop(candidate, TOO_SMALL, f"{width}x{height}, shorter side under {settings.min_image_size}")
-            continue
-        fingerprint = perceptual_hash(image)
+        fingerprint = np.uint64(result.fingerprint)
         match = near_duplicates.closest(fingerprint)
         if match is not None:
             report.drop(candidate, NEAR_DUPLICATE, f"looks like {match[0]} (distance {match[1]})")
             continue
-        file_name = f"{sha256[:16]}.png"
-        image.save(staging / file_name)
+        file_name = f"{result.sha256[:16]}.png"
+        (staging / file_name).write_bytes(result.png)
         near_duplicates.add(fingerprint, candidate.origin)
         report.kept.append({"file_name": file_name, "text": candidate.caption or "", "source": candidate.origin})
     if downloads_dir.exists():
@@ -557,5 +603,15 @@ def _build(candidates: list[Candidate], staging: Path, settings: ImportSettings,
 
 def settings_from_config(dataset_config, resolution: int) -> ImportSettings:
     """ImportSettings from the [dataset] section plus the training resolution."""
-    keys = {f for f in ImportSettings.__dataclass_fields__} - {"resolution"}
-    return ImportSettings(resolution=resolution, **{k: getattr(dataset_config, k) for k in keys})
+    return ImportSettings(
+        resolution=resolution,
+        min_image_size=dataset_config.min_image_size,
+        min_caption_chars=dataset_config.min_caption_chars,
+        near_duplicate_distance=dataset_config.near_duplicate_distance,
+        max_download_bytes=dataset_config.max_download_bytes,
+        download_concurrency=dataset_config.download_concurrency,
+        download_timeout_s=dataset_config.download_timeout_s,
+        csv_image_column=dataset_config.csv_image_column,
+        csv_caption_column=dataset_config.csv_caption_column,
+        workers=dataset_config.import_workers,
+    )
