@@ -325,6 +325,8 @@ class CurationConfig:
     near_duplicate_distance: int = 4
     # dpo: at most this many pairs per prompt, clearest preferences first; 0 means no cap.
     max_pairs_per_prompt: int = 10
+    # Hard-link images from the store into the dataset (instant, no extra disk) instead of copying.
+    link_images: bool = True
 
     def __post_init__(self) -> None:
         _require(self.min_raters >= 1, "min_raters", "must be at least 1")

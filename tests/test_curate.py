@@ -138,10 +138,22 @@ def test_the_dataset_hash_names_the_content_and_is_written_down(world, tmp_path)
     assert json.loads((tmp_path / "one" / "report.json").read_text())["dataset_hash"] == first.dataset_hash
     with Image.open(tmp_path / "one" / "score_histogram.png") as histogram:
         assert histogram.format == "PNG" and histogram.width > 100
-    # Any change to an image changes the hash.
-    image = next((tmp_path / "two").glob("*.png"))
+    # Any change to an image changes the hash (a copy, so the store's original is untouched).
+    curate(world.store, tmp_path / "three", CurationSettings(link_images=False))
+    image = next((tmp_path / "three").glob("*.png"))
     image.write_bytes(png(999))
-    assert dataset_hash(tmp_path / "two") != first.dataset_hash
+    assert dataset_hash(tmp_path / "three") != first.dataset_hash
+
+
+def test_images_are_hard_linked_from_the_store_or_copied_when_asked(world, tmp_path):
+    image_id = world.image([1, 1])
+    stored = world.store.image_path(world.store.image(image_id))
+    curate(world.store, tmp_path / "linked", CurationSettings())
+    curate(world.store, tmp_path / "copied", CurationSettings(link_images=False))
+    name = world.store.image(image_id).sha256[:16] + ".png"
+    assert (tmp_path / "linked" / name).stat().st_ino == stored.stat().st_ino
+    assert (tmp_path / "copied" / name).stat().st_ino != stored.stat().st_ino
+    assert (tmp_path / "copied" / name).read_bytes() == stored.read_bytes()
 
 
 def test_self_votes_are_left_out_unless_asked_for(world, tmp_path):

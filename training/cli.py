@@ -117,11 +117,14 @@ def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, 
 @click.option("--near-duplicate-distance", type=click.IntRange(0, 32),
               help="Perceptual-hash bits under which images collapse ([curation] near_duplicate_distance).")
 @click.option("--max-pairs-per-prompt", type=click.IntRange(min=0), help="dpo: pairs per prompt, 0 for no cap.")
+@click.option("--link-images/--copy-images", default=None,
+              help="Hard-link images from the store, or copy them ([curation] link_images).")
 @pass_app
 def curate_(app: AppContext, out: Path, dataset_format: str | None, adapter: str | None,
             adapter_version: int | None, since, until, min_raters: int | None, min_score: int | None,
             min_wilson: float | None, include_self_votes: bool | None,
-            near_duplicate_distance: int | None, max_pairs_per_prompt: int | None) -> None:
+            near_duplicate_distance: int | None, max_pairs_per_prompt: int | None,
+            link_images: bool | None) -> None:
     """Turn the server's votes into a training dataset in OUT.
 
     Flagged images, opted-out users, self-votes, thinly rated images and duplicates are left
@@ -150,7 +153,7 @@ def curate_(app: AppContext, out: Path, dataset_format: str | None, adapter: str
         until=until.replace(tzinfo=dt.timezone.utc) if until else None,
         min_raters=min_raters, min_score=min_score, min_wilson=min_wilson,
         include_self_votes=include_self_votes, near_duplicate_distance=near_duplicate_distance,
-        max_pairs_per_prompt=max_pairs_per_prompt,
+        max_pairs_per_prompt=max_pairs_per_prompt, link_images=link_images,
     )
     if not app.config.database_path.exists():
         raise click.ClickException(f"No database at {app.config.database_path}: nothing has been rated yet.")

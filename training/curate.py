@@ -96,6 +96,7 @@ class CurationSettings:
     include_self_votes: bool = False
     near_duplicate_distance: int = 4
     max_pairs_per_prompt: int = 10
+    link_images: bool = True
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -122,7 +123,7 @@ def settings_from_config(section: Any, **overrides: Any) -> CurationSettings:
         min_wilson=section.min_wilson, wilson_z=section.wilson_z,
         include_self_votes=section.include_self_votes,
         near_duplicate_distance=section.near_duplicate_distance,
-        max_pairs_per_prompt=section.max_pairs_per_prompt,
+        max_pairs_per_prompt=section.max_pairs_per_prompt, link_images=section.link_images,
     )
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -232,29 +233,29 @@ def _perceptual_hash(image: Image.Image) -> int:
     return int(str(imagehash.phash(image)), 16)
 
 
-def _check_file(candidate: Candidate, store: Store, report: CurationReport) -> bytes | None:
-    """The image's bytes if the file is present and intact; else dropped with the reason."""
+def _check_file(candidate: Candidate, store: Store, report: CurationReport) -> bool:
+    """Whether the image file is present and intact; if not it is dropped with the reason."""
     path = store.image_path(candidate.image)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         report.drop(candidate, MISSING_FILE, str(path))
-        return None
+        return False
     if hashlib.sha256(data).hexdigest() != candidate.image.sha256:
         report.drop(candidate, CORRUPT_FILE, f"{path}: contents do not match its sha256")
-        return None
+        return False
     if candidate.image.phash is not None:
         candidate.phash = int(candidate.image.phash, 16)
-        return data
+        return True
     try:
         with Image.open(io.BytesIO(data)) as decoded:
             decoded.load()
             candidate.phash = _perceptual_hash(decoded)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         report.drop(candidate, CORRUPT_FILE, f"{path}: cannot be decoded ({exc})")
-        return None
+        return False
     report.phashes_computed += 1
-    return data
+    return True
 
 
 class NearDuplicateIndex:
@@ -346,19 +347,40 @@ def file_name(image: RatedImage) -> str:
     return f"{image.sha256[:16]}.png"
 
 
+def _content_hash(metadata: bytes, file_digests: dict[str, str]) -> str:
+    digest = hashlib.sha256(metadata)
+    for name in sorted(file_digests):
+        digest.update(name.encode() + b"\0" + file_digests[name].encode())
+    return digest.hexdigest()
+
+
 def dataset_hash(folder: Path) -> str:
-    """sha256 over metadata.jsonl, then each image it names (name, NUL, sha256) in name order."""
-    metadata = folder / METADATA_FILE
-    digest = hashlib.sha256(metadata.read_bytes())
+    """sha256 over metadata.jsonl, then each image it names (name, NUL, sha256) in name order.
+
+    Reads every image, so it also verifies a dataset on disk against its recorded hash.
+    """
+    metadata = (folder / METADATA_FILE).read_bytes()
     names: set[str] = set()
-    for line in metadata.read_text(encoding="utf-8").splitlines():
+    for line in metadata.decode("utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
             names.update(row[key] for key in ("file_name", "jpg_0", "jpg_1") if key in row)
-    for name in sorted(names):
-        file_digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        digest.update(name.encode() + b"\0" + file_digest.encode())
-    return digest.hexdigest()
+    digests = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names}
+    return _content_hash(metadata, digests)
+
+
+def _place_image(source: Path, target: Path, link: bool) -> None:
+    # A hard link costs one directory entry (writing a copy is ~10x slower here, see
+    # bench/RESULTS.md) and no disk; the store never rewrites an image, since its name is its
+    # sha256. Other filesystems or devices fall back to a copy.
+    if link:
+        try:
+            os.link(source, target)
+        except OSError as exc:
+            log.debug("cannot hard-link %s (%s); copying it", source, exc)
+        else:
+            return
+    shutil.copyfile(source, target)
 
 
 def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -431,13 +453,7 @@ def curate(store: Store, out: Path, settings: CurationSettings) -> CurationRepor
                   for image in images]
     candidates = [c for c in candidates if _passes_rating_filters(c, settings, report)]
 
-    contents: dict[int, bytes] = {}
-    intact = []
-    for candidate in candidates:
-        data = _check_file(candidate, store, report)
-        if data is not None:
-            contents[candidate.image.id] = data
-            intact.append(candidate)
+    intact = [c for c in candidates if _check_file(c, store, report)]
     new_hashes = [(c.image.id, f"{c.phash:016x}") for c in intact
                   if c.image.phash is None and c.phash is not None]
     if new_hashes:
@@ -459,7 +475,7 @@ def curate(store: Store, out: Path, settings: CurationSettings) -> CurationRepor
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     try:
-        _write_dataset(staging, survivors, pairs, contents, settings, report)
+        _write_dataset(store, staging, survivors, pairs, settings, report)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(staging, out)
@@ -470,12 +486,12 @@ def curate(store: Store, out: Path, settings: CurationSettings) -> CurationRepor
     return report
 
 
-def _write_dataset(folder: Path, survivors: list[Candidate],
-                   pairs: list[tuple[Candidate, Candidate]], contents: dict[int, bytes],
-                   settings: CurationSettings, report: CurationReport) -> None:
+def _write_dataset(store: Store, folder: Path, survivors: list[Candidate],
+                   pairs: list[tuple[Candidate, Candidate]], settings: CurationSettings,
+                   report: CurationReport) -> None:
     for candidate in sorted(survivors, key=lambda c: c.image.id):
         image = candidate.image
-        (folder / file_name(image)).write_bytes(contents[image.id])
+        _place_image(store.image_path(image), folder / file_name(image), settings.link_images)
         kept = {"image_id": image.id, "file_name": file_name(image), "prompt": image.prompt,
                 "score": image.score, "likes": image.likes, "dislikes": image.dislikes,
                 "wilson": round(candidate.wilson, 4)}
@@ -500,7 +516,9 @@ def _write_dataset(folder: Path, survivors: list[Candidate],
             rows.append(row)
     _write_lines(folder / METADATA_FILE, rows)
 
-    report.dataset_hash = dataset_hash(folder)
+    # Every file was checked against its sha256 above, so the hash needs no second read.
+    report.dataset_hash = _content_hash((folder / METADATA_FILE).read_bytes(),
+                                        {file_name(c.image): c.image.sha256 for c in survivors})
     (folder / HASH_FILE).write_text(report.dataset_hash + "\n", encoding="utf-8")
     draw_histogram(
         folder / HISTOGRAM_FILE,
