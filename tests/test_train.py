@@ -20,6 +20,13 @@ FAST = TrainingConfig(resolution=32, rank=4, alpha=8.0, learning_rate=1e-3, max_
                       validation_every=3, checkpoint_every=3, log_with="none", snr_gamma=0.0)
 
 
+@pytest.fixture(autouse=True)
+def defaults_only(tmp_path, monkeypatch):
+    """The CLI reads ./config.toml: run where there is none, so these tests see the shipped defaults."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LORALOOP_CONFIG", raising=False)
+
+
 def picture(path: Path, shade: int, size: int = 32) -> None:
     image = Image.new("RGB", (size, size), (shade, 40, 255 - shade))
     ImageDraw.Draw(image).ellipse([4, 4, size - 8, size - 8], fill=(250, 250, 30))

@@ -166,6 +166,8 @@ def curate_(app: AppContext, out: Path, dataset_format: str | None, adapter: str
     click.echo(f"Dataset hash {report.dataset_hash}; details in {out / 'report.json'}")
 
 
+from training.compare import compare_command  # noqa: E402
+from training.publish import adapters_command  # noqa: E402
 from training.train import train_command  # noqa: E402  (kept with its registration)
 
-commands = [dataset, train_command]
+commands = [dataset, train_command, compare_command, adapters_command]
