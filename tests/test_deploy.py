@@ -1,0 +1,93 @@
+"""The Dockerfile and compose.yaml parse, and every command they run exists in the project.
+
+No Docker engine runs here, so this checks what can be checked without one: structure,
+the non-root user, the volume, the health check, and that `loraloop ...` commands resolve.
+"""
+
+import json
+import shlex
+from pathlib import Path
+
+import click
+import yaml
+from dockerfile_parse import DockerfileParser
+
+from loraloop.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def dockerfile() -> DockerfileParser:
+    return DockerfileParser(path=str(ROOT / "Dockerfile"))
+
+
+def instructions() -> list[dict]:
+    return [i for i in dockerfile().structure if i["instruction"] != "COMMENT"]
+
+
+def resolves_to_a_command(argv: list[str]) -> bool:
+    """Whether `loraloop ARGS` names a real subcommand and every option it passes is accepted."""
+    assert argv[0] == "loraloop", argv
+    command: click.Command = cli
+    args = list(argv[1:])
+    with click.Context(cli) as context:
+        while isinstance(command, click.Group):
+            if not args:
+                return False
+            sub = command.get_command(context, args.pop(0))
+            if sub is None:
+                return False
+            command = sub
+        try:
+            command.make_context(command.name, args, parent=context)
+        except click.UsageError:
+            return False
+    return True
+
+
+def test_the_dockerfile_runs_the_service_as_a_non_root_user_with_a_data_volume():
+    names = [i["instruction"] for i in instructions()]
+    assert names[0] == "FROM" and "cuda" in dockerfile().baseimage
+    assert {"USER", "VOLUME", "HEALTHCHECK"} <= set(names)
+    users = [i["value"] for i in instructions() if i["instruction"] == "USER"]
+    assert users[-1] not in ("root", "0")
+    health = next(i["value"] for i in instructions() if i["instruction"] == "HEALTHCHECK")
+    assert "/healthz" in health
+
+
+def test_the_dockerfile_command_exists_in_the_project():
+    cmd = next(i["value"] for i in reversed(instructions()) if i["instruction"] == "CMD")
+    argv = json.loads(cmd)
+    assert resolves_to_a_command(argv)
+
+
+def test_the_dockerfile_copies_every_package_the_distribution_installs():
+    copied = " ".join(i["value"] for i in instructions() if i["instruction"] == "COPY")
+    for package in ("loraloop", "generation", "bot", "training"):
+        assert package in copied
+
+
+def test_compose_runs_the_service_on_a_gpu_and_the_bot_sharing_the_data_volume():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    service, bot = compose["services"]["service"], compose["services"]["bot"]
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert any(v.endswith(":/data") for v in service["volumes"])
+    assert service["volumes"] == bot["volumes"]
+    assert set(compose["volumes"]) == {v.split(":")[0] for v in service["volumes"]}
+
+
+def test_every_compose_command_exists_in_the_project():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        argv = service["command"]
+        argv = shlex.split(argv) if isinstance(argv, str) else list(argv)
+        # Compose interpolates ${VAR:-default} before running; use the default here.
+        argv = [a.split(":-", 1)[1].rstrip("}") if a.startswith("${") else a for a in argv]
+        assert resolves_to_a_command(argv), name
+
+
+def test_a_misspelt_command_or_option_would_be_caught():
+    assert not resolves_to_a_command(["loraloop", "serv"])
+    assert not resolves_to_a_command(["loraloop", "serve", "--hots", "0.0.0.0"])
+    assert not resolves_to_a_command(["loraloop", "dataset"])
