@@ -17,6 +17,8 @@ class Metrics:
         self.outcomes: Counter[str] = Counter({outcome: 0 for outcome in OUTCOMES})
         self.images = 0
         self.refused = 0
+        self.batches = 0  # worker runs: one or more compatible jobs sharing pipeline calls
+        self.batched_jobs = 0
         self.step_buckets = [0] * len(STEP_BUCKETS)
         self.step_count = 0
         self.step_sum = 0.0
@@ -45,6 +47,12 @@ class Metrics:
             "# HELP loraloop_images_total Images generated.",
             "# TYPE loraloop_images_total counter",
             f"loraloop_images_total {self.images}",
+            "# HELP loraloop_batches_total Worker runs; jobs per run = batched_jobs / batches.",
+            "# TYPE loraloop_batches_total counter",
+            f"loraloop_batches_total {self.batches}",
+            "# HELP loraloop_batched_jobs_total Jobs started by those runs.",
+            "# TYPE loraloop_batched_jobs_total counter",
+            f"loraloop_batched_jobs_total {self.batched_jobs}",
             "# HELP loraloop_step_seconds Time per denoising step of a batch.",
             "# TYPE loraloop_step_seconds histogram",
             *(f'loraloop_step_seconds_bucket{{le="{b}"}} {n}' for b, n in zip(STEP_BUCKETS, self.step_buckets)),

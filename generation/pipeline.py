@@ -123,24 +123,97 @@ def make_scheduler(name: str, base_config: Any) -> Any:
 
 
 def make_batch_invariant(pipe: Any) -> None:
-    """Make each image's pixels independent of which batch it ran in (on the CPU; see below).
+    """Make each image's pixels independent of which batch it ran in.
 
-    Two things make a row's result depend on its batch: linear layers on 2-D inputs (the
-    timestep embedding: (B, C)) where BLAS picks a different kernel for each B, and the VAE
-    decoding the whole batch at once. The first runs row by row here (tiny vectors, no cost
-    worth measuring); the second is the VAE's slicing mode (one image at a time, the same
-    arithmetic solo or batched; a small cost next to the denoising steps).
+    BLAS picks a different kernel (and so a different summation order) for each matrix
+    height, so a row's result can change in the last bit with the batch size, and 25 steps
+    turn that into visibly different pixels. Three places are exposed: the text encoders
+    ((B*77, C) inputs), linear layers on (B, C) inputs (the timestep embedding) and the VAE.
+    All three are cheap next to the UNet, so they run one image at a time here: the text
+    encoders row by row, (B, C) linears row by row, the VAE in its slicing mode. The UNet's
+    convolutions take a separate path for a batch of exactly one, so a lone UNet row (no
+    classifier-free guidance, guidance <= 1) runs as a pair and keeps the first; with guidance
+    every UNet call has at least two rows already. Measured batch-invariant on the CPU; on a
+    GPU, cuBLAS and cuDNN may still choose per-batch-size kernels.
     """
     import torch
 
     pipe.vae.enable_slicing()
-    modules = [pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
-    for module in modules:
+    if not getattr(pipe.unet, "_loraloop_pairs", False):
+        pipe.unet.forward = _never_alone(pipe.unet.forward)
+        pipe.unet._loraloop_pairs = True
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None and not getattr(encoder, "_loraloop_rowwise", False):
+            encoder.forward = _rowwise_forward(encoder.forward)
+            encoder._loraloop_rowwise = True
+    for module in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if module is None:
             continue
         for layer in module.modules():
             if type(layer) is torch.nn.Linear:
                 layer.__class__ = RowwiseLinear
+
+
+def _rowwise_forward(forward: Any) -> Any:
+    """Wrap a text encoder's forward to encode one prompt at a time and stack the results."""
+    import torch
+
+    def rowwise(input_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        if input_ids.shape[0] == 1:
+            return forward(input_ids, *args, **kwargs)
+        mask = kwargs.pop("attention_mask", None)
+        outputs = [
+            forward(row, *args, attention_mask=None if mask is None else mask[i : i + 1], **kwargs)
+            for i, row in enumerate(input_ids.split(1))
+        ]
+        return _stack(outputs, torch)
+
+    return rowwise
+
+
+def _never_alone(forward: Any) -> Any:
+    """Wrap the UNet's forward so a batch of one runs as two identical rows (see above)."""
+    import torch
+
+    def paired(sample: Any, timestep: Any, encoder_hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        if sample.shape[0] != 1:
+            return forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
+        doubled = {k: _double(v, torch) for k, v in kwargs.items()}
+        out = forward(_double(sample, torch), _double(timestep, torch), _double(encoder_hidden_states, torch),
+                      *args, **doubled)
+        return _first_row(out, torch)
+
+    return paired
+
+
+def _double(value: Any, torch: Any) -> Any:
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == 1:
+        return torch.cat([value, value])
+    if isinstance(value, dict):
+        return {k: _double(v, torch) for k, v in value.items()}
+    return value
+
+
+def _first_row(value: Any, torch: Any) -> Any:
+    if torch.is_tensor(value):
+        return value[:1]
+    if isinstance(value, dict):
+        return type(value)(**{k: _first_row(v, torch) for k, v in value.items()})
+    if isinstance(value, tuple):
+        return tuple(_first_row(v, torch) for v in value)
+    return value
+
+
+def _stack(outputs: list[Any], torch: Any) -> Any:
+    first = outputs[0]
+    if torch.is_tensor(first):
+        return torch.cat(outputs)
+    if isinstance(first, dict):  # transformers' ModelOutput is a dict that keeps its class
+        return type(first)(**{key: _stack([o[key] for o in outputs], torch) for key in first.keys()})
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stack(list(items), torch) for items in zip(*outputs))
+    return first
 
 
 def _rowwise_linear_class() -> type:

@@ -190,6 +190,8 @@ class GenerationService:
     # -- the worker's reports (JobSink), on the loop -----------------------------------------
 
     def on_started(self, jobs: Sequence[Job], total_steps: int) -> None:
+        self.metrics.batches += 1
+        self.metrics.batched_jobs += len(jobs)
         for job in jobs:
             if job.state.finished:
                 continue
