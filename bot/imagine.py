@@ -177,6 +177,17 @@ class Reply:
             self.token_dead = True
             log.info("interaction %s: token expired; continuing in the channel", self.interaction.id)
 
+    async def refuse(self, text: str) -> None:
+        """A refusal known only after deferring (the service said no): swap the public "thinking"
+        message for an ephemeral note, so a refusal is seen only by the person who asked."""
+        try:
+            await self.interaction.delete_original_response()
+            await self.interaction.followup.send(text, ephemeral=True)
+        except discord.HTTPException as exc:
+            if not self._is_dead_token(exc):
+                raise
+            log.info("interaction %s: token expired before the refusal %r", self.interaction.id, text)
+
     async def send(self, **kwargs: Any) -> discord.Message:
         if self.token_alive:
             try:
@@ -259,7 +270,12 @@ class Generate:
         self.bot.limits.started(user_id, job_key)
         try:
             if attachment is not None:
-                spec = replace(spec, init_image=await attachment.read())
+                try:
+                    spec = replace(spec, init_image=await attachment.read())
+                except discord.HTTPException as exc:
+                    log.warning("interaction %s: attachment download failed: %s", interaction.id, exc)
+                    await Reply(interaction).refuse("I couldn't download that attachment; try uploading it again.")
+                    return
             await self._run(interaction, spec, job_key)
         finally:
             self.bot.limits.finished(user_id, job_key)
@@ -271,7 +287,7 @@ class Generate:
         try:
             accepted = await self.bot.service.submit(request)
         except Exception as exc:  # every failure becomes a sentence; unexpected ones are logged
-            await reply.edit(content=f"⚠️ {describe_error(exc, job_key)}")
+            await reply.refuse(describe_error(exc, job_key))
             return
         job_id = accepted.id
         self.jobs[job_id] = user_id

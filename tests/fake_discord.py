@@ -121,6 +121,7 @@ class FakeDiscord:
         self.dm_channels: dict[int, int] = {}  # user id -> DM channel id
         self.messages: dict[int, dict[str, Any]] = {}
         self.message_edits: dict[int, list[dict[str, Any]]] = {}
+        self.edit_times: dict[int, list[float]] = {}  # message id -> when each edit arrived
         self.deleted_messages: set[int] = set()
         self.files: dict[int, dict[str, bytes]] = {}  # attachment id -> {filename: bytes}
         self.reactions: dict[int, dict[str, list[int]]] = {}  # message -> emoji -> user ids
@@ -515,8 +516,10 @@ class FakeDiscord:
                 and not int(m.get("flags") or 0) & EPHEMERAL]
 
     def image_messages(self, channel_id: int | None = None) -> list[dict[str, Any]]:
+        """Messages posted with an image (not interaction responses, which may carry a preview)."""
         return [m for m in self.channel_messages(channel_id)
-                if any(a["filename"].endswith(".png") for a in m["attachments"])]
+                if "interaction_metadata" not in m
+                and any(a["filename"].endswith((".png", ".jpg")) for a in m["attachments"])]
 
     def attachment_bytes(self, attachment: dict[str, Any]) -> bytes:
         return self.files[int(attachment["id"])][attachment["filename"]]
@@ -606,6 +609,7 @@ class FakeDiscord:
     def _edit_message(self, mid: int, payload: dict[str, Any], files: list[tuple[str, bytes]]) -> dict[str, Any]:
         message = self.messages[mid]
         self.message_edits[mid].append(json.loads(json.dumps(message)))
+        self.edit_times.setdefault(mid, []).append(time.monotonic())
         self._apply_content(message, payload, files, editing=True)
         message["edited_timestamp"] = _now_iso()
         return message

@@ -285,3 +285,206 @@ async def test_stats_show_votes_per_style_version_and_the_weeks_top_image(fake, 
     assert "**base model**: 1 images, 1 votes, 100% liked" in embed["description"]
     top = embed["fields"][0]["value"]
     assert "a lighthouse at dusk" in top and str(message_id) in top
+
+
+# ---- with the real service on the tiny model ----------------------------------------------------
+
+
+@pytest.fixture
+async def services(tiny_model_dir, data_dir):
+    """Start the real service on the tiny model, with service settings a test chooses."""
+    from generation.client import ServiceClient
+    from generation.server import start_service
+    from loraloop.config import Secrets
+
+    started = []
+
+    async def start(**settings) -> ServiceClient:
+        config = Config()
+        settings = {"model": str(tiny_model_dir), "device": "cpu", "default_steps": 4, "preview_every": 1,
+                    "max_queue": 16, "max_per_requester": 16, **settings}
+        config = dataclasses.replace(config, service=dataclasses.replace(config.service, **settings))
+        running = await start_service(config, Secrets(discord_token=None, service_token=None))
+        client = ServiceClient(running.url)
+        client.running = running
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        # A paused queue would hold event streams open, and the server waits for them on stop.
+        await client.resume()
+        await client.close()
+        await client.running.stop()
+
+
+@pytest.fixture
+async def service(services):
+    return await services()
+
+
+async def test_imagine_defers_shows_progress_and_posts_one_message_per_image_with_votes(fake, store, bots, service):
+    await bots.start(service)
+    interaction = await fake.slash("imagine", {"prompt": "a red fox", "count": 2, "steps": 6, "seed": 7})
+    await fake.wait_for(lambda: len(fake.image_messages()) == 2, timeout=60)
+    assert interaction.callback_type == 5 and interaction.ack_seconds < 3
+    images = fake.image_messages()
+    for message in images:
+        (attachment,) = message["attachments"]
+        png = fake.attachment_bytes(attachment)
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.size == (64, 64)
+        assert "a red fox" in message["content"] and "6 steps" in message["content"]
+    await fake.wait_for(lambda: all(fake.bot_reactions(int(m["id"])) == ["👍", "👎", "🚩"] for m in images))
+    texts = fake.texts_seen_by(interaction)
+    assert any(t.startswith("🕒 Queued") for t in texts)
+    assert any(t.startswith("⏳ Step") for t in texts)
+    await fake.wait_for(lambda: fake.original_message(interaction)["content"].startswith("✅ Done"))
+
+    generation = await store.generation_for_job(images[0]["attachments"][0]["filename"].rsplit("-", 1)[0])
+    assert generation.status == "done" and generation.requester_id == int(fake.alice["id"])
+    recorded = await store.images_for_generation(generation.id)
+    assert sorted(i.message_id for i in recorded) == sorted(int(m["id"]) for m in images)
+    await fake.react(int(images[1]["id"]), "👍", fake.bob)
+    await wait_until(lambda: votes(store, recorded[1].id), {int(fake.bob["id"]): 1})
+
+
+def custom_ids(message: dict) -> list[str]:
+    return [c["custom_id"] for row in message.get("components", []) for c in row["components"]]
+
+
+async def queued_job(fake: FakeDiscord, interaction) -> str:
+    """Wait until the interaction's message shows a queued job; return the cancel button's id."""
+    await fake.wait_for(lambda: (m := fake.original_message(interaction)) is not None
+                        and any(i.startswith("loraloop:cancel") for i in custom_ids(m)))
+    return next(i for i in custom_ids(fake.original_message(interaction)) if i.startswith("loraloop:cancel"))
+
+
+async def test_progress_edits_are_throttled_and_carry_a_preview(fake, bots, service):
+    await bots.start(service, progress_interval=0.05)
+    interaction = await fake.slash("imagine", {"prompt": "a slow fox", "steps": 40, "count": 2})
+    await fake.wait_for(lambda: len(fake.image_messages()) == 2, timeout=60)
+    original = interaction.original_message_id
+    versions = [*fake.message_edits[original], fake.messages[original]]
+    times = fake.edit_times[original]
+    progress = [t for t, v in zip(times, versions[1:]) if v["content"].startswith("⏳")]
+    assert len(progress) >= 2, "a 40-step job shows progress more than once"
+    gaps = [b - a for a, b in zip(progress, progress[1:])]
+    assert min(gaps) >= 0.04
+    assert any(a["filename"] == "preview.png" for v in versions for a in v["attachments"])
+
+
+async def test_the_requester_can_cancel_a_queued_job_and_others_cannot(fake, store, bots, service):
+    await bots.start(service)
+    await service.pause()
+    interaction = await fake.slash("imagine", {"prompt": "a patient fox"})
+    cancel_id = await queued_job(fake, interaction)
+    refused = await fake.click(interaction.original_message_id, cancel_id, user=fake.bob)
+    await refused_with(fake, refused, "Only the person who asked")
+    clicked = await fake.click(interaction.original_message_id, cancel_id, user=fake.alice)
+    await fake.wait_for(lambda: fake.original_message(interaction)["content"] == "❌ Cancelled.")
+    assert "Cancelled." in fake.texts_seen_by(clicked)
+    assert custom_ids(fake.original_message(interaction)) == [], "the cancel button goes away"
+    generation = await store.generation_for_job(cancel_id.split(":")[2])
+    assert generation.status == "cancelled"
+    assert fake.image_messages() == []
+
+
+async def test_reroll_and_variation_buttons_work_after_a_restart(fake, store, bots, service):
+    bot = await bots.start(service)
+    first = await fake.slash("imagine", {"prompt": "a lighthouse", "steps": 3, "seed": 7})
+    await fake.wait_for(lambda: len(fake.image_messages()) == 1, timeout=60)
+    (message,) = fake.image_messages()
+    assert "seed 7" in message["content"]
+    await bots.stop(bot)
+    await bots.start(service)
+
+    reroll, vary, _delete = custom_ids(message)
+    clicked = await fake.click(int(message["id"]), reroll, user=fake.bob)
+    await fake.wait_for(lambda: len(fake.image_messages()) == 2, timeout=60)
+    assert clicked.ack_seconds < 3
+    rerolled = fake.image_messages()[1]
+    assert "a lighthouse" in rerolled["content"] and "3 steps" in rerolled["content"]
+    assert "seed 7" not in rerolled["content"]
+    image = await store.image_for_message(int(rerolled["id"]))
+    assert (await store.generation(image.generation_id)).requester_id == int(fake.bob["id"])
+
+    await fake.click(int(message["id"]), vary, user=fake.carol)
+    await fake.wait_for(lambda: len(fake.image_messages()) == 3, timeout=60)
+    image = await store.image_for_message(int(fake.image_messages()[2]["id"]))
+    generation = await store.generation(image.generation_id)
+    assert generation.parameters["strength"] == 0.35 and generation.prompt == "a lighthouse"
+    assert first.followup_ids, "the first job's images were followups of its interaction"
+
+
+async def test_an_unreachable_service_is_a_short_private_message(fake, bots):
+    from generation.client import ServiceClient
+
+    async with ServiceClient("http://127.0.0.1:9") as unreachable:
+        await bots.start(unreachable)
+        interaction = await fake.slash("imagine", {"prompt": "a fox"})
+        await fake.wait_for(lambda: interaction.followup_ids)
+        (followup,) = [fake.messages[i] for i in interaction.followup_ids]
+        assert followup["flags"] & 64 and "not reachable" in followup["content"]
+        assert interaction.original_message_id in fake.deleted_messages, "no public error is left behind"
+
+
+async def test_a_full_queue_and_an_unknown_style_are_explained(fake, bots, services):
+    service = await services(max_queue=1)
+    await bots.start(service)
+    await service.pause()
+    first = await fake.slash("imagine", {"prompt": "a fox"})
+    await queued_job(fake, first)
+    full = await fake.slash("imagine", {"prompt": "a fox"}, user=fake.bob)
+    await fake.wait_for(lambda: full.followup_ids)
+    assert "queue is full" in fake.messages[full.followup_ids[0]]["content"]
+    await service.resume()
+    unknown = await fake.slash("imagine", {"prompt": "a fox", "style": "nope"}, user=fake.carol)
+    await fake.wait_for(lambda: unknown.followup_ids)
+    message = fake.messages[unknown.followup_ids[0]]
+    assert message["flags"] & 64 and "nope" in message["content"]
+
+
+async def test_cooldown_and_per_user_caps_refuse_a_second_request(fake, bots, service):
+    await bots.start(service, cooldown_seconds=60, max_active_per_user=1, max_queued_per_user=1)
+    await service.pause()
+    first = await fake.slash("imagine", {"prompt": "a fox"})
+    await queued_job(fake, first)
+    capped = await fake.slash("imagine", {"prompt": "another fox"})
+    await refused_with(fake, capped, "1 jobs in progress")
+    await bots.stop(bots.running[0][0])
+    cooling = await bots.start(service, cooldown_seconds=60, max_active_per_user=3, max_queued_per_user=3)
+    cooling.limits.started(int(fake.alice["id"]), "earlier")
+    slow = await fake.slash("imagine", {"prompt": "a fox"})
+    await refused_with(fake, slow, "Slow down", "try again in")
+
+
+async def test_a_job_that_outlives_its_interaction_token_finishes_in_the_channel(fake, bots, service):
+    await bots.start(service)
+    await service.pause()
+    interaction = await fake.slash("imagine", {"prompt": "a sleepy fox", "steps": 2})
+    await queued_job(fake, interaction)
+    interaction.token_expired = True
+    await service.resume()
+    await fake.wait_for(lambda: fake.image_messages(), timeout=60)
+    (message,) = fake.image_messages()
+    assert int(message["id"]) not in interaction.followup_ids
+    assert message["content"].startswith(f"<@{fake.alice['id']}>") and "a sleepy fox" in message["content"]
+    await fake.wait_for(lambda: fake.bot_reactions(int(message["id"])) == ["👍", "👎", "🚩"])
+
+
+async def test_images_over_the_upload_limit_are_re_encoded_not_dropped(fake, bots, service):
+    fake.attachment_size_limit = 2500
+    await bots.start(service)
+    await fake.slash("imagine", {"prompt": "a detailed fox", "steps": 2, "count": 2})
+    await fake.wait_for(lambda: len(fake.image_messages()) == 2, timeout=60)
+    posted = [a for m in fake.image_messages() for a in m["attachments"]]
+    assert len(posted) == 2 and all(a["size"] <= 2500 for a in posted)
+
+
+async def test_imagine_works_in_dms_when_enabled(fake, bots, service):
+    await bots.start(service, allow_dms=True)
+    await fake.slash("imagine", {"prompt": "a private fox", "steps": 2}, channel_id=None)
+    dm = fake.dm_channel_for(int(fake.alice["id"]))
+    await fake.wait_for(lambda: fake.image_messages(dm), timeout=60)
+    assert fake.image_messages() == []
