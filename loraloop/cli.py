@@ -66,9 +66,10 @@ def _register() -> None:
     from bot.cli import commands as bot_commands
     from generation.cli import commands as generation_commands
     from loraloop.db_cli import commands as db_commands
+    from loraloop.run import commands as run_commands
     from training.cli import commands as training_commands
 
-    for command in [*generation_commands, *training_commands, *db_commands, *bot_commands]:
+    for command in [*run_commands, *generation_commands, *training_commands, *db_commands, *bot_commands]:
         cli.add_command(command)
 
 

@@ -1,0 +1,82 @@
+"""`loraloop run`: the generation service and the Discord bot together, for a single machine.
+
+    export DISCORD_TOKEN=...        # see the README's "Discord setup"
+    loraloop run                    # service on [service] host:port, bot talking to it
+
+The service may also run alone on a GPU box (`loraloop serve`) with `loraloop bot` elsewhere;
+this command is the one-machine shortcut and shares one event loop between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import click
+
+from loraloop.cli import AppContext, pass_app
+from loraloop.config import ConfigError, Secrets
+
+log = logging.getLogger(__name__)
+
+NO_TOKEN_HINT = (
+    "\n\nTo try the generation service without Discord: `loraloop serve --model tiny`, then "
+    "`loraloop imagine \"a red fox\" -o fox.png` in another terminal."
+)
+
+
+async def run_service_and_bot(app: AppContext, secrets: Secrets) -> None:
+    """Start the service, point the bot at it, and stop both when either ends."""
+    from bot.cli import run_bot
+    from generation.server import start_service
+
+    settings = app.config.service
+    service = await start_service(app.config, secrets, host=settings.host, port=settings.port)
+    log.info("generation service ready at %s (model %s)", service.url, settings.model)
+    try:
+        app.config = app.config.replace("bot", service_url=service.url)
+        await run_bot(app, secrets.discord_token or "", secrets.service_token)
+    finally:
+        await service.stop()
+
+
+@click.command("run")
+@click.option("--model", help="Model id, local directory, .safetensors file, or 'tiny' (default: [service] model).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Service port (default: [service] port).")
+@pass_app
+def run(app: AppContext, model: str | None, port: int | None) -> None:
+    """Run the generation service and the Discord bot together on this machine.
+
+    \b
+    Examples:
+      export DISCORD_TOKEN=...            # see the README: Discord setup
+      loraloop run                        # the model from config.toml ("tiny" by default: offline)
+      loraloop run --model stable-diffusion-v1-5/stable-diffusion-v1-5
+    """
+    from bot.cli import MISSING_TOKEN
+    from generation.pipeline import ModelLoadError
+
+    secrets = Secrets.from_env()
+    if not secrets.discord_token:
+        raise click.ClickException(MISSING_TOKEN + NO_TOKEN_HINT)
+    changes = {k: v for k, v in {"model": model, "port": port}.items() if v}
+    if changes:
+        try:
+            app.config = app.config.replace("service", **changes)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    try:
+        asyncio.run(run_service_and_bot(app, secrets))
+    except KeyboardInterrupt:
+        log.info("stopped")
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        settings = app.config.service
+        raise click.ClickException(
+            f"Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}. "
+            "Stop whatever uses that port, or pick another with --port."
+        ) from None
+
+
+commands = [run]
