@@ -176,7 +176,7 @@ def _inspect(path: Path) -> tuple[str, str, str]:
             keys = list(handle.keys())
             # Reading every tensor catches a file cut short after a valid header.
             for key in keys:
-                handle.get_slice(key)[:]
+                handle.get_tensor(key)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise AdapterFileError(f"not a readable safetensors file ({exc})") from None
     if not any("lora" in key.lower() for key in keys):

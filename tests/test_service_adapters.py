@@ -1,0 +1,124 @@
+"""LoRA adapters through the real service: applied per request, versioned, reloaded, and refused when unsafe."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from generation.client import ServiceClient, ServiceError
+from generation.contract import AdapterRef, JobRequest, JobState
+from generation.pngmeta import read_parameters
+from generation.testing import write_lora
+
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three different random LoRAs for the tiny UNet, written once: two diffusers-format, one kohya."""
+    folder = tmp_path_factory.mktemp("loras")
+    return {
+        "first": write_lora(tiny_model_dir, folder / "first.safetensors", seed=1, description="crisp lines"),
+        "second": write_lora(tiny_model_dir, folder / "second.safetensors", seed=2),
+        "kohya": write_lora(tiny_model_dir, folder / "kohya.safetensors", seed=3, kohya=True),
+    }
+
+
+def install(source: Path, adapters_dir: Path, relative: str) -> Path:
+    target = adapters_dir / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
+async def render(client: ServiceClient, adapters=(), seed: int = 5) -> tuple[np.ndarray, bytes]:
+    request = JobRequest.from_dict({"prompt": "a harbour at dusk", "seed": seed, "steps": 3,
+                                    "adapters": [{"name": n, "weight": w} for n, w in adapters]})
+    accepted = await client.submit(request)
+    final = [s async for s in client.events(accepted.id)][-1]
+    assert final.state is JobState.DONE, final.error
+    png = await client.image(accepted.id, 0)
+    return np.asarray(Image.open(io.BytesIO(png))), png
+
+
+async def test_an_adapter_changes_the_image_and_weight_zero_equals_the_base(make_service, lora_files):
+    running = await make_service()
+    install(lora_files["first"], running.adapters_dir, "pixel/v1.safetensors")
+    async with ServiceClient(running.url) as client:
+        await client.reload_adapters()
+        base, _ = await render(client)
+        styled, png = await render(client, [("pixel", 1.0)])
+        zero, _ = await render(client, [("pixel", 0.0)])
+        again, _ = await render(client)  # switching adapters off restores the base exactly
+    assert not np.array_equal(base, styled)
+    assert np.array_equal(base, zero)
+    assert np.array_equal(base, again)
+    assert "<lora:pixel:1>" in read_parameters(png) and "Lora hashes:" in read_parameters(png)
+
+
+async def test_reload_picks_up_a_new_version_and_a_pinned_version_still_works(make_service, lora_files):
+    running = await make_service()
+    install(lora_files["first"], running.adapters_dir, "pixel/v1.safetensors")
+    async with ServiceClient(running.url) as client:
+        await client.reload_adapters()
+        v1, _ = await render(client, [("pixel", 1.0)])
+        with pytest.raises(ServiceError) as unknown:
+            await render(client, [("pixel@2", 1.0)])
+        assert unknown.value.code == "unknown_adapter" and "pixel@1" in unknown.value.message
+        install(lora_files["second"], running.adapters_dir, "pixel/v2.safetensors")
+        listed = await client.reload_adapters()
+        assert [(a.name, a.version, a.latest) for a in listed] == [("pixel", 1, False), ("pixel", 2, True)]
+        latest, _ = await render(client, [("pixel", 1.0)])
+        pinned, _ = await render(client, [("pixel@1", 1.0)])
+    assert np.array_equal(v1, pinned)
+    assert not np.array_equal(v1, latest)
+
+
+async def test_kohya_adapters_load_and_several_adapters_combine(make_service, lora_files):
+    running = await make_service()
+    install(lora_files["kohya"], running.adapters_dir, "civitai.safetensors")
+    install(lora_files["first"], running.adapters_dir, "pixel/v1.safetensors")
+    async with ServiceClient(running.url) as client:
+        await client.reload_adapters()
+        base, _ = await render(client)
+        kohya, _ = await render(client, [("civitai", 1.0)])
+        both, _ = await render(client, [("civitai", 0.7), ("pixel", 0.7)])
+    assert not np.array_equal(base, kohya)
+    assert not np.array_equal(kohya, both)
+
+
+async def test_pickle_and_corrupt_files_are_skipped_and_the_rest_keep_serving(make_service, lora_files, caplog):
+    running = await make_service()
+    adapters = running.adapters_dir
+    install(lora_files["first"], adapters, "good/v1.safetensors")
+    (adapters / "evil.bin").write_bytes(b"\x80\x04 pretend pickle")
+    (adapters / "evil2").mkdir()
+    (adapters / "evil2" / "v1.ckpt").write_bytes(b"\x80\x04 pretend pickle")
+    (adapters / "garbage.safetensors").write_bytes(b"this is not a safetensors file at all")
+    whole = lora_files["second"].read_bytes()
+    (adapters / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
+    async with ServiceClient(running.url) as client:
+        listed = await client.reload_adapters()
+        assert [a.name for a in listed] == ["good"]
+        assert listed[0].description == "crisp lines" and listed[0].base_model == "tiny"
+        with pytest.raises(ServiceError) as refused:
+            await render(client, [("garbage", 1.0)])
+        assert refused.value.http_status == 400 and "Available adapters: good" in refused.value.message
+        await render(client, [("good", 1.0)])
+    logged = caplog.text
+    assert "refusing" in logged and "evil.bin" in logged and "v1.ckpt" in logged
+    assert "garbage.safetensors" in logged and "truncated.safetensors" in logged
+
+
+async def test_adapter_names_cannot_climb_out_of_the_directory(service):
+    async with ServiceClient(service.url) as client:
+        for name in ("../secrets", "/etc/passwd", ".hidden", "a/b", "pixel@v2"):
+            # Built directly: from_dict would refuse the name before it left the client.
+            request = JobRequest(prompt="x", adapters=(AdapterRef(name=name),))
+            with pytest.raises(ServiceError) as refused:
+                await client.submit(request)
+            assert refused.value.http_status == 400, name
+            assert "not valid" in refused.value.message
