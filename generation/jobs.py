@@ -202,7 +202,10 @@ def decode_init_image(data: str, max_pixels: int) -> Image.Image:
             "'init_image' is not an image PIL can read (send PNG, JPEG or WebP).", ErrorCode.INVALID_IMAGE
         ) from None
     except Image.DecompressionBombError:
-        raise InvalidRequest("'init_image' is too large to decode safely.", ErrorCode.INVALID_IMAGE) from None
+        raise InvalidRequest(
+            f"'init_image' is too large to decode safely; at most {max_pixels} pixels are accepted.",
+            ErrorCode.INVALID_IMAGE,
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidRequest(
             f"'init_image' is damaged or truncated ({exc}).", ErrorCode.INVALID_IMAGE
