@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import io
 
+import aiohttp
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 from generation.client import ServiceClient, ServiceError
-from generation.contract import JobRequest, JobState
-from generation.pngmeta import read_parameters
+from generation.contract import SCHEDULERS, JobRequest, JobState
+from generation.pngmeta import SAMPLER_NAMES, read_parameters
+from loraloop.cli import cli
 
 
 async def run_job(client: ServiceClient, **fields) -> tuple[list, list[bytes]]:
@@ -72,3 +77,76 @@ async def test_a_paused_queue_accepts_jobs_but_starts_none_until_resumed(service
         assert not (await client.resume()).paused
         final = [s async for s in client.events(accepted.id)][-1]
     assert final.state is JobState.DONE
+
+
+def png_b64(size=(64, 64), colour=(20, 120, 220)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+async def test_img2img_starts_from_the_init_image_and_batches_like_txt2img(make_service):
+    running = await make_service(batch_wait_ms=100)
+    blue, red = png_b64(), png_b64((96, 32), (220, 40, 20))  # any size: resized to the request's
+    async with ServiceClient(running.url) as client:
+        statuses, (from_blue,) = await run_job(client, seed=3, steps=4, init_image=blue, strength=0.5)
+        assert statuses[-1].total_steps == 2  # img2img runs strength x steps
+        assert statuses[-1].parameters["mode"] == "img2img"
+        assert "Denoising strength: 0.5" in read_parameters(from_blue)
+        _, (from_red,) = await run_job(client, seed=3, steps=4, init_image=red, strength=0.5)
+        _, (plain,) = await run_job(client, seed=3, steps=4)
+        await client.pause()
+        ids = [(await client.submit(JobRequest(prompt="a red fox", seed=3, steps=4, init_image=image,
+                                               strength=0.5, requester=who))).id
+               for image, who in ((blue, "a"), (red, "b"))]
+        await client.resume()
+        batched = []
+        for job_id in ids:
+            [s async for s in client.events(job_id)]
+            batched.append(await client.image(job_id, 0))
+    assert running.service.metrics.batched_jobs - running.service.metrics.batches == 1
+    assert not np.array_equal(pixels(from_blue), pixels(from_red))
+    assert not np.array_equal(pixels(from_blue), pixels(plain))
+    assert np.array_equal(pixels(batched[0]), pixels(from_blue))
+    assert np.array_equal(pixels(batched[1]), pixels(from_red))
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+async def test_every_scheduler_renders_and_is_named_in_the_parameters(service, scheduler):
+    async with ServiceClient(service.url) as client:
+        _, (png,) = await run_job(client, seed=1, steps=2, scheduler=scheduler, guidance=1.0)
+    assert f"Sampler: {SAMPLER_NAMES[scheduler]}," in read_parameters(png)
+
+
+async def test_metrics_count_jobs_images_and_step_latency(service):
+    async with ServiceClient(service.url) as client:
+        await run_job(client, steps=3, count=2)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{service.url}/metrics") as response:
+            text = await response.text()
+    assert response.content_type == "text/plain"
+    assert 'loraloop_jobs_total{outcome="done"} 1' in text
+    assert "loraloop_images_total 2" in text
+    assert "loraloop_queue_depth 0" in text
+    assert "loraloop_step_seconds_count 3" in text
+
+
+async def test_imagine_saves_the_images_of_a_running_service(service, tmp_path):
+    runner = CliRunner()
+    output = tmp_path / "fox.png"
+    result = await asyncio.to_thread(
+        runner.invoke, cli,
+        ["imagine", "a red fox", "--url", service.url, "--steps", "2", "--seed", "4", "--count", "2", "-o", str(output)],
+    )
+    assert result.exit_code == 0, result.output
+    for path in (tmp_path / "fox-1.png", tmp_path / "fox-2.png"):
+        assert "Seed: " in read_parameters(path.read_bytes())
+    assert "Seed: 5," in read_parameters((tmp_path / "fox-2.png").read_bytes())
+
+
+async def test_imagine_says_when_the_service_is_not_running(tmp_path):
+    result = await asyncio.to_thread(
+        CliRunner().invoke, cli, ["imagine", "a fox", "--url", "http://127.0.0.1:9", "-o", str(tmp_path / "x.png")]
+    )
+    assert result.exit_code == 1
+    assert "can't be reached" in result.output and "loraloop serve" in result.output
