@@ -403,3 +403,19 @@ def test_several_workers_give_the_same_dataset_as_one(tmp_path, config_file):
     assert serial_report["dropped_by_reason"] == {"duplicate": 1, "near_duplicate": 1, "unreadable": 1}
     for row in serial_report["kept"]:
         assert (tmp_path / "serial" / row["file_name"]).read_bytes() == (tmp_path / "parallel" / row["file_name"]).read_bytes()
+
+
+def test_only_pictures_past_pils_hard_pixel_limit_are_dropped(tmp_path, config_file, monkeypatch):
+    # Scaled down: a limit of 2,000 pixels warns from 2,000 and refuses past 4,000.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000)
+    src = tmp_path / "pictures"
+    src.mkdir()
+    picture(1, size=(60, 50)).save(src / "large.png")  # 3,000 pixels: a warning, kept
+    picture(2, size=(96, 80)).save(src / "huge.png")  # 7,680 pixels: dropped
+
+    result = run_import(config_file, src, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    _, report = read_dataset(tmp_path / "out")
+    assert [k["source"] for k in report["kept"]] == ["large.png"]
+    assert report["dropped"][0]["source"] == "huge.png" and "DecompressionBombError" in report["dropped"][0]["detail"]

@@ -389,11 +389,13 @@ async def download_all(urls: list[str], folder: Path, settings: ImportSettings, 
 def open_normalised(data: bytes, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
     """Decode, upright (EXIF), flatten to RGB and fit to a resolution square; also the stored size.
 
-    Raises OSError (or DecompressionBombError) when the bytes are not an image PIL can read.
+    Raises OSError when the bytes are not an image PIL can read, DecompressionBombError past
+    twice PIL's pixel limit (about 180 megapixels).
     """
     with warnings.catch_warnings():
-        # A huge image is a real error for us, not a warning to print and then decode anyway.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # PIL warns from ~90 MP, which today's 108 MP phone photos pass; draft() keeps their
+        # decode small, so only PIL's hard limit (an error, twice as far) drops a picture.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = Image.open(io.BytesIO(data))
         stored_size = image.size  # before draft() shrinks it; its shorter side survives rotation
         # JPEG can decode at 1/2, 1/4 or 1/8 scale for free; draft keeps both sides >= resolution.
@@ -517,7 +519,7 @@ def process_file(path: Path, resolution: int, min_image_size: int) -> Processed:
         image, (width, height) = open_normalised(data, resolution)
     except UnidentifiedImageError:
         return Processed(sha256=sha256, drop=(UNREADABLE, "not in an image format PIL knows"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # PIL signals damaged files with any of these, depending on the codec.
         detail = f"damaged or too large ({type(exc).__name__}: {exc})"[:200]
         return Processed(sha256=sha256, drop=(UNREADABLE, detail))
