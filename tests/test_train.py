@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from loraloop.cli import cli
 from loraloop.config import TrainingConfig
+from training.curate import dataset_hash
 from training.train import ADAPTER_FILE, Interrupted, Job, TrainError, read_provenance, train, validate
 
 # Small and fast: 32 px images (16x16 latents), high learning rate so a few dozen steps show.
@@ -73,7 +74,8 @@ def test_a_few_dozen_steps_lower_the_validation_loss_and_write_report_curve_and_
     assert report["final_val_loss"] < report["base_val_loss"]
     assert Image.open(tmp_path / "run" / "loss.png").size == (640, 400)
     provenance = read_provenance(tmp_path / "run" / ADAPTER_FILE)
-    assert provenance["dataset_hash"] == report["dataset_hash"] and provenance["objective"] == "sft"
+    assert provenance["dataset_hash"] == report["dataset_hash"] == dataset_hash(dataset)  # as curation hashes it
+    assert provenance["objective"] == "sft"
     assert provenance["rank"] == 8 and provenance["steps"] == 40
     assert provenance["final_val_loss"] == pytest.approx(report["final_val_loss"])
     assert "adapters publish" in result.output

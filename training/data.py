@@ -49,7 +49,7 @@ class Dataset:
     root: Path
     objective: str
     examples: tuple[Example, ...]
-    # sha256 over the metadata and every image's bytes: the provenance of a trained adapter.
+    # sha256 over the metadata and every image's bytes (as curation computes it): the adapter's provenance.
     content_hash: str
     # How many DPO pairs were dropped as ties (label_0 0.5): a tie says nothing about preference.
     ties_dropped: int = 0
@@ -84,7 +84,6 @@ def load_dataset(root: str | Path, objective: str) -> Dataset:
     required = REQUIRED_COLUMNS[objective]
     examples: list[Example] = []
     ties = 0
-    digest = hashlib.sha256(metadata.read_bytes())
     for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -104,11 +103,11 @@ def load_dataset(root: str | Path, objective: str) -> Dataset:
             label = row["label_0"]
             if not isinstance(label, (int, float)) or isinstance(label, bool) or not 0 <= label <= 1:
                 raise DatasetError(f"{where}: label_0 must be a number between 0 and 1, got {label!r}")
+            first = _check_image(root, row["jpg_0"], where)
+            second = _check_image(root, row["jpg_1"], where)
             if label == 0.5:
                 ties += 1
                 continue
-            first = _check_image(root, row["jpg_0"], where)
-            second = _check_image(root, row["jpg_1"], where)
             preferred, rejected = (first, second) if label > 0.5 else (second, first)
             examples.append(Example(caption=str(row["caption"]), image=preferred, rejected=rejected))
         else:
@@ -124,10 +123,11 @@ def load_dataset(root: str | Path, objective: str) -> Dataset:
         raise DatasetError(f"{root} is empty: {METADATA} lists no images")
     if objective == "kto" and len({e.desirable for e in examples}) < 2:
         raise DatasetError(f"{root}: KTO needs both liked and disliked images (label true and false)")
-    for path in sorted({p for e in examples for p in (e.image, e.rejected) if p is not None}):
-        digest.update(path.name.encode() + b"\0" + file_hash(path).encode())
+    # The same hash curation records (training/curate.py), so a run and its curated dataset match.
+    from training.curate import dataset_hash
+
     return Dataset(root=root, objective=objective, examples=tuple(examples),
-                   content_hash=digest.hexdigest(), ties_dropped=ties)
+                   content_hash=dataset_hash(root), ties_dropped=ties)
 
 
 def split_examples(examples: tuple[Example, ...], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

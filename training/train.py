@@ -4,7 +4,11 @@
     loraloop train data/datasets/pairs --name house --objective dpo --steps 400
     loraloop train data/datasets/foxes --name foxes --set rank=32 --set lr_scheduler='"cosine"'
     loraloop train data/datasets/foxes --name foxes --resume data/runs/foxes-20260101-120000
-    accelerate launch -m loraloop.cli train data/datasets/foxes --name foxes   # several GPUs, unchanged
+    accelerate launch --multi_gpu --num_processes 2 $(which loraloop) train data/datasets/foxes --name foxes
+
+The last line is the multi-GPU form: the same command under `accelerate launch` (the batch
+is per process; epochs are shared out). Checked here with two CPU processes:
+`ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 $(which loraloop) train ...`.
 
 The settings are the [training] section of config.toml (one commented screen, loraloop/config.py).
 This file reads top to bottom: validate() checks everything that can be checked before any
@@ -154,9 +158,16 @@ def find_checkpoint(path: Path) -> Path:
     return checkpoints[-1]
 
 
-def validate(job: Job, processes: int = 1) -> Plan:
+def validate(job: Job, processes: int | None = None) -> Plan:
     """Check the job and resolve everything; raise TrainError with what to do on the first problem."""
     s = job.settings
+    if processes is None:
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+
+        # Under `accelerate launch` the epochs are shared out across the processes. The state is
+        # built as AcceleratorState builds it (honouring --cpu), so the Accelerator reuses it.
+        processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes
     if not ADAPTER_NAME_RE.match(job.name):
         raise TrainError(f"adapter name {job.name!r} is not valid: use letters, digits, '-', '_' or '.', "
                          "starting with a letter or digit, at most 64 characters")
@@ -701,7 +712,8 @@ def train(plan: Plan, on_step: Callable[[Progress], None] | None = None) -> dict
                         st, plan, [plan.train[i] for i in chosen], generator, training=True,
                         kl_estimate=progress.kl_estimate)
                     accelerator.backward(loss / s.grad_accumulation)
-                loss_sum += loss.item()  # .item() syncs with the GPU: once per micro-batch is fine
+                # The mean over processes, so the log shows the whole batch; .item() syncs with the GPU.
+                loss_sum += accelerator.reduce(loss.detach(), reduction="mean").item()
                 for key, value in metrics.items():
                     metrics_sum[key] = metrics_sum.get(key, 0.0) + value
             if s.max_grad_norm:
