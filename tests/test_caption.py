@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -124,3 +125,26 @@ def test_a_prefix_joins_with_one_space_and_never_decorates_an_empty_caption():
     assert with_prefix("sks,", " a  dog ") == "sks, a dog"
     assert with_prefix("", "a dog") == "a dog"
     assert with_prefix("sks", "") == ""
+
+
+def test_an_imported_then_captioned_folder_is_a_dataset_training_accepts(tmp_path, tiny_blip_dir):
+    from training.data import load_dataset
+
+    src = tmp_path / "pictures"
+    src.mkdir()
+    for i in range(3):
+        # Noise, so the import does not drop them as near-duplicates of one another.
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    (src / "0.txt").write_text("a green field")
+    config = tmp_path / "config.toml"
+    config.write_text('[training]\nresolution = 64\n\n[dataset]\nmin_image_size = 48\nimport_workers = 1\ncaption_device = "cpu"\n')
+    runner = CliRunner()
+
+    imported = runner.invoke(cli, ["--config", str(config), "dataset", "import", "--no-progress", str(src), str(tmp_path / "out")])
+    captioned = run_caption(tmp_path, tmp_path / "out", "--model", tiny_blip_dir, "--prefix", "zzq,")
+
+    assert imported.exit_code == 0 and captioned.exit_code == 0, imported.output + captioned.output
+    dataset = load_dataset(tmp_path / "out", "sft")
+    assert len(dataset.examples) == 3
+    assert sorted(e.caption.startswith("zzq, ") for e in dataset.examples) == [False, True, True]
+    assert "a green field" in [e.caption for e in dataset.examples]

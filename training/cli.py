@@ -60,6 +60,11 @@ def import_(app: AppContext, src: Path, out: Path, source_format: str, resolutio
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Imported {src} ({report.format}) into {out}: {report.summary()}.")
+    shown = 10
+    for entry in report.dropped[:shown]:
+        click.echo(f"  dropped {entry['source']}: {entry['reason'].replace('_', ' ')} ({entry['detail']})")
+    if len(report.dropped) > shown:
+        click.echo(f"  ... and {len(report.dropped) - shown} more")
     click.echo(f"Details: {out / 'report.json'}")
 
 
