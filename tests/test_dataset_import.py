@@ -264,7 +264,7 @@ def test_unreadable_small_duplicate_and_badly_captioned_pictures_are_dropped_and
         "junk_caption.png": "caption_too_short",
     }
     assert report["dropped_count"] == 5 and report["dropped_by_reason"]["duplicate"] == 1
-    assert "kept 1 images, dropped 5" in result.output
+    assert "kept 1 image, dropped 5" in result.output
     assert "dropped tiny.png: too small (40x30, shorter side under 48)" in result.output
 
 

@@ -124,7 +124,7 @@ class ImportReport:
         """One line for people: how many kept, how many dropped and for what."""
         reasons = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in self.dropped_by_reason().items())
         dropped = f"dropped {len(self.dropped)} ({reasons})" if self.dropped else "dropped none"
-        return f"kept {len(self.kept)} images, {dropped}"
+        return f"kept {len(self.kept)} image{'' if len(self.kept) == 1 else 's'}, {dropped}"
 
 
 # ---------------------------------------------------------------------------------------------
