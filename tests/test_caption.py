@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -96,6 +97,15 @@ def test_a_model_that_cannot_be_loaded_is_a_clear_error_and_the_dataset_is_untou
     assert result.exit_code == 1
     assert "cannot load the captioning model" in result.output
     assert (dataset / "metadata.jsonl").read_bytes() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_blip_dir):
+    dataset = make_dataset(tmp_path / "fox", [""])
+
+    result = run_caption(tmp_path, dataset, "--model", tiny_blip_dir, "--device", "cuda")
+
+    assert result.exit_code == 1 and "no CUDA GPU; use --device cpu" in result.output
 
 
 @pytest.mark.parametrize(

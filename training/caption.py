@@ -131,6 +131,8 @@ class Captioner:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise CaptionError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
         # fp16 halves memory and time on a GPU; CPUs are slow at it, so they stay fp32.
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         try:
