@@ -156,5 +156,6 @@ def test_an_imported_then_captioned_folder_is_a_dataset_training_accepts(tmp_pat
     assert imported.exit_code == 0 and captioned.exit_code == 0, imported.output + captioned.output
     dataset = load_dataset(tmp_path / "out", "sft")
     assert len(dataset.examples) == 3
+    assert (tmp_path / "out" / "dataset_hash").read_text().strip() == dataset.content_hash, "refreshed after captioning"
     assert sorted(e.caption.startswith("zzq, ") for e in dataset.examples) == [False, True, True]
     assert "a green field" in [e.caption for e in dataset.examples]

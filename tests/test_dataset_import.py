@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from loraloop.cli import cli
+from training.curate import dataset_hash
 from training.importer import NearDuplicateIndex, perceptual_hash
 
 RESOLUTION = 64
@@ -87,6 +88,7 @@ def test_a_folder_of_images_with_txt_captions_becomes_square_rgb_images_and_meta
         with Image.open(tmp_path / "out" / row["file_name"]) as image:
             assert image.size == (RESOLUTION, RESOLUTION) and image.mode == "RGB"
     assert sorted(k["source"] for k in report["kept"]) == ["fox.png", "nested/owl.jpg", "uncaptioned.webp"]
+    assert (tmp_path / "out" / "dataset_hash").read_text().strip() == report["dataset_hash"] == dataset_hash(tmp_path / "out")
     assert not list(tmp_path.glob(".out.importing-*")), "the staging folder is cleaned up"
 
 

@@ -5,7 +5,7 @@
     loraloop dataset caption data/datasets/fox --overwrite --model Salesforce/blip-image-captioning-base
 
 This module owns reading and rewriting a dataset's `metadata.jsonl` ({"file_name", "text"} per
-line, the format import and curation write) and running a BLIP captioning model over the
+line, the format import and curation write; its `dataset_hash` is refreshed) and running a BLIP captioning model over the
 images whose text is empty. Everything is checked before the model loads; the file is rewritten
 atomically after every batch, so an interrupted run keeps the captions it already made and a
 rerun picks up where it stopped.
@@ -22,9 +22,10 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from training.curate import HASH_FILE, METADATA_FILE, dataset_hash
+
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "metadata.jsonl"
 TINY = "tiny"
 
 
@@ -180,6 +181,11 @@ def caption_dataset(
     captioner = Captioner(
         resolve_model(settings.model, data_dir), settings.device, settings.min_new_tokens, settings.max_new_tokens
     )
+    # Captions are part of the content hash: drop the old one now (an interrupted run leaves no
+    # wrong hash behind) and write the new one at the end.
+    hash_file = dataset / HASH_FILE
+    had_hash = hash_file.is_file()
+    hash_file.unlink(missing_ok=True)
     empty = 0
     with tqdm(total=len(todo), desc="captioning", unit="image", disable=not progress) as bar:
         for start in range(0, len(todo), settings.batch_size):
@@ -190,6 +196,8 @@ def caption_dataset(
                 empty += not caption
             write_metadata(dataset, rows)
             bar.update(len(batch))
+    if had_hash:
+        hash_file.write_text(dataset_hash(dataset) + "\n", encoding="utf-8")
     report = CaptionReport(total=len(rows), captioned=len(todo), empty=empty)
     log.info("%s: %s", dataset, report.summary())
     return report

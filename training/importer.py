@@ -12,6 +12,7 @@ curation also writes and training reads:
     OUT/<sha256[:16]>.png        one square RGB image per picture kept
     OUT/metadata.jsonl           {"file_name": ..., "text": ...} per line ("" when uncaptioned)
     OUT/report.json              what was kept and what was dropped, and why
+    OUT/dataset_hash             the content hash training records (as curation writes it)
 
 The folder is built beside OUT and renamed into place at the end, so an interrupted import
 never leaves a half-written dataset where training would find it.
@@ -44,6 +45,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from loraloop import __version__
+from training.curate import HASH_FILE, METADATA_FILE, REPORT_FILE, dataset_hash
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,6 @@ FORMATS = ("folder", "metadata", "json", "csv", "dreambooth", "urls")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Sidecar caption files: `.txt` is the common one, kohya's scripts also write `.caption`.
 CAPTION_SUFFIXES = (".txt", ".caption")
-METADATA_FILE = "metadata.jsonl"
-REPORT_FILE = "report.json"
 # `<trigger>_<class>`, optionally after kohya's `<repeats>_` prefix: `sks_dog`, `10_sks_dog`.
 DREAMBOOTH_FOLDER = re.compile(r"^(?:\d+_)?([^_\s]+)_(.+)$")
 
@@ -98,6 +98,7 @@ class ImportReport:
     source: str
     format: str
     resolution: int
+    dataset_hash: str = ""
     kept: list[dict] = field(default_factory=list)  # {"file_name", "text", "source"}
     dropped: list[dict] = field(default_factory=list)  # {"source", "reason", "detail"}
 
@@ -113,6 +114,7 @@ class ImportReport:
             "source": self.source,
             "format": self.format,
             "resolution": self.resolution,
+            "dataset_hash": self.dataset_hash,
             "kept_count": len(self.kept),
             "dropped_count": len(self.dropped),
             "dropped_by_reason": self.dropped_by_reason(),
@@ -481,6 +483,9 @@ def import_dataset(
         if not report.kept:
             raise DatasetError(f"{src}: nothing left to import: {report.summary()}")
         _write_json_lines(staging / METADATA_FILE, ({"file_name": k["file_name"], "text": k["text"]} for k in report.kept))
+        # The content hash curation records and training computes, so a run names what it learned from.
+        report.dataset_hash = dataset_hash(staging)
+        (staging / HASH_FILE).write_text(report.dataset_hash + "\n", encoding="utf-8")
         (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         if out.exists():
             out.rmdir()  # checked empty above
