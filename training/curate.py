@@ -283,20 +283,23 @@ def _check_files(candidates: list[Candidate], store: Store,
     Threads, because reading, sha256, PNG decoding and resizing all release the GIL: on two
     cores a cold run (hashes not cached yet) takes about half as long.
     """
-    workers = min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="curate") as pool:
-        checks = pool.map(
-            lambda c: check_file(store.image_path(c.image), c.image.sha256, c.image.phash),
-            candidates, chunksize=64,
-        )
-        intact = []
-        for candidate, check in zip(candidates, checks):
-            if check.problem is not None:
-                report.drop(candidate, check.problem, check.detail)
-                continue
-            candidate.phash = check.phash
-            report.phashes_computed += check.computed
-            intact.append(candidate)
+    def check_chunk(chunk: list[Candidate]) -> list[FileCheck]:
+        return [check_file(store.image_path(c.image), c.image.sha256, c.image.phash)
+                for c in chunk]
+
+    # Chunks, not one task per image: a future per image costs as much as a cached check.
+    chunks = [candidates[i:i + 64] for i in range(0, len(candidates), 64)]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                            thread_name_prefix="curate") as pool:
+        checks = [check for chunk in pool.map(check_chunk, chunks) for check in chunk]
+    intact = []
+    for candidate, check in zip(candidates, checks):
+        if check.problem is not None:
+            report.drop(candidate, check.problem, check.detail)
+            continue
+        candidate.phash = check.phash
+        report.phashes_computed += check.computed
+        intact.append(candidate)
     return intact
 
 
@@ -566,8 +569,21 @@ def _write_dataset(store: Store, folder: Path, survivors: list[Candidate],
         [row["score"] for row in report.dropped],
         f"{settings.format}: {len(report.kept)} kept, {len(report.dropped)} dropped",
     )
-    (folder / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False),
-                                      encoding="utf-8")
+    (folder / REPORT_FILE).write_text(_report_json(report.to_dict()), encoding="utf-8")
+
+
+def _report_json(data: dict[str, Any]) -> str:
+    """The report indented for people, with one line per image in its long lists.
+
+    json.dumps with indent= runs the pure-Python encoder, a quarter of a warm curation's time
+    at 20,000 images; each row on its own line uses the C encoder and still reads well.
+    """
+    rows = {key: data.pop(key) for key in ("kept", "dropped")}
+    text = json.dumps(data, indent=2, ensure_ascii=False).removesuffix("\n}")
+    for key, items in rows.items():
+        lines = ",\n    ".join(json.dumps(item, ensure_ascii=False) for item in items)
+        text += f',\n  "{key}": [\n    {lines}\n  ]' if items else f',\n  "{key}": []'
+    return text + "\n}\n"
 
 
 def _empty_selection_message(report: CurationReport, settings: CurationSettings) -> str:
