@@ -279,7 +279,7 @@ class DatasetConfig:
     max_download_bytes: int = 20_000_000
     download_concurrency: int = 8
     download_timeout_s: float = 30.0
-    # Processes decoding and resizing images during import; 0: one per CPU core.
+    # Processes decoding and resizing images during import; 0: one per CPU core (big imports).
     import_workers: int = 0
     # `loraloop dataset caption`: a BLIP model id, a local directory, or "tiny".
     caption_model: str = "Salesforce/blip-image-captioning-large"

@@ -199,5 +199,5 @@ def caption_dataset(
     if had_hash:
         hash_file.write_text(dataset_hash(dataset) + "\n", encoding="utf-8")
     report = CaptionReport(total=len(rows), captioned=len(todo), empty=empty)
-    log.info("%s: %s", dataset, report.summary())
+    log.debug("%s: %s", dataset, report.summary())
     return report

@@ -65,6 +65,10 @@ TOO_SMALL = "too_small"
 CAPTION_TOO_SHORT = "caption_too_short"
 
 
+# With workers = 0 ("auto"), at least this many images per extra process.
+AUTO_IMAGES_PER_WORKER = 24
+
+
 class DatasetError(Exception):
     """Bad input a person can fix (missing source, unknown format, missing column); the CLI shows it."""
 
@@ -90,7 +94,7 @@ class ImportSettings:
     download_timeout_s: float = 30.0
     csv_image_column: str = "image"
     csv_caption_column: str = "caption"
-    workers: int = 0  # processes decoding and resizing; 0: one per CPU core
+    workers: int = 0  # processes decoding and resizing; 0: one per CPU core (big imports)
 
 
 @dataclass
@@ -493,7 +497,7 @@ def import_dataset(
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    log.info("imported %s into %s: %s", src, out, report.summary())
+    log.debug("imported %s into %s: %s", src, out, report.summary())
     return report
 
 
@@ -540,7 +544,12 @@ def process_file(path: Path, resolution: int, min_image_size: int) -> Processed:
 def _process_all(files: list[Path], settings: ImportSettings) -> Iterator[Processed]:
     """process_file over `files`, in order; on several processes when there is enough work."""
     work = functools.partial(process_file, resolution=settings.resolution, min_image_size=settings.min_image_size)
-    workers = min(settings.workers or os.cpu_count() or 1, len(files))
+    if settings.workers:
+        workers = min(settings.workers, len(files))
+    else:
+        # Starting a worker re-imports this module (a second or more), so "auto" only pays it
+        # for imports with some dozens of images per core.
+        workers = min(os.cpu_count() or 1, len(files) // AUTO_IMAGES_PER_WORKER)
     if workers <= 1:
         yield from map(work, files)
         return
@@ -598,7 +607,7 @@ def _build(candidates: list[Candidate], staging: Path, settings: ImportSettings,
         fingerprint = np.uint64(result.fingerprint)
         match = near_duplicates.closest(fingerprint)
         if match is not None:
-            report.drop(candidate, NEAR_DUPLICATE, f"looks like {match[0]} (distance {match[1]})")
+            report.drop(candidate, NEAR_DUPLICATE, f"looks like {match[0]}, distance {match[1]}")
             continue
         file_name = f"{result.sha256[:16]}.png"
         (staging / file_name).write_bytes(result.png)
