@@ -422,3 +422,21 @@ def test_only_pictures_past_pils_hard_pixel_limit_are_dropped(tmp_path, config_f
     _, report = read_dataset(tmp_path / "out")
     assert [k["source"] for k in report["kept"]] == ["large.png"]
     assert report["dropped"][0]["source"] == "huge.png" and "DecompressionBombError" in report["dropped"][0]["detail"]
+
+
+def test_the_format_flag_overrides_detection_and_checks_the_source_shape(tmp_path, config_file):
+    src = tmp_path / "instance"
+    (src / "sks_dog").mkdir(parents=True)
+    (src / "holiday photos").mkdir()
+    picture(1).save(src / "sks_dog" / "1.png")
+    picture(2).save(src / "holiday photos" / "2.png")
+
+    as_folder = run_import(config_file, src, tmp_path / "out", "--format", "folder")
+    as_dreambooth = run_import(config_file, src, tmp_path / "db", "--format", "dreambooth")
+    as_csv = run_import(config_file, src, tmp_path / "csv", "--format", "csv")
+
+    assert as_folder.exit_code == 0, as_folder.output
+    assert captions(read_dataset(tmp_path / "out")[0]) == ["", ""]
+    assert as_dreambooth.exit_code == 1 and "must be named <trigger>_<class>" in as_dreambooth.output
+    assert "holiday photos" in as_dreambooth.output
+    assert as_csv.exit_code == 1 and "the csv format reads a file, not a folder" in as_csv.output
