@@ -333,8 +333,11 @@ def test_a_near_duplicate_index_matches_only_within_the_distance():
         (lambda tmp: (tmp / "u.txt").write_text("ftp://example/x.png\n") and tmp / "u.txt", "u.txt:1: not an http(s) URL"),
         (lambda tmp: (tmp / "l.json").write_text('{"link": "a.png"}') and tmp / "l.json", "expected a JSON list"),
         (lambda tmp: (tmp / "m.jsonl").write_text('{"text": "no file"}\n') and tmp / "m.jsonl", 'm.jsonl:1: each line needs a "file_name"'),
+        (lambda tmp: (tmp / "l.csv").write_bytes("image,caption\na.png,caf\u00e9\n".encode("latin-1")) and tmp / "l.csv",
+         "l.csv: not UTF-8 text"),
     ],
-    ids=["missing", "unknown-format", "empty-folder", "bad-url", "json-not-a-list", "metadata-without-file-name"],
+    ids=["missing", "unknown-format", "empty-folder", "bad-url", "json-not-a-list", "metadata-without-file-name",
+         "csv-not-utf8"],
 )
 def test_bad_sources_fail_with_a_clear_message_and_write_nothing(tmp_path, config_file, make_source, message):
     result = run_import(config_file, make_source(tmp_path), tmp_path / "out")

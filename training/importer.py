@@ -306,7 +306,12 @@ def read_source(src: Path, source_format: str, settings: ImportSettings) -> tupl
         raise DatasetError(f"{src}: no such file or folder")
     if source_format == "auto":
         source_format = detect_format(src)
-    return source_format, _read(src, source_format, settings)
+    try:
+        return source_format, _read(src, source_format, settings)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{src}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise DatasetError(f"{exc.filename or src}: cannot read: {exc.strerror or exc}") from None
 
 
 def _read(src: Path, source_format: str, settings: ImportSettings) -> list[Candidate]:
