@@ -410,6 +410,14 @@ class Store:
         try:
             self._retrying(lambda: self._configure(synchronous))
             self._migrate()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if "not a database" not in str(exc) and "malformed" not in str(exc):
+                raise
+            raise StoreError(
+                f"{self.db_path} is not a loraloop database or is damaged ({exc}); point "
+                "[store] database at another file, or restore it from a backup."
+            ) from None
         except BaseException:
             conn.close()
             raise
@@ -451,7 +459,8 @@ class Store:
     def _retrying(self, fn: Callable[[], T]) -> T:
         # SQLite's busy handler already waits up to busy_timeout for a lock; some lock errors
         # come back at once anyway (a WAL checkpoint or recovery in another process), so retry
-        # the whole transaction with a growing pause until the same deadline.
+        # the statement (BEGIN IMMEDIATE, COMMIT, a read) with a growing pause until the same
+        # deadline. Once BEGIN IMMEDIATE holds the write lock, nothing inside can be busy.
         deadline = time.monotonic() + self.busy_timeout_s
         pause = 0.005
         while True:

@@ -97,6 +97,13 @@ def test_a_database_from_a_newer_version_is_refused_with_what_to_do(tmp_path):
         Store(path, tmp_path / "data")
 
 
+def test_a_file_that_is_not_a_database_is_refused_with_what_to_do(tmp_path):
+    path = tmp_path / "loraloop.db"
+    path.write_bytes(b"these are holiday photos, not SQLite" * 200)
+    with pytest.raises(StoreError, match="not a loraloop database or is damaged.*backup"):
+        Store(path, tmp_path / "data")
+
+
 def test_the_store_follows_the_config(tmp_path):
     config = Config().replace("store", database=str(tmp_path / "elsewhere.db"), busy_timeout_s=2.5)
     with Store.from_config(config) as store:
