@@ -159,3 +159,15 @@ def test_an_imported_then_captioned_folder_is_a_dataset_training_accepts(tmp_pat
     assert (tmp_path / "out" / "dataset_hash").read_text().strip() == dataset.content_hash, "refreshed after captioning"
     assert sorted(e.caption.startswith("zzq, ") for e in dataset.examples) == [False, True, True]
     assert "a green field" in [e.caption for e in dataset.examples]
+
+
+def test_an_unreadable_image_stops_with_its_name_and_keeps_the_captions_already_made(tmp_path, tiny_blip_dir):
+    dataset = make_dataset(tmp_path / "fox", ["", "", ""])
+    (dataset / "2.png").write_bytes(b"not a png")
+
+    result = run_caption(tmp_path, dataset, "--model", tiny_blip_dir)  # batches of 2
+
+    assert result.exit_code == 1
+    assert "2.png: unreadable image" in result.output
+    texts = [row["text"] for row in rows(dataset)]
+    assert texts[0] and texts[1] and texts[2] == ""

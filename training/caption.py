@@ -74,7 +74,11 @@ def read_metadata(dataset: Path) -> list[dict]:
     if not path.is_file():
         raise CaptionError(f"{dataset}: no {METADATA_FILE}; create the dataset with `loraloop dataset import`")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CaptionError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -160,8 +164,14 @@ class Captioner:
 
 
 def _load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Captions made so far are already saved; the message says how to get past this one.
+        raise CaptionError(
+            f"{path}: unreadable image ({type(exc).__name__}); remove its line from {METADATA_FILE} or re-import"
+        ) from None
 
 
 def caption_dataset(
