@@ -194,7 +194,6 @@ def caption_dataset(
     # Captions are part of the content hash: drop the old one now (an interrupted run leaves no
     # wrong hash behind) and write the new one at the end.
     hash_file = dataset / HASH_FILE
-    had_hash = hash_file.is_file()
     hash_file.unlink(missing_ok=True)
     empty = 0
     with tqdm(total=len(todo), desc="captioning", unit="image", disable=not progress) as bar:
@@ -206,8 +205,7 @@ def caption_dataset(
                 empty += not caption
             write_metadata(dataset, rows)
             bar.update(len(batch))
-    if had_hash:
-        hash_file.write_text(dataset_hash(dataset) + "\n", encoding="utf-8")
+    hash_file.write_text(dataset_hash(dataset) + "\n", encoding="utf-8")
     report = CaptionReport(total=len(rows), captioned=len(todo), empty=empty)
     log.debug("%s: %s", dataset, report.summary())
     return report
