@@ -107,6 +107,28 @@ def test_the_adapter_loads_in_diffusers_changes_the_output_and_keeps_alpha(tmp_p
     assert torch.allclose(render(by_hand), loaded, atol=1e-5)
 
 
+def test_an_adapter_on_attention_proj_and_resnet_layers_loads_whole_in_diffusers(tmp_path, tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    from training.train import TARGET_MODULES
+
+    targets = ["attention", "proj", "resnet"]
+    run(tmp_path, tiny_model_dir, write_dataset(tmp_path / "ds"), "run", rank=4, alpha=8.0, targets=targets)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(tmp_path / "run"), weight_name=ADAPTER_FILE)
+
+    # Every trained layer, attention included, must be in what diffusers loaded.
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-000006" / "state.pt", weights_only=False)
+    by_hand = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    by_hand.set_progress_bar_config(disable=True)
+    by_hand.unet.add_adapter(LoraConfig(r=4, lora_alpha=8.0,
+                                        target_modules=[m for t in targets for m in TARGET_MODULES[t]]))
+    set_peft_model_state_dict(by_hand.unet, state["lora"])
+    assert torch.allclose(render(by_hand), render(pipe), atol=1e-5)
+
+
 def test_the_kohya_copy_has_a1111_keys_and_the_real_alpha(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 

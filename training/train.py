@@ -514,15 +514,18 @@ def lora_state_dict(unet) -> dict:
 def save_adapter(unet, lora_config, directory: Path, provenance: dict[str, Any], kohya: bool) -> Path:
     """Write adapter.safetensors that `pipe.load_lora_weights` loads, provenance in its metadata (atomically)."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import load_file, save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     peft_state = lora_state_dict(unet)
     tmp = directory / f".{ADAPTER_FILE}.tmp{os.getpid()}"
     # The adapter config travels in the metadata so diffusers rebuilds alpha (which need not equal rank).
+    # Keys stay in PEFT's lora_A/lora_B form: convert_state_dict_to_diffusers renames only attention
+    # layers (to the old lora.down form), and diffusers' loader, seeing a lora_A key first, then skips
+    # every renamed one, so an adapter on attention + resnet/proj would load without its attention part.
     StableDiffusionPipeline.save_lora_weights(
-        str(directory), unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+        str(directory), unet_lora_layers=peft_state,
         weight_name=tmp.name, unet_lora_adapter_metadata=lora_config.to_dict(),
     )
     from safetensors import safe_open
