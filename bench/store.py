@@ -1,14 +1,16 @@
 """Benchmark the feedback store and curation on this machine.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/store.py                    # the issue's sizes
-    OMP_NUM_THREADS=1 .venv/bin/python bench/store.py --images 2000 --votes 10000 --callers 16
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.store                    # the issue's sizes
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.store --images 2000 --votes 10000 --callers 16
+
+(`-m` from the repository root, so `training` is the package, not a bench script's name.)
 
 Figures printed:
 - votes/s from concurrent asyncio callers through AsyncStore (goal: >= 2,000/s), each vote its
   own committed transaction, as the bot records them;
 - curation time for --images images with --votes votes (goal: < 10 s), cold (perceptual hashes
   computed from the files) and warm (hashes cached in the store by the first run), for sft
-  and dpo.
+  and dpo. dpo's first run hashes the images sft dropped for their score.
 
 The database and images are built through the Store API in a temporary directory (not timed).
 Images are distinct 64x64 PNGs (the tiny model's size; real 512 px images cost more to decode
@@ -84,10 +86,12 @@ def build_world(store: Store, images: int, votes: int, prompts: int) -> None:
     store.opt_out(users[0])
 
 
-def timed_curation(store: Store, out: Path, settings: CurationSettings) -> tuple[float, str]:
-    started = time.perf_counter()
+def timed_curation(store: Store, out: Path, settings: CurationSettings) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (all threads; on a shared machine wall time also counts the
+    waits for a core) and the report's summary."""
+    started, cpu = time.perf_counter(), time.process_time()
     report = curate(store, out, settings)
-    return time.perf_counter() - started, report.summary()
+    return time.perf_counter() - started, time.process_time() - cpu, report.summary()
 
 
 def main() -> None:
@@ -124,9 +128,11 @@ def main() -> None:
         with Store(db_path, data_dir) as store:
             for label, settings in [("sft cold", CurationSettings(format="sft")),
                                     ("sft warm", CurationSettings(format="sft")),
-                                    ("dpo warm", CurationSettings(format="dpo"))]:
-                seconds, summary = timed_curation(store, root / label.replace(" ", "-"), settings)
-                print(f"curate {label}: {seconds:.2f} s ({summary})")
+                                    ("dpo first", CurationSettings(format="dpo")),
+                                    ("dpo warm", CurationSettings(format="dpo")),
+                                    ("kto warm", CurationSettings(format="kto"))]:
+                seconds, cpu, summary = timed_curation(store, root / label.replace(" ", "-"), settings)
+                print(f"curate {label}: {seconds:.2f} s wall, {cpu:.2f} s CPU ({summary})")
 
 
 if __name__ == "__main__":
