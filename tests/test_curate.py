@@ -342,3 +342,22 @@ def test_the_curate_command_explains_an_empty_selection(data_dir, tmp_path):
     result = CliRunner().invoke(cli, ["dataset", "curate", str(tmp_path / "out"), "--min-raters", "5"])
     assert result.exit_code == 1
     assert "No images in the database" in result.output
+
+
+def test_the_curate_command_reads_dates_as_utc_and_rejects_a_bad_adapter_version(data_dir, tmp_path):
+    world = World(data_dir)
+    early = world.image([1, 1])
+    world.clock.now = START + dt.timedelta(days=3)
+    world.image([1, 1])
+    world.store.close()
+
+    out = tmp_path / "early"
+    result = CliRunner().invoke(cli, ["dataset", "curate", str(out), "--until", "2026-11-04",
+                                      "--copy-images"])
+    assert result.exit_code == 0, result.output
+    assert kept_ids(out) == [early]
+    assert json.loads((out / "report.json").read_text())["settings"]["until"] == "2026-11-04T00:00:00+00:00"
+
+    result = CliRunner().invoke(cli, ["dataset", "curate", str(tmp_path / "x"), "--adapter", "pixel@new"])
+    assert result.exit_code == 2
+    assert "NAME@VERSION" in result.output
