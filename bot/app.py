@@ -93,6 +93,10 @@ class LoraloopBot(discord.Client):
         finally:
             self.caught_up.set()
 
+    async def close(self) -> None:
+        await self.generate.stop()
+        await super().close()
+
     # ---- reactions ---------------------------------------------------------------------------
 
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:

@@ -6,6 +6,7 @@ defined. That is also why this module does not use `from __future__ import annot
 Discord validates ranges and choices before our code runs; the bot checks the rest.
 """
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Literal, Optional
 
@@ -179,7 +180,7 @@ def admin_group(bot: "LoraloopBot") -> app_commands.Group:
     @app_commands.describe(user="Who may no longer make images")
     async def ban(interaction: discord.Interaction, user: discord.User) -> None:
         """Stop a user from making images."""
-        changed = bot.limits.ban(user.id)
+        changed = await asyncio.to_thread(bot.limits.ban, user.id)  # writes the bans file
         await interaction.response.send_message(
             f"{user.mention} can no longer make images." if changed else f"{user.mention} was already banned.",
             ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
@@ -189,7 +190,7 @@ def admin_group(bot: "LoraloopBot") -> app_commands.Group:
     @app_commands.describe(user="Who may make images again")
     async def unban(interaction: discord.Interaction, user: discord.User) -> None:
         """Let a banned user make images again."""
-        changed = bot.limits.unban(user.id)
+        changed = await asyncio.to_thread(bot.limits.unban, user.id)  # writes the bans file
         await interaction.response.send_message(
             f"{user.mention} can make images again." if changed else f"{user.mention} was not banned.",
             ephemeral=True, allowed_mentions=discord.AllowedMentions.none())

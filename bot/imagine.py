@@ -233,8 +233,8 @@ class Generate:
     def __init__(self, bot: "LoraloopBot") -> None:
         self.bot = bot
         self.settings = bot.settings
-        # Job id -> requester, so ❌ knows whose job it is even after a restart of the view.
-        self.jobs: dict[str, int] = {}
+        # The tasks following jobs, so a shutting-down bot stops them instead of leaking them.
+        self.following: set[asyncio.Task] = set()
 
     def refusal_for(self, interaction: discord.Interaction, spec: Spec,
                     attachment: discord.Attachment | None = None) -> str | None:
@@ -268,6 +268,8 @@ class Generate:
         user_id = interaction.user.id
         job_key = f"interaction-{interaction.id}"
         self.bot.limits.started(user_id, job_key)
+        task = asyncio.current_task()
+        self.following.add(task)
         try:
             if attachment is not None:
                 try:
@@ -279,6 +281,13 @@ class Generate:
             await self._run(interaction, spec, job_key)
         finally:
             self.bot.limits.finished(user_id, job_key)
+            self.following.discard(task)
+
+    async def stop(self) -> None:
+        """Stop following jobs (the service keeps running them); used when the bot shuts down."""
+        for task in list(self.following):
+            task.cancel()
+        await asyncio.gather(*self.following, return_exceptions=True)
 
     async def _run(self, interaction: discord.Interaction, spec: Spec, job_key: str) -> None:
         reply = Reply(interaction)
@@ -290,7 +299,6 @@ class Generate:
             await reply.refuse(describe_error(exc, job_key))
             return
         job_id = accepted.id
-        self.jobs[job_id] = user_id
         log.info("job %s: submitted for user %s from interaction %s", job_id, user_id, interaction.id)
         parameters = {k: v for k, v in request.to_dict().items()
                       if k not in ("prompt", "negative_prompt", "adapters", "init_image", "requester")}
@@ -310,8 +318,6 @@ class Generate:
             await self.bot.store.update_generation(generation_id, status="failed", error=repr(exc)[:500])
             await reply.edit(content=f"⚠️ {describe_error(exc, job_id)}", view=None, attachments=[])
             return
-        finally:
-            self.jobs.pop(job_id, None)
         queue_ms = duration_ms = None
         if status.started_at is not None and status.created_at:
             queue_ms = int((status.started_at - status.created_at) * 1000)

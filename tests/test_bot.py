@@ -339,7 +339,7 @@ async def test_imagine_defers_shows_progress_and_posts_one_message_per_image_wit
     texts = fake.texts_seen_by(interaction)
     assert any(t.startswith("🕒 Queued") for t in texts)
     assert any(t.startswith("⏳ Step") for t in texts)
-    await fake.wait_for(lambda: fake.original_message(interaction)["content"].startswith("✅ Done"))
+    await finished(fake, interaction)
 
     generation = await store.generation_for_job(images[0]["attachments"][0]["filename"].rsplit("-", 1)[0])
     assert generation.status == "done" and generation.requester_id == int(fake.alice["id"])
@@ -351,6 +351,12 @@ async def test_imagine_defers_shows_progress_and_posts_one_message_per_image_wit
 
 def custom_ids(message: dict) -> list[str]:
     return [c["custom_id"] for row in message.get("components", []) for c in row["components"]]
+
+
+async def finished(fake: FakeDiscord, interaction) -> None:
+    """Wait until the job of an interaction is over: its images posted and recorded."""
+    await fake.wait_for(lambda: (m := fake.original_message(interaction)) is not None
+                        and m["content"].startswith("✅ Done"), timeout=60)
 
 
 async def queued_job(fake: FakeDiscord, interaction) -> str:
@@ -393,7 +399,7 @@ async def test_the_requester_can_cancel_a_queued_job_and_others_cannot(fake, sto
 async def test_reroll_and_variation_buttons_work_after_a_restart(fake, store, bots, service):
     bot = await bots.start(service)
     first = await fake.slash("imagine", {"prompt": "a lighthouse", "steps": 3, "seed": 7})
-    await fake.wait_for(lambda: len(fake.image_messages()) == 1, timeout=60)
+    await finished(fake, first)
     (message,) = fake.image_messages()
     assert "seed 7" in message["content"]
     await bots.stop(bot)
@@ -488,3 +494,43 @@ async def test_imagine_works_in_dms_when_enabled(fake, bots, service):
     dm = fake.dm_channel_for(int(fake.alice["id"]))
     await fake.wait_for(lambda: fake.image_messages(dm), timeout=60)
     assert fake.image_messages() == []
+
+
+async def test_admins_reload_styles_which_then_list_autocomplete_and_apply(fake, bots, service, tiny_model_dir,
+                                                                          data_dir):
+    from generation.testing import write_lora
+
+    fake.admins.add(int(fake.carol["id"]))
+    await bots.start(service)
+    empty = await fake.slash("styles")
+    await fake.wait_for(lambda: empty.followup_ids)
+    assert "no styles yet" in fake.texts_seen_by(empty)[-1]
+
+    write_lora(tiny_model_dir, data_dir / "adapters" / "pixel" / "v1.safetensors", description="Pixel art")
+    refused = await fake.slash("admin reload", user=fake.alice)
+    await refused_with(fake, refused, "Only the image admins")
+    reload = await fake.slash("admin reload", user=fake.carol)
+    await fake.wait_for(lambda: reload.followup_ids)
+    assert "Reloaded" in fake.texts_seen_by(reload)[-1]
+
+    listed = await fake.slash("styles")
+    await fake.wait_for(lambda: listed.followup_ids)
+    assert "**pixel** v1: Pixel art" in fake.texts_seen_by(listed)[-1]
+    typed = await fake.slash("imagine", {"prompt": "a fox", "style": "pix"}, focused="style")
+    await fake.wait_for(lambda: typed.acknowledged_at is not None)
+    assert typed.choices == [{"name": "pixel", "value": "pixel"}]
+
+    await fake.slash("imagine", {"prompt": "a pixel fox", "style": "pixel", "steps": 2})
+    await fake.wait_for(lambda: fake.image_messages(), timeout=60)
+    assert "pixel v1" in fake.image_messages()[0]["content"]
+
+
+async def test_admins_pause_and_resume_the_queue(fake, bots, service):
+    fake.admins.add(int(fake.carol["id"]))
+    await bots.start(service)
+    pause = await fake.slash("admin pause", user=fake.carol)
+    await fake.wait_for(lambda: pause.followup_ids)
+    assert (await service.health()).paused
+    resume = await fake.slash("admin resume", user=fake.carol)
+    await fake.wait_for(lambda: resume.followup_ids)
+    assert not (await service.health()).paused
