@@ -22,10 +22,12 @@ The API (every write is one transaction; those Discord can repeat are idempotent
 - generations: `record_generation` (idempotent per job id) -> id, `update_generation`
   (status, error, queue_ms, duration_ms), `generation`, `generation_for_job`.
 - images: `add_image` (PNG bytes stored under DATA_DIR/images by sha256; idempotent per
-  generation and index) -> id, `set_image_message`, `image_for_message`, `image`, `image_path`.
+  generation and index) -> id, `set_image_message`, `image_for_message`, `image`, `image_path`,
+  `images_for_generation`, `posted_images` (newest images shown in Discord, for catching up).
 - ratings: `set_vote` (one vote per user per image, latest wins), `remove_vote` (withdraws the
   vote only if it was cast with that emoji), `votes_for`.
-- flags (kept apart from taste): `flag(image_id, user_id, "nsfw" | "artifact")`, `unflag`.
+- flags (kept apart from taste): `flag(image_id, user_id, "nsfw" | "artifact")`, `unflag`,
+  `flags_for`.
 - users: `opt_out`, `opt_in`, `is_opted_out` (opted-out users' images and votes never reach a
   dataset).
 - stats: `adapter_stats` (per adapter version: images, votes, like rate), `top_images`

@@ -104,3 +104,27 @@ def test_a_writer_in_another_process_makes_the_store_wait_not_fail(tmp_path):
         holder.wait(timeout=10)
         assert waited > 0.3
         assert [v.user_id for v in store.votes_for(image_id)] == [10]
+
+
+def test_processes_opening_a_new_database_at_once_migrate_it_once(tmp_path):
+    db_path, data_dir = tmp_path / "loraloop.db", tmp_path / "data"
+    opener = textwrap.dedent(
+        """
+        import sys
+        from loraloop.store import Store
+        with Store(sys.argv[1], sys.argv[2]) as store:
+            print(",".join(store.schema_version()))
+        """
+    )
+    processes = [
+        subprocess.Popen([sys.executable, "-c", opener, str(db_path), str(data_dir)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+        for _ in range(4)
+    ]
+    results = [process.communicate(timeout=60) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0, 0], results
+    assert {out.strip() for out, _ in results} == {"0001_initial,0002_query_indexes"}
+    with Store(db_path, data_dir) as store:
+        rows = store.db.conn.execute("SELECT COUNT(*) FROM _sqlite_migrations").fetchone()[0]
+    assert rows == 2
