@@ -187,6 +187,18 @@ def test_a_reaction_finds_its_image_through_the_message_id(store):
         store.set_image_message(other, 777)
 
 
+def test_the_newest_posted_images_come_with_their_channel_for_catching_up(store):
+    generation_id = store.record_generation(job_id="j", prompt="a fox", channel_id=900)
+    posted = [store.add_image(generation_id, index=i, seed=i, width=8, height=8,
+                              png=PNG + bytes([i])) for i in range(3)]
+    store.add_image(generation_id, index=3, seed=3, width=8, height=8, png=PNG + b"unposted")
+    for message_id, image_id in enumerate(posted, start=500):
+        store.set_image_message(image_id, message_id)
+    newest = store.posted_images(limit=2)
+    assert [(image.id, channel) for image, channel in newest] == [(posted[2], 900), (posted[1], 900)]
+    assert [i.index for i in store.images_for_generation(generation_id)] == [0, 1, 2, 3]
+
+
 # --- votes, flags, opt-out -----------------------------------------------------------------
 
 
