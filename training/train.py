@@ -481,6 +481,9 @@ def render_samples(st: Setup, plan: Plan, prompts: list[str], step: int) -> Path
 
     s = plan.job.settings
     unet = st.accelerator.unwrap_model(st.unet)
+    device = st.accelerator.device
+    st.vae.to(device)
+    st.text_encoder.to(device)
     pipe = StableDiffusionPipeline(
         vae=st.vae, text_encoder=st.text_encoder, tokenizer=st.tokenizer, unet=unet,
         scheduler=DPMSolverMultistepScheduler.from_config(st.noise_scheduler.config),
@@ -495,6 +498,9 @@ def render_samples(st: Setup, plan: Plan, prompts: list[str], step: int) -> Path
             images.append(pipe(prompt, height=s.resolution, width=s.resolution, num_inference_steps=s.sample_steps,
                                generator=generator).images[0])
     unet.train()
+    if s.cache_latents:
+        st.vae.to("cpu")
+        st.text_encoder.to("cpu")
     path = plan.run_dir / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     labelled_grid([images], [f"step {step}"], prompts).save(path)
@@ -683,6 +689,10 @@ def train(plan: Plan, on_step: Callable[[Progress], None] | None = None) -> dict
     log.info("%d training and %d validation examples; encoded %d, reused %d from the cache",
              len(plan.train), len(plan.validation), st.encoder.cache.encoded, st.encoder.cache.reused)
     encode_counts = {"encoded": st.encoder.cache.encoded, "reused": st.encoder.cache.reused}
+    if s.cache_latents:
+        # Everything is encoded: the VAE and text encoder leave the GPU until a sample grid needs them.
+        st.vae.to("cpu")
+        st.text_encoder.to("cpu")
 
     generator = torch.Generator().manual_seed(s.seed)
     progress = Progress()
