@@ -7,7 +7,9 @@ queue at most `max_queue`; past either the job is refused (the server answers 42
 
 `take_batch` is what makes micro-batching work: after taking the next job in fair order it
 gathers queued jobs that can share the same pipeline call (same `batch_key`) up to `max_batch`
-images, waiting up to `batch_wait` for more to arrive.
+images. It waits (up to `batch_wait`) only while submissions are still on their way in
+(`announce`d by the server but not yet queued): a lone job starts at once, and a burst of
+concurrent requests still lands in one batch.
 
 Handlers call `put`/`remove` on the event loop, the worker calls `take_batch` on its thread:
 every method takes the one lock, and none of them blocks for long while holding it.
@@ -46,6 +48,7 @@ class FairQueue:
         self._active: dict[str, int] = {}  # requester -> queued + running jobs
         self._paused = False
         self._closed = False
+        self._incoming = 0  # submissions being validated, about to be put
         self._changed = threading.Condition()
 
     # -- the event loop's side ---------------------------------------------------------------
@@ -68,6 +71,17 @@ class FairQueue:
             self._active[job.requester] = self._active.get(job.requester, 0) + 1
             self._changed.notify_all()
             return self._order().index(job)
+
+    def announce(self) -> None:
+        """A submission arrived and will be `put` (or refused) shortly: worth waiting for."""
+        with self._changed:
+            self._incoming += 1
+
+    def settle(self) -> None:
+        """An announced submission was put or refused."""
+        with self._changed:
+            self._incoming -= 1
+            self._changed.notify_all()
 
     def remove(self, job: Queueable) -> bool:
         """Take a queued job out (cancel). False when it is no longer queued."""
@@ -130,7 +144,7 @@ class FairQueue:
                         batch.append(job)
                         images += job.count
                 remaining = deadline - time.monotonic()
-                if images >= max_images or remaining <= 0 or self._closed:
+                if images >= max_images or remaining <= 0 or self._closed or not self._incoming:
                     break
                 self._changed.wait(remaining)
             return batch

@@ -133,14 +133,18 @@ class GenerationService:
 
     async def submit(self, request: JobRequest) -> JobAccepted:
         loop = asyncio.get_running_loop()
-        # Decoding an init image is CPU work: off the loop.
-        spec = await loop.run_in_executor(None, build_spec, request, self.settings, self.catalog, self.native_size)
-        job = Job(id=uuid.uuid4().hex, spec=spec, requester=request.requester)
+        self.queue.announce()  # the worker may hold a batch open for this job
         try:
+            # Decoding an init image is CPU work: off the loop.
+            spec = await loop.run_in_executor(None, build_spec, request, self.settings, self.catalog,
+                                              self.native_size)
+            job = Job(id=uuid.uuid4().hex, spec=spec, requester=request.requester)
             position = self.queue.put(job)
         except QueueRefused as exc:
             self.metrics.refused += 1
             raise ServiceFailure(exc.code, exc.message) from None
+        finally:
+            self.queue.settle()
         self.jobs[job.id] = job
         self._forget_old_jobs()
         log.info("job %s: queued at position %d for %r (%d image(s), %s)", job.id, position,

@@ -62,7 +62,7 @@ class ServiceConfig:
     max_per_requester: int = 4
     # Images per pipeline call: more raises GPU throughput but costs memory and per-job latency.
     max_batch: int = 4
-    # How long the worker waits for compatible jobs to join a batch: throughput vs first-image latency.
+    # Longest the worker holds a batch open for requests still arriving: throughput vs latency.
     batch_wait_ms: int = 50
     # Request limits: each higher value lets one job cost more GPU time or memory.
     default_steps: int = 25

@@ -105,3 +105,21 @@ def test_closing_wakes_a_waiting_worker_with_none():
     queue.close()
     worker.join(5)
     assert taken == [None]
+
+
+def test_a_lone_job_starts_at_once_but_an_announced_one_is_waited_for():
+    queue = FairQueue(max_queue=10, max_per_requester=5)
+    queue.put(FakeJob("alone", "a"))
+    assert names(queue.take_batch(max_images=4, batch_wait=30)) == ["alone"]  # no 30 s wait
+
+    queue.put(FakeJob("first", "a"))
+    queue.announce()  # a second request is being validated right now
+    taken = []
+    worker = threading.Thread(target=lambda: taken.append(queue.take_batch(max_images=4, batch_wait=30)))
+    worker.start()
+    worker.join(0.2)
+    assert worker.is_alive(), "holds the batch open for the announced job"
+    queue.put(FakeJob("second", "b"))
+    queue.settle()
+    worker.join(5)
+    assert names(taken[0]) == ["first", "second"]
