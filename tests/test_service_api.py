@@ -150,3 +150,14 @@ async def test_imagine_says_when_the_service_is_not_running(tmp_path):
     )
     assert result.exit_code == 1
     assert "can't be reached" in result.output and "loraloop serve" in result.output
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [("weights.ckpt", "pickle checkpoints can run code"), ("missing-dir", "Cannot load model")],
+)
+def test_serve_explains_a_model_it_cannot_load(data_dir, tmp_path, model, words):
+    (tmp_path / "weights.ckpt").write_bytes(b"\x80\x04 pretend pickle")
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / model), "--port", "8799"])
+    assert result.exit_code == 1, result.output
+    assert words in result.output
