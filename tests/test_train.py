@@ -206,7 +206,7 @@ def test_preference_objectives_change_the_adapter_and_log_their_metrics(tmp_path
     assert any(r["ref_gap"] != 0.0 for r in report["history"][1:])
     assert "val_implicit_acc" in report["validation"][-1]
     weights = load_file(tmp_path / "run" / ADAPTER_FILE)
-    assert any(k.endswith("lora.up.weight") and v.abs().sum() > 0 for k, v in weights.items())
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
     assert read_provenance(tmp_path / "run" / ADAPTER_FILE)["objective"] == objective
 
 
@@ -287,3 +287,26 @@ def test_an_unknown_set_key_is_refused(tmp_path):
     dataset = write_dataset(tmp_path / "ds", count=2)
     result = invoke_train(tmp_path, str(dataset), "--name", "x", "--set", "rnak=3")
     assert result.exit_code == 1 and "rnak: unknown [training] key" in result.output
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    dataset = write_dataset(tmp_path / "ds", count=4)
+    run(tmp_path, tiny_model_dir, dataset, "plain", max_steps=2)
+    run(tmp_path, tiny_model_dir, dataset, "checkpointed", max_steps=2, gradient_checkpointing=True)
+    plain = load_file(tmp_path / "plain" / ADAPTER_FILE)
+    checkpointed = load_file(tmp_path / "checkpointed" / ADAPTER_FILE)
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+    assert any(v.abs().sum() > 0 for k, v in checkpointed.items() if k.endswith("lora_B.weight"))
+
+
+def test_a_tracker_that_is_not_installed_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    dataset = write_dataset(tmp_path / "ds", count=2)
+    result = CliRunner().invoke(cli, ["train", str(dataset), "--name", "x", "--set", "log_with='wandb'"],
+                                env={"LORALOOP_DATA_DIR": str(tmp_path / "data")})
+    assert result.exit_code == 1 and "pip install wandb" in result.output
