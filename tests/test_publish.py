@@ -133,7 +133,8 @@ async def test_publishing_makes_the_running_service_serve_the_new_version(tmp_pa
     assert base != adapted
 
 
-def test_publishing_while_the_service_is_down_says_it_loads_at_start(tmp_path, trained_run, data_dir):
+def test_publishing_while_the_service_is_down_says_it_loads_at_start(tmp_path, trained_run, data_dir,
+                                                                    tiny_model_dir):
     import socket
 
     with socket.socket() as probe:  # a loopback port nothing listens on
@@ -143,3 +144,5 @@ def test_publishing_while_the_service_is_down_says_it_loads_at_start(tmp_path, t
                                       "--name", "disc", "--service-url", f"http://127.0.0.1:{port}"])
     assert result.exit_code == 0, result.output
     assert "is not running; it will load disc@1 when it starts" in result.output
+    # Trained on the tiny model directory, while [service] model is "tiny" by name: worth a warning.
+    assert f"was trained on {tiny_model_dir}, but [service] model is tiny" in result.output

@@ -310,3 +310,13 @@ def test_a_tracker_that_is_not_installed_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(cli, ["train", str(dataset), "--name", "x", "--set", "log_with='wandb'"],
                                 env={"LORALOOP_DATA_DIR": str(tmp_path / "data")})
     assert result.exit_code == 1 and "pip install wandb" in result.output
+
+
+def test_an_sdxl_base_model_is_refused_before_loading(tmp_path, tiny_model_dir):
+    import shutil
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "xl"))
+    config = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps({**config, "addition_embed_type": "text_time"}))
+    result = invoke_train(tmp_path, str(write_dataset(tmp_path / "ds", count=2)), "--name", "x", "--model", str(model))
+    assert result.exit_code == 1 and "is an SDXL model" in result.output

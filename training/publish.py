@@ -43,6 +43,7 @@ class Published:
     path: Path
     sha256: str
     training_run_id: int
+    base_model: str = ""
 
 
 def find_adapter(run: Path) -> Path:
@@ -143,7 +144,8 @@ def publish(run: Path, name: str, adapters_dir: Path, store: Store) -> Published
     finally:
         tmp.unlink(missing_ok=True)
     log.info("published %s as %s v%d (%s)", adapter, name, version, sha256[:12])
-    return Published(name=name, version=version, path=final, sha256=sha256, training_run_id=run_id)
+    return Published(name=name, version=version, path=final, sha256=sha256, training_run_id=run_id,
+                     base_model=str(config.get("base_model") or ""))
 
 
 async def tell_service(base_url: str, token: str | None, published: Published) -> str:
@@ -224,6 +226,10 @@ def _adapters_group():
             raise click.ClickException(str(exc)) from None
         click.echo(f"published {published.name}@{published.version} -> {published.path} "
                    f"(sha256 {published.sha256[:12]}, training run {published.training_run_id})")
+        if published.base_model and published.base_model != config.service.model:
+            # A LoRA only means something on the model it was trained on; say so, but it may be deliberate.
+            click.echo(f"warning: {published.name}@{published.version} was trained on {published.base_model}, "
+                       f"but [service] model is {config.service.model}", err=True)
         import asyncio
 
         from generation.client import ServiceError

@@ -118,12 +118,21 @@ def resolve_model(model: str, data_dir: Path) -> str:
     if path.is_dir():
         if not (path / "unet").is_dir() or not (path / "vae").is_dir():
             raise TrainError(f"{path} is not a diffusers model directory (it has no unet/ and vae/ folders)")
+        unet_config = path / "unet" / "config.json"
+        if unet_config.is_file():
+            _check_architecture(json.loads(unet_config.read_text()), model)
         return str(path.resolve())
     if path.is_file():
         raise TrainError(f"{path}: training needs a diffusers model directory, not a single-file checkpoint")
     if not HUB_ID_RE.match(model):
         raise TrainError(f"base model {model} does not exist; give a diffusers directory, a hub id or 'tiny'")
     return model
+
+
+def _check_architecture(unet_config: dict[str, Any], model: str) -> None:
+    # SDXL's UNet also needs pooled text embeddings and size conditioning, which this loop does not make.
+    if unet_config.get("addition_embed_type") == "text_time":
+        raise TrainError(f"{model} is an SDXL model; loraloop trains SD 1.x and 2.x LoRAs only")
 
 
 def batches_per_epoch(examples: int, batch_size: int, processes: int) -> int:
@@ -263,6 +272,7 @@ def setup(plan: Plan) -> Setup:
         noise_scheduler = DDPMScheduler.from_pretrained(plan.model_path, subfolder="scheduler")
     except (OSError, ValueError) as exc:
         raise TrainError(f"cannot load base model {plan.job.model}: {exc}") from None
+    _check_architecture(dict(unet.config), plan.job.model)  # hub ids are only known once loaded
     for frozen in (vae, text_encoder, unet):
         frozen.requires_grad_(False)
     # Frozen parts run in the mixed-precision dtype; the LoRA weights stay fp32 so small updates are not lost.
