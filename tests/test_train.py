@@ -172,6 +172,38 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir):
     assert report["steps"] == 4 and len(report["history"]) == 4
 
 
+def test_ctrl_c_in_the_middle_of_a_step_rolls_back_to_its_start_so_resume_is_exact(
+        tmp_path, tiny_model_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    import training.train as train_module
+
+    dataset = write_dataset(tmp_path / "ds")
+    settings = dataclasses.replace(FAST, max_steps=4, grad_accumulation=2, dropout=0.1, checkpoint_every=100)
+    job = Job(dataset=dataset, name="disc", model=str(tiny_model_dir), settings=settings,
+              data_dir=tmp_path / "data", output=tmp_path / "interrupted")
+    whole = train(validate(dataclasses.replace(job, output=tmp_path / "whole")))
+
+    real_loss, calls = train_module.micro_batch_loss, []
+
+    def ctrl_c_after_the_fifth_micro_batch(*args, **kwargs):
+        result = real_loss(*args, **kwargs)
+        calls.append(kwargs["training"])
+        if calls.count(True) == 5:  # first micro-batch of step 3: noise drawn, no update yet
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(train_module, "micro_batch_loss", ctrl_c_after_the_fifth_micro_batch)
+    with pytest.raises(Interrupted) as interrupted:
+        train(validate(job))
+    monkeypatch.setattr(train_module, "micro_batch_loss", real_loss)
+    assert interrupted.value.checkpoint.name == "step-000002"
+    resumed = train(validate(dataclasses.replace(job, resume=tmp_path / "interrupted")))
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in whole["history"]]
+    a, b = load_file(tmp_path / "whole" / ADAPTER_FILE), load_file(tmp_path / "interrupted" / ADAPTER_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resuming_with_different_settings_is_refused_before_loading(tmp_path, tiny_model_dir):
     dataset = write_dataset(tmp_path / "ds")
     run(tmp_path, tiny_model_dir, dataset, "run", max_steps=3)

@@ -2,7 +2,7 @@
 
     loraloop train data/datasets/foxes --name foxes                        # SFT, settings from [training]
     loraloop train data/datasets/pairs --name house --objective dpo --steps 400
-    loraloop train data/datasets/foxes --name foxes --set rank=32 --set lr_scheduler='"cosine"'
+    loraloop train data/datasets/foxes --name foxes --set rank=32 --set lr_scheduler=cosine
     loraloop train data/datasets/foxes --name foxes --resume data/runs/foxes-20260101-120000
     accelerate launch --multi_gpu --num_processes 2 $(which loraloop) train data/datasets/foxes --name foxes
 
@@ -35,6 +35,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -598,6 +600,39 @@ class Progress:
     kl_estimate: float = 0.0
 
 
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Ctrl-C during the optimiser update takes effect after it, so no checkpoint holds half an update."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread; nothing to defer elsewhere
+        return
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: pressed.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+def _random_state(generator) -> dict[str, Any]:
+    """Every RNG the loop draws from: ours, torch's (LoRA dropout) and CUDA's."""
+    import torch
+
+    return {"generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_random_state(generator, state: dict[str, Any]) -> None:
+    import torch
+
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 def save_checkpoint(st: Setup, plan: Plan, progress: Progress, generator) -> Path:
     import numpy as np
     import torch
@@ -614,9 +649,7 @@ def save_checkpoint(st: Setup, plan: Plan, progress: Progress, generator) -> Pat
         "lora": lora_state_dict(unet),
         "optimizer": st.optimizer.state_dict(),
         "lr_scheduler": st.lr_scheduler.state_dict(),
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        **_random_state(generator),
         "python_rng": random.getstate(),
         "numpy_rng": np.random.get_state(),
         "settings": settings_dict(plan.job.settings),
@@ -636,17 +669,13 @@ def save_checkpoint(st: Setup, plan: Plan, progress: Progress, generator) -> Pat
 
 def restore_checkpoint(st: Setup, plan: Plan, generator) -> Progress:
     import numpy as np
-    import torch
     from peft import set_peft_model_state_dict
 
     state = plan.resume_state
     set_peft_model_state_dict(st.accelerator.unwrap_model(st.unet), state["lora"])
     st.optimizer.load_state_dict(state["optimizer"])
     st.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    _set_random_state(generator, state)
     random.setstate(state["python_rng"])
     np.random.set_state(state["numpy_rng"])
     return Progress(**state["progress"])
@@ -721,8 +750,12 @@ def train(plan: Plan, on_step: Callable[[Progress], None] | None = None) -> dict
     processes, rank = accelerator.num_processes, accelerator.process_index
     bar = tqdm(total=plan.total_steps, initial=progress.step, disable=not is_main, desc=plan.job.name, unit="step")
     stopped_early = False
+    inside_step = False
     try:
         while progress.step < plan.total_steps:
+            # Where this step starts: Ctrl-C in the middle of it rolls back to here, so the
+            # checkpoint it saves resumes exactly like the uninterrupted run.
+            step_start, inside_step = (_random_state(generator), progress.kl_estimate), True
             metrics_sum: dict[str, float] = {}
             loss_sum = 0.0
             for micro in range(s.grad_accumulation):
@@ -741,18 +774,19 @@ def train(plan: Plan, on_step: Callable[[Progress], None] | None = None) -> dict
                     metrics_sum[key] = metrics_sum.get(key, 0.0) + value
             if s.max_grad_norm:
                 accelerator.clip_grad_norm_(st.unet.parameters(), s.max_grad_norm)
-            st.optimizer.step()
-            lr = st.lr_scheduler.get_last_lr()[0]
-            st.lr_scheduler.step()
-            st.optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-
-            record = {"step": progress.step, "loss": loss_sum / s.grad_accumulation, "lr": lr,
+            record = {"step": progress.step + 1, "loss": loss_sum / s.grad_accumulation,
+                      "lr": st.lr_scheduler.get_last_lr()[0],
                       **{k: v / s.grad_accumulation for k, v in metrics_sum.items()}}
             if not math.isfinite(record["loss"]):
-                raise TrainError(f"the loss became {record['loss']} at step {progress.step}; "
+                raise TrainError(f"the loss became {record['loss']} at step {progress.step + 1}; "
                                  "lower learning_rate or use mixed_precision 'bf16'/'no'")
-            progress.history.append(record)
+            with _ctrl_c_deferred():
+                st.optimizer.step()
+                st.lr_scheduler.step()
+                st.optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                progress.history.append(record)
+                inside_step = False
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"})
 
@@ -783,6 +817,10 @@ def train(plan: Plan, on_step: Callable[[Progress], None] | None = None) -> dict
     except KeyboardInterrupt:
         bar.close()
         if is_main and progress.step > 0:
+            if inside_step:  # no update was applied yet: undo the draws the unfinished step made
+                _set_random_state(generator, step_start[0])
+                progress.kl_estimate = step_start[1]
+                st.optimizer.zero_grad(set_to_none=True)
             raise Interrupted(save_checkpoint(st, plan, progress, generator)) from None
         raise
     bar.close()
