@@ -5,7 +5,8 @@
     load_model("/models/sdxl.safetensors", "cuda", data_dir)     # a single-file checkpoint
 
 SD 1.x, 2.x and SDXL are supported. fp16 on CUDA, fp32 on the CPU (half precision on the CPU is
-slow and poorly supported). Only the worker thread calls into what this returns.
+slow and poorly supported). Only the worker thread imports this module and calls into what it
+returns, so the event loop never waits on torch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,6 @@ class LoadedModel:
 
 
 def pick_device(requested: str) -> str:
-    import torch
-
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
@@ -46,7 +48,6 @@ def pick_device(requested: str) -> str:
 
 def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
     """Load txt2img and img2img pipelines (sharing weights) onto the device."""
-    import torch
     from diffusers import (
         AutoPipelineForImage2Image,
         DiffusionPipeline,
@@ -136,8 +137,6 @@ def make_batch_invariant(pipe: Any) -> None:
     every UNet call has at least two rows already. Measured batch-invariant on the CPU; on a
     GPU, cuBLAS and cuDNN may still choose per-batch-size kernels.
     """
-    import torch
-
     pipe.vae.enable_slicing()
     if not getattr(pipe.unet, "_loraloop_pairs", False):
         pipe.unet.forward = _never_alone(pipe.unet.forward)
@@ -157,7 +156,6 @@ def make_batch_invariant(pipe: Any) -> None:
 
 def _rowwise_forward(forward: Any) -> Any:
     """Wrap a text encoder's forward to encode one prompt at a time and stack the results."""
-    import torch
 
     def rowwise(input_ids: Any, *args: Any, **kwargs: Any) -> Any:
         if input_ids.shape[0] == 1:
@@ -167,71 +165,61 @@ def _rowwise_forward(forward: Any) -> Any:
             forward(row, *args, attention_mask=None if mask is None else mask[i : i + 1], **kwargs)
             for i, row in enumerate(input_ids.split(1))
         ]
-        return _stack(outputs, torch)
+        return _stack(outputs)
 
     return rowwise
 
 
 def _never_alone(forward: Any) -> Any:
     """Wrap the UNet's forward so a batch of one runs as two identical rows (see above)."""
-    import torch
 
     def paired(sample: Any, timestep: Any, encoder_hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
         if sample.shape[0] != 1:
             return forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
-        doubled = {k: _double(v, torch) for k, v in kwargs.items()}
-        out = forward(_double(sample, torch), _double(timestep, torch), _double(encoder_hidden_states, torch),
+        doubled = {k: _double(v) for k, v in kwargs.items()}
+        out = forward(_double(sample), _double(timestep), _double(encoder_hidden_states),
                       *args, **doubled)
-        return _first_row(out, torch)
+        return _first_row(out)
 
     return paired
 
 
-def _double(value: Any, torch: Any) -> Any:
+def _double(value: Any) -> Any:
     if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == 1:
         return torch.cat([value, value])
     if isinstance(value, dict):
-        return {k: _double(v, torch) for k, v in value.items()}
+        return {k: _double(v) for k, v in value.items()}
     return value
 
 
-def _first_row(value: Any, torch: Any) -> Any:
+def _first_row(value: Any) -> Any:
     if torch.is_tensor(value):
         return value[:1]
     if isinstance(value, dict):
-        return type(value)(**{k: _first_row(v, torch) for k, v in value.items()})
+        return type(value)(**{k: _first_row(v) for k, v in value.items()})
     if isinstance(value, tuple):
-        return tuple(_first_row(v, torch) for v in value)
+        return tuple(_first_row(v) for v in value)
     return value
 
 
-def _stack(outputs: list[Any], torch: Any) -> Any:
+def _stack(outputs: list[Any]) -> Any:
     first = outputs[0]
     if torch.is_tensor(first):
         return torch.cat(outputs)
     if isinstance(first, dict):  # transformers' ModelOutput is a dict that keeps its class
-        return type(first)(**{key: _stack([o[key] for o in outputs], torch) for key in first.keys()})
+        return type(first)(**{key: _stack([o[key] for o in outputs]) for key in first.keys()})
     if isinstance(first, (tuple, list)):
-        return type(first)(_stack(list(items), torch) for items in zip(*outputs))
+        return type(first)(_stack(list(items)) for items in zip(*outputs))
     return first
 
 
-def _rowwise_linear_class() -> type:
-    import torch
-    import torch.nn.functional as F
+class RowwiseLinear(torch.nn.Linear):
+    """nn.Linear that runs a (B, C) input one row at a time, so no row sees the batch size."""
 
-    class RowwiseLinear(torch.nn.Linear):
-        """nn.Linear that runs a (B, C) input one row at a time, so no row sees the batch size."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.dim() == 2 and x.shape[0] > 1:
-                return torch.cat([F.linear(row, self.weight, self.bias) for row in x.split(1)])
-            return F.linear(x, self.weight, self.bias)
-
-    return RowwiseLinear
-
-
-RowwiseLinear = _rowwise_linear_class()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] > 1:
+            return torch.cat([F.linear(row, self.weight, self.bias) for row in x.split(1)])
+        return F.linear(x, self.weight, self.bias)
 
 # SD 1.x/2.x latent channels -> RGB, a linear fit good enough for a thumbnail (no VAE decode).
 LATENT_RGB = (
@@ -244,7 +232,6 @@ LATENT_RGB = (
 
 def latent_preview(latents: Any, max_side: int = 128) -> "Any":
     """A small PIL preview of one (4, h, w) latent, made without running the VAE."""
-    import torch
     from PIL import Image
 
     factors = torch.tensor(LATENT_RGB, dtype=torch.float32)
