@@ -352,3 +352,14 @@ def test_an_sdxl_base_model_is_refused_before_loading(tmp_path, tiny_model_dir):
     (model / "unet" / "config.json").write_text(json.dumps({**config, "addition_embed_type": "text_time"}))
     result = invoke_train(tmp_path, str(write_dataset(tmp_path / "ds", count=2)), "--name", "x", "--model", str(model))
     assert result.exit_code == 1 and "is an SDXL model" in result.output
+
+
+def test_a_resume_path_without_a_checkpoint_or_with_a_foreign_file_is_a_clear_error(tmp_path):
+    dataset = write_dataset(tmp_path / "ds", count=2)
+    (tmp_path / "empty").mkdir()
+    result = invoke_train(tmp_path, str(dataset), "--name", "x", "--resume", str(tmp_path / "empty"))
+    assert result.exit_code == 1 and "no checkpoint there" in result.output
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "state.pt").write_bytes(b"definitely not a checkpoint")
+    result = invoke_train(tmp_path, str(dataset), "--name", "x", "--resume", str(tmp_path / "foreign"))
+    assert result.exit_code == 1 and "is not a loraloop checkpoint" in result.output

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -209,11 +210,15 @@ def validate(job: Job, processes: int | None = None) -> Plan:
         import torch
 
         checkpoint = find_checkpoint(job.resume)
-        resume_state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is plain tensors and numbers, so a planted file cannot run code.
+        try:
+            resume_state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+            raise TrainError(f"--resume {checkpoint}: {STATE_FILE} is not a loraloop checkpoint ({exc})") from None
         saved = resume_state["settings"]
         current = settings_dict(s)
         may_change = set(RESUME_MAY_CHANGE)
-        if s.lr_scheduler == "constant" and s.warmup_steps <= saved.get("warmup_steps", 0) <= resume_state["step"]:
+        if s.lr_scheduler == "constant":  # the only schedule that does not depend on the run's length
             may_change |= {"max_steps", "epochs"}
         blocking = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
         if blocking:
@@ -222,6 +227,10 @@ def validate(job: Job, processes: int | None = None) -> Plan:
                              "use the same settings or start a new run")
         if resume_state["dataset_hash"] != dataset.content_hash:
             raise TrainError(f"--resume {checkpoint}: the dataset changed since that checkpoint; start a new run")
+        if resume_state["processes"] != processes:
+            # Batches are dealt out per process: another count would train on other batches.
+            raise TrainError(f"--resume {checkpoint} ran on {resume_state['processes']} process(es), this on "
+                             f"{processes}; resume with the same number of processes")
         if resume_state["base_model"] != job.model:
             raise TrainError(f"--resume {checkpoint} used base model {resume_state['base_model']}, not {job.model}")
         notes = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in sorted(current) if saved.get(k) != current[k]]
@@ -651,7 +660,9 @@ def save_checkpoint(st: Setup, plan: Plan, progress: Progress, generator) -> Pat
         "lr_scheduler": st.lr_scheduler.state_dict(),
         **_random_state(generator),
         "python_rng": random.getstate(),
-        "numpy_rng": np.random.get_state(),
+        # As a list, not numpy's tuple with an array, so the file loads with weights_only.
+        "numpy_rng": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+        "processes": st.accelerator.num_processes,
         "settings": settings_dict(plan.job.settings),
         "dataset_hash": plan.dataset.content_hash,
         "base_model": plan.job.model,
@@ -677,7 +688,8 @@ def restore_checkpoint(st: Setup, plan: Plan, generator) -> Progress:
     st.lr_scheduler.load_state_dict(state["lr_scheduler"])
     _set_random_state(generator, state)
     random.setstate(state["python_rng"])
-    np.random.set_state(state["numpy_rng"])
+    name, keys, *rest = state["numpy_rng"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     return Progress(**state["progress"])
 
 
