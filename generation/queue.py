@@ -175,11 +175,13 @@ class FairQueue:
         return job
 
     def _take(self, job: Queueable) -> None:
-        """Take a job out of turn to share a batch; its requester keeps its place."""
-        line = self._lines[job.requester]
+        """Take a job out of turn to share a batch. Its requester has had its turn, so it goes
+        to the back of the rotation like one popped in turn: otherwise a burst of compatible
+        jobs lets the first few requesters' second jobs start before later requesters' first."""
+        line = self._lines.pop(job.requester)
         line.remove(job)
-        if not line:
-            del self._lines[job.requester]
+        if line:
+            self._lines[job.requester] = line
 
     def _release(self, job: Queueable) -> None:
         left = self._active.get(job.requester, 0) - 1

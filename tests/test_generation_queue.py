@@ -74,6 +74,15 @@ def test_a_batch_gathers_compatible_jobs_up_to_max_images_and_leaves_the_rest():
     assert names(queue.order()) == ["b1", "d1"]
 
 
+def test_requesters_served_in_a_batch_wait_for_everyone_elses_first_job():
+    queue = FairQueue(max_queue=20, max_per_requester=5)
+    for turn in (1, 2):
+        for requester in "abcdef":
+            queue.put(FakeJob(f"{requester}{turn}", requester))
+    batches = [names(queue.take_batch(max_images=4, batch_wait=0)) for _ in range(3)]
+    assert batches == [["a1", "b1", "c1", "d1"], ["e1", "f1", "a2", "b2"], ["c2", "d2", "e2", "f2"]]
+
+
 def test_removing_a_queued_job_frees_its_place_and_its_requesters_slot():
     queue = FairQueue(max_queue=10, max_per_requester=1)
     job = FakeJob("1", "a")
