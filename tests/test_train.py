@@ -65,7 +65,7 @@ def test_a_few_dozen_steps_lower_the_validation_loss_and_write_report_curve_and_
     result = CliRunner().invoke(cli, [
         "train", str(dataset), "--name", "disc", "--model", str(tiny_model_dir), "--output", str(tmp_path / "run"),
         "--steps", "40", "--rank", "8", "--lr", "2e-3", "--set", "resolution=32", "--set", "validation_every=20",
-        "--set", "log_with='none'", "--set", "validation_split=0.25",
+        "--set", "log_with='none'", "--set", "validation_split=0.25", "--set", "checkpoint_every=10",
     ])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -73,6 +73,9 @@ def test_a_few_dozen_steps_lower_the_validation_loss_and_write_report_curve_and_
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in report["history"])
     assert report["final_val_loss"] < report["base_val_loss"]
     assert Image.open(tmp_path / "run" / "loss.png").size == (640, 400)
+    # A checkpoint every 10 steps, the newest 3 kept (checkpoints_keep).
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-000020", "step-000030", "step-000040"]
     provenance = read_provenance(tmp_path / "run" / ADAPTER_FILE)
     assert provenance["dataset_hash"] == report["dataset_hash"] == dataset_hash(dataset)  # as curation hashes it
     assert provenance["objective"] == "sft"
@@ -144,7 +147,8 @@ def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tiny_
 
     dataset = write_dataset(tmp_path / "ds")
     # Cosine schedule, dropout, flips and caption dropout: everything random must be restored.
-    settings = dict(lr_scheduler="cosine", warmup_steps=2, dropout=0.1, caption_dropout=0.3, grad_accumulation=2)
+    settings = dict(lr_scheduler="cosine", warmup_steps=2, dropout=0.1, caption_dropout=0.3, grad_accumulation=2,
+                    noise_offset=0.05, snr_gamma=5.0, trigger_word="sks")
     whole = run(tmp_path, tiny_model_dir, dataset, "whole", **settings)
     job = Job(dataset=dataset, name="disc", model=str(tiny_model_dir),
               settings=dataclasses.replace(FAST, **settings), data_dir=tmp_path / "data",
