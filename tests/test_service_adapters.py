@@ -122,3 +122,27 @@ async def test_adapter_names_cannot_climb_out_of_the_directory(service):
                 await client.submit(request)
             assert refused.value.http_status == 400, name
             assert "not valid" in refused.value.message
+
+
+async def test_an_adapter_that_does_not_fit_the_model_fails_its_job_and_the_service_keeps_serving(
+    make_service, lora_files
+):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    running = await make_service()
+    # Readable, LoRA-shaped, but made for a wider model: every lora_A has the wrong input size.
+    tensors = {key: torch.randn(value.shape[0], value.shape[1] * 2) if "lora_A" in key else value
+               for key, value in load_file(lora_files["first"]).items()}
+    path = running.adapters_dir / "wide.safetensors"
+    save_file(tensors, str(path))
+    async with ServiceClient(running.url) as client:
+        await client.reload_adapters()
+        base, _ = await render(client)
+        accepted = await client.submit(JobRequest.from_dict({"prompt": "x", "steps": 2, "adapters": [{"name": "wide"}]}))
+        final = [s async for s in client.events(accepted.id)][-1]
+        assert final.state is JobState.FAILED
+        assert final.error.code == "generation_failed" and "wide does not fit this model" in final.error.message
+        after, _ = await render(client)
+    assert np.array_equal(base, after)
+

@@ -114,3 +114,18 @@ async def test_cancelling_a_running_job_stops_it_at_the_next_step(make_service):
         after = await client.submit(JobRequest(prompt="next", steps=2))
         assert (await finish(client, after.id)).state is JobState.DONE
     assert running.service.metrics.outcomes["cancelled"] == 1
+
+
+async def test_finished_jobs_beyond_keep_finished_expire(make_service):
+    running = await make_service(keep_finished=1)
+    async with ServiceClient(running.url) as client:
+        first = await client.submit(JobRequest(prompt="old", steps=1))
+        [s async for s in client.events(first.id)]
+        second = await client.submit(JobRequest(prompt="new", steps=1))
+        [s async for s in client.events(second.id)]
+        third = await client.submit(JobRequest(prompt="newer", steps=1))
+        with pytest.raises(ServiceError) as expired:
+            await client.status(first.id)
+        assert expired.value.http_status == 404 and "expired" in expired.value.message
+        assert (await client.status(second.id)).state is JobState.DONE
+        [s async for s in client.events(third.id)]
