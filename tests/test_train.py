@@ -367,3 +367,13 @@ def test_a_resume_path_without_a_checkpoint_or_with_a_foreign_file_is_a_clear_er
     (tmp_path / "foreign" / "state.pt").write_bytes(b"definitely not a checkpoint")
     result = invoke_train(tmp_path, str(dataset), "--name", "x", "--resume", str(tmp_path / "foreign"))
     assert result.exit_code == 1 and "is not a loraloop checkpoint" in result.output
+
+
+def test_uncaptioned_images_are_a_warning_that_says_how_to_caption_them(tmp_path, tiny_model_dir):
+    dataset = write_dataset(tmp_path / "ds", count=3)
+    rows = [json.loads(line) for line in (dataset / "metadata.jsonl").read_text().splitlines()]
+    rows[0]["text"] = ""
+    (dataset / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = Job(dataset=dataset, name="disc", model=str(tiny_model_dir), settings=FAST, data_dir=tmp_path / "data")
+    (warning,) = validate(job).warnings
+    assert warning.startswith("1 of 3 images have no caption") and "loraloop dataset caption" in warning

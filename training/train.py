@@ -105,6 +105,8 @@ class Plan:
     trackers: list[str]
     resume_state: dict[str, Any] | None = None
     resume_notes: list[str] = field(default_factory=list)
+    # Things worth knowing that do not stop the run (printed before it starts).
+    warnings: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,9 +241,15 @@ def validate(job: Job, processes: int | None = None) -> Plan:
         run_dir = job.output or checkpoint.parent.parent
     else:
         run_dir = job.output or job.data_dir / "runs" / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    warnings = []
+    uncaptioned = sum(1 for e in dataset.examples if not e.caption.strip())
+    if uncaptioned:
+        warnings.append(f"{uncaptioned} of {len(dataset.examples)} images have no caption and train as "
+                        f"{'the trigger word alone' if s.trigger_word.strip() else 'unconditional'}; "
+                        f"`loraloop dataset caption {dataset.root}` fills them")
     return Plan(job=job, dataset=dataset, train=train, validation=validation, model_path=model_path,
                 run_dir=Path(run_dir), total_steps=total_steps, trackers=trackers,
-                resume_state=resume_state, resume_notes=notes)
+                resume_state=resume_state, resume_notes=notes, warnings=warnings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -971,6 +979,8 @@ def _train_command():
             plan = validate(job)
             for note in plan.resume_notes:
                 click.echo(f"resume: setting changed since the checkpoint: {note}", err=True)
+            for warning in plan.warnings:
+                click.echo(f"warning: {warning}", err=True)
             click.echo(f"training {name} ({settings.objective}) on {len(plan.train)} examples "
                        f"({len(plan.validation)} held out) for {plan.total_steps} steps -> {plan.run_dir}", err=True)
             report = train(plan)
