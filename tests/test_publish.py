@@ -30,7 +30,7 @@ def trained_run(tmp_path_factory, tiny_model_dir) -> Path:
     root = tmp_path_factory.mktemp("publish")
     # A high learning rate so even 2 steps change what the service renders.
     settings = TrainingConfig(resolution=32, rank=4, learning_rate=5e-2, max_steps=2, validation_split=0.25,
-                              validation_every=1, log_with="none")
+                              validation_every=1, checkpoint_every=1, log_with="none")
     job = Job(dataset=write_dataset(root / "ds", count=4), name="disc", model=str(tiny_model_dir),
               settings=settings, data_dir=root / "data", output=root / "run")
     train(validate(job))
@@ -94,6 +94,16 @@ def test_the_cli_publishes_and_lists_with_the_run_metrics(tmp_path, trained_run,
     assert row["metrics"]["steps"] == 2 and "sft LoRA" in row["description"]
     text = runner.invoke(cli, ["adapters", "list"])
     assert "disc@1" in text.output and "latest" in text.output
+
+
+def test_a_checkpoint_can_be_published_with_the_provenance_in_its_adapter(tmp_path, trained_run, data_dir):
+    run = copy_run(trained_run, tmp_path / "run")
+    with Store(data_dir / "loraloop.db", data_dir) as store:
+        published = publish(run / "checkpoints" / "step-000001", "disc", data_dir / "adapters", store)
+        recorded = store.training_run(published.training_run_id)
+    report = json.loads((run / "report.json").read_text())
+    assert published.version == 1 and recorded.dataset_hash == report["dataset_hash"]
+    assert recorded.metrics["steps"] == 1 and recorded.config["objective"] == "sft"
 
 
 def test_listing_an_empty_directory_says_how_to_publish(data_dir):
