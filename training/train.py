@@ -149,14 +149,26 @@ def settings_dict(settings: TrainingConfig) -> dict[str, Any]:
 
 
 def _pick_trackers(log_with: str) -> list[str]:
+    """accelerate tracker names for `log_with`, each checked the way accelerate checks it."""
+    from accelerate.utils import (
+        is_comet_ml_available,
+        is_mlflow_available,
+        is_tensorboard_available,
+        is_wandb_available,
+    )
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available,
+                 "mlflow": is_mlflow_available, "comet_ml": is_comet_ml_available}
     if log_with == "none":
         return []
     if log_with == "auto":
         # wandb only when named: it asks for a login, which would stall an unattended run.
-        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+        return ["tensorboard"] if is_tensorboard_available() else []
     names = [name.strip() for name in log_with.split(",") if name.strip()]
     for name in names:
-        if importlib.util.find_spec(name) is None:
+        if name not in available:
+            raise TrainError(f"log_with: unknown tracker {name!r}; use {', '.join(available)}, 'auto' or 'none'")
+        if not available[name]():
             raise TrainError(f"log_with names {name}, which is not installed; pip install {name} or set log_with='none'")
     return names
 
