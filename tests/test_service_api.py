@@ -161,3 +161,34 @@ def test_serve_explains_a_model_it_cannot_load(data_dir, tmp_path, model, words)
     result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path / model), "--port", "8799"])
     assert result.exit_code == 1, result.output
     assert words in result.output
+
+
+async def test_loraloop_serve_runs_the_service_until_interrupted(tiny_model_dir, data_dir):
+    import signal
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from loraloop.cli import main; main()", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with ServiceClient(f"http://127.0.0.1:{port}") as client:
+            for _ in range(240):
+                try:
+                    health = await client.health()
+                    break
+                except ServiceError:
+                    await asyncio.sleep(0.25)
+            else:
+                pytest.fail("loraloop serve did not answer within a minute")
+            assert health.model == str(tiny_model_dir)
+            _, (png,) = await run_job(client, steps=1, seed=3)
+            assert "Seed: 3," in read_parameters(png)
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, output.decode()[-2000:]
