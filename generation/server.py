@@ -52,6 +52,8 @@ from loraloop.config import Config, Secrets
 log = logging.getLogger(__name__)
 
 SERVICE_KEY: web.AppKey["GenerationService"] = web.AppKey("service")
+# A queued job can wait minutes without an update; idle connections get closed by proxies.
+KEEPALIVE_SECONDS = 15.0
 # Load balancers and supervisors probe health without the token.
 _OPEN_ENDPOINTS = {"/healthz"}
 
@@ -356,7 +358,13 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             await response.write(f"data: {json.dumps(status.to_dict())}\n\n".encode())
             if status.state.finished:
                 break
-            status = await updates.get()
+            while True:
+                try:
+                    status = await asyncio.wait_for(updates.get(), KEEPALIVE_SECONDS)
+                    break
+                except asyncio.TimeoutError:
+                    # A comment line: proxies and clients see traffic while a job waits its turn.
+                    await response.write(b": keep-alive\n\n")
     finally:
         job.subscribers.discard(updates)
     await response.write_eof()

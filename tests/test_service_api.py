@@ -154,7 +154,11 @@ async def test_imagine_says_when_the_service_is_not_running(tmp_path):
 
 @pytest.mark.parametrize(
     ("model", "words"),
-    [("weights.ckpt", "pickle checkpoints can run code"), ("missing-dir", "Cannot load model")],
+    [
+        ("weights.ckpt", "pickle checkpoints can run code"),
+        ("missing-dir", "Cannot load model"),
+        ("missing.safetensors", "no such checkpoint file"),
+    ],
 )
 def test_serve_explains_a_model_it_cannot_load(data_dir, tmp_path, model, words):
     (tmp_path / "weights.ckpt").write_bytes(b"\x80\x04 pretend pickle")

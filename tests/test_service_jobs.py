@@ -129,3 +129,28 @@ async def test_finished_jobs_beyond_keep_finished_expire(make_service):
         assert expired.value.http_status == 404 and "expired" in expired.value.message
         assert (await client.status(second.id)).state is JobState.DONE
         [s async for s in client.events(third.id)]
+
+
+async def test_the_event_stream_counts_down_a_queued_jobs_position(make_service, monkeypatch):
+    from generation import server
+
+    monkeypatch.setattr(server, "KEEPALIVE_SECONDS", 0.05)  # keep-alive comments must not upset the client
+    running = await make_service(max_batch=1, batch_wait_ms=0)
+    async with ServiceClient(running.url) as client:
+        await client.pause()
+        ahead = [(await client.submit(JobRequest(prompt="first", steps=2, requester=r))).id for r in ("a", "b")]
+        mine = await client.submit(JobRequest(prompt="mine", steps=2, requester="c"))
+        assert mine.position == 2
+
+        async def watch():
+            return [status async for status in client.events(mine.id)]
+
+        watching = asyncio.create_task(watch())
+        await asyncio.sleep(0.3)  # a few keep-alives while paused
+        await client.resume()
+        statuses = await watching
+        for job_id in ahead:
+            await finish(client, job_id)
+    positions = [s.position for s in statuses if s.state is JobState.QUEUED]
+    assert positions[0] == 2 and positions[-1] == 0 and positions == sorted(positions, reverse=True)
+    assert statuses[-1].state is JobState.DONE
