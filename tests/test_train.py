@@ -135,11 +135,23 @@ def test_an_adapter_on_attention_proj_and_resnet_layers_loads_whole_in_diffusers
 def test_the_kohya_copy_has_a1111_keys_and_the_real_alpha(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
-    run(tmp_path, tiny_model_dir, write_dataset(tmp_path / "ds"), "run", max_steps=1, kohya_copy=True)
+    run(tmp_path, tiny_model_dir, write_dataset(tmp_path / "ds"), "run", max_steps=1, kohya_copy=True,
+        learning_rate=5e-2)
     kohya = load_file(tmp_path / "run" / "adapter.kohya.safetensors")
     assert kohya and all(key.startswith("lora_unet_") for key in kohya)
     alphas = [value.item() for key, value in kohya.items() if key.endswith(".alpha")]
     assert alphas and set(alphas) == {8.0}
+
+    # What an A1111/ComfyUI user gets is what the diffusers file gives (alpha 8 on rank 4 included).
+    from diffusers import StableDiffusionPipeline
+
+    images = []
+    for name in ("adapter.safetensors", "adapter.kohya.safetensors"):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(tmp_path / "run"), weight_name=name)
+        images.append(render(pipe))
+    assert torch.allclose(images[0], images[1], atol=1e-5)
 
 
 def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, tiny_model_dir):
