@@ -6,7 +6,7 @@
 Routes (all JSON; errors are `{"error": {"code", "message"}}`; bearer token when
 LORALOOP_SERVICE_TOKEN is set, on everything but /healthz):
 
-    POST   /v1/jobs                   -> 202 {"id", "position"}
+    POST   /v1/jobs                   -> 202 {"id", "position"} (jobs ahead of it; 0: next)
     GET    /v1/jobs/{id}              -> JobStatus
     GET    /v1/jobs/{id}/events       -> server-sent events, one JobStatus each, until it finishes
     GET    /v1/jobs/{id}/images/{n}   -> image/png with a `parameters` text chunk

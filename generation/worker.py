@@ -196,7 +196,7 @@ class Worker:
 
     def _apply_adapters(self, adapters: tuple[AppliedAdapter, ...]) -> None:
         pipe = self.model.txt2img
-        names = []
+        weights: dict[str, float] = {}  # peft name -> weight; one file under two names adds up
         for adapter in adapters:
             sha = adapter.file.sha256
             if sha not in self._loaded_adapters:
@@ -211,10 +211,11 @@ class Worker:
                     ) from exc
                 self._loaded_adapters[sha] = name
                 log.info("adapter %s loaded (%s)", adapter.file.label, sha[:12])
-            names.append(self._loaded_adapters[sha])
-        if names:
+            name = self._loaded_adapters[sha]
+            weights[name] = weights.get(name, 0.0) + adapter.weight
+        if weights:
             pipe.enable_lora()
-            pipe.set_adapters(names, adapter_weights=[a.weight for a in adapters])
+            pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
         elif self._loaded_adapters:
             pipe.disable_lora()
 
