@@ -37,6 +37,7 @@ from generation.contract import (
 from loraloop.config import ServiceConfig
 
 ADAPTER_WEIGHT_RANGE = (-2.0, 2.0)
+MAX_REQUESTER_CHARS = 200
 GUIDANCE_RANGE = (0.0, 30.0)
 # An init image may have at most this many times max_pixels before decoding: more is a
 # decompression bomb (a few KB of PNG that inflates to gigabytes).
@@ -121,6 +122,8 @@ def build_spec(request: JobRequest, config: ServiceConfig, catalog: AdapterCatal
             f"The negative prompt is {len(request.negative_prompt)} characters; "
             f"the limit is {config.max_prompt_chars}."
         )
+    if len(request.requester) > MAX_REQUESTER_CHARS:
+        raise InvalidRequest(f"'requester' is an id like \"discord:1234\", at most {MAX_REQUESTER_CHARS} characters.")
     steps = config.default_steps if request.steps is None else request.steps
     _in_range("steps", steps, 1, config.max_steps)
     guidance = config.default_guidance if request.guidance is None else request.guidance
