@@ -1,6 +1,6 @@
 """Benchmark: what the generation service costs on top of the bare diffusers pipeline.
 
-    .venv/bin/python bench/service.py                 # tiny model, CPU or GPU, about a minute
+    OMP_NUM_THREADS=1 .venv/bin/python bench/service.py   # tiny model, CPU or GPU, ~4 minutes on 2 cores
     .venv/bin/python bench/service.py --sd15          # + SD 1.5 architecture, 512x512, 25 steps, fp16 (GPU)
 
 Ratios, all measured in one run on the same machine (lower is better):
