@@ -394,12 +394,14 @@ class Encoder:
             return compute()
         return self.cache.get_or_compute(self.cache.key("text", caption), compute)
 
-    def warm(self, examples: list[Example]) -> None:
+    def warm(self, examples: list[Example], show_progress: bool = True) -> None:
         """Encode everything the run can ask for up front, so the loop only reads the cache."""
+        from tqdm.auto import tqdm
+
         if not self.settings.cache_latents:
             return
         flips = (False, True) if self.settings.random_flip else (False,)
-        for example in examples:
+        for example in tqdm(examples, desc="encoding", unit="example", disable=not show_progress, leave=False):
             for path in (example.image, example.rejected):
                 if path is not None:
                     for flip in flips:
@@ -756,7 +758,7 @@ def train(plan: Plan, on_step: Callable[[Progress], None] | None = None) -> dict
         (plan.run_dir / "config.json").write_text(json.dumps(
             {"dataset": str(plan.dataset.root), "name": plan.job.name, "base_model": plan.job.model,
              "settings": settings_dict(s)}, indent=2))
-    st.encoder.warm(plan.train + plan.validation)
+    st.encoder.warm(plan.train + plan.validation, show_progress=is_main)
     log.info("%d training and %d validation examples; encoded %d, reused %d from the cache",
              len(plan.train), len(plan.validation), st.encoder.cache.encoded, st.encoder.cache.reused)
     encode_counts = {"encoded": st.encoder.cache.encoded, "reused": st.encoder.cache.reused}
