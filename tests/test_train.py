@@ -389,3 +389,20 @@ def test_uncaptioned_images_are_a_warning_that_says_how_to_caption_them(tmp_path
     job = Job(dataset=dataset, name="disc", model=str(tiny_model_dir), settings=FAST, data_dir=tmp_path / "data")
     (warning,) = validate(job).warnings
     assert warning.startswith("1 of 3 images have no caption") and "loraloop dataset caption" in warning
+
+
+def test_epochs_set_the_steps_and_each_epoch_sees_every_example_once(tmp_path, tiny_model_dir):
+    from training.train import batch_indices
+
+    dataset = write_dataset(tmp_path / "ds", count=8)
+    settings = dataclasses.replace(FAST, epochs=3, batch_size=3, grad_accumulation=2, validation_split=0.25)
+    plan = validate(Job(dataset=dataset, name="disc", model=str(tiny_model_dir), settings=settings,
+                        data_dir=tmp_path / "data"), processes=1)
+    # 6 training examples in batches of 3: 2 micro-batches an epoch, 6 in 3 epochs, 3 steps of 2.
+    assert len(plan.train) == 6 and plan.total_steps == 3
+    for epoch in range(3):
+        seen = [i for m in (2 * epoch, 2 * epoch + 1) for i in batch_indices(m, 6, 3, seed=1, processes=1, rank=0)]
+        assert sorted(seen) == list(range(6))
+    # Two processes split each epoch between them.
+    halves = [batch_indices(0, 6, 3, seed=1, processes=2, rank=r) for r in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == list(range(6))
