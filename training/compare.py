@@ -112,7 +112,7 @@ def _compare_command():
     @click.option("--model", help="Base model (default: [service] model).")
     @click.pass_obj
     def compare_command(app, spec, prompts_file, output, seed, steps, size, guidance, model):
-        """Render PROMPTS with each adapter side by side: one labelled row per prompt, one fixed seed per row.
+        """Render a prompts file with each adapter side by side: a labelled row per prompt, one seed per row.
 
         \b
         Examples:
