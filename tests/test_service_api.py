@@ -196,3 +196,25 @@ async def test_loraloop_serve_runs_the_service_until_interrupted(tiny_model_dir,
         process.send_signal(signal.SIGINT)
         output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode == 0, output.decode()[-2000:]
+
+
+async def test_an_sdxl_model_serves_txt2img_and_img2img_and_batches_like_sd(make_service, tmp_path):
+    from generation.testing import build_tiny_sdxl
+
+    running = await make_service(model=str(build_tiny_sdxl(tmp_path / "sdxl")), batch_wait_ms=100)
+    async with ServiceClient(running.url) as client:
+        alone = [(await run_job(client, seed=seed, steps=3))[1][0] for seed in (1, 2)]
+        _, (varied,) = await run_job(client, seed=1, steps=3, init_image=png_b64(), strength=0.5)
+        await client.pause()
+        ids = [(await client.submit(JobRequest(prompt="a red fox", seed=seed, steps=3, requester=str(seed)))).id
+               for seed in (1, 2)]
+        await client.resume()
+        together = []
+        for job_id in ids:
+            [s async for s in client.events(job_id)]
+            together.append(await client.image(job_id, 0))
+    assert running.service.worker.model.txt2img.__class__.__name__ == "StableDiffusionXLPipeline"
+    assert running.service.metrics.batched_jobs - running.service.metrics.batches == 1  # the pair ran as one
+    assert not np.array_equal(pixels(alone[0]), pixels(varied))
+    for solo, batched in zip(alone, together):
+        assert np.array_equal(pixels(solo), pixels(batched))
