@@ -107,9 +107,10 @@ class LoraloopBot(discord.Client):
 
     # ---- shared helpers ----------------------------------------------------------------------
 
-    def is_admin(self, user: discord.abc.User) -> bool:
-        roles = {role.id for role in getattr(user, "roles", [])}
-        return bool(roles & set(self.settings.admin_role_ids))
+    def is_admin(self, interaction: discord.Interaction) -> bool:
+        """An admin has one of `admin_role_ids`, or Discord's Administrator permission here."""
+        roles = {role.id for role in getattr(interaction.user, "roles", [])}
+        return bool(roles & set(self.settings.admin_role_ids)) or interaction.permissions.administrator
 
     async def styles(self, refresh: bool = False) -> list[Any]:
         """The service's adapters, cached for a minute (autocomplete asks on every keystroke)."""

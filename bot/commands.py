@@ -139,7 +139,7 @@ def register(bot: "LoraloopBot") -> None:
 
 def admin_group(bot: "LoraloopBot") -> app_commands.Group:
     def is_admin(interaction: discord.Interaction) -> bool:
-        if not bot.is_admin(interaction.user):
+        if not bot.is_admin(interaction):
             raise app_commands.CheckFailure("Only the image admins can do that.")
         return True
 

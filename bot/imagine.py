@@ -372,8 +372,8 @@ class Generate:
                 pending_preview = None
             last_edit, last_text = now, text
             await reply.edit(**kwargs)
-        # The stream ended without a final state (the service went away mid-job): ask once.
-        return await self.bot.service.status(job_id)
+        # The client raises when a stream breaks off, so ending without a final state is a bug.
+        raise RuntimeError(f"the event stream of job {job_id} ended without a final state")
 
     async def _post_image(self, reply: Reply, generation_id: int, job_id: str, user_id: int, spec: Spec,
                           status: JobStatus, image: Any) -> None:

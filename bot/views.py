@@ -98,7 +98,7 @@ class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"loraloo
 
     async def callback(self, interaction: discord.Interaction) -> None:
         bot = _bot(interaction)
-        if interaction.user.id != self.requester and not bot.is_admin(interaction.user):
+        if interaction.user.id != self.requester and not bot.is_admin(interaction):
             await interaction.response.send_message("Only the person who asked for this image (or an admin) "
                                                     "can delete it.", ephemeral=True)
             return
@@ -124,7 +124,7 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button],
 
     async def callback(self, interaction: discord.Interaction) -> None:
         bot = _bot(interaction)
-        if interaction.user.id != self.requester and not bot.is_admin(interaction.user):
+        if interaction.user.id != self.requester and not bot.is_admin(interaction):
             await interaction.response.send_message("Only the person who asked (or an admin) can cancel this.",
                                                     ephemeral=True)
             return

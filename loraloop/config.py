@@ -128,7 +128,7 @@ class BotConfig:
     channels: list[int] = field(default_factory=list)
     # Whether /imagine works in DMs (no moderators watch DMs).
     allow_dms: bool = False
-    # Roles allowed to use /admin and to delete anyone's image.
+    # Roles allowed to use /admin and to delete anyone's image (Administrators always are).
     admin_role_ids: list[int] = field(default_factory=list)
     # Per user: jobs queued or running at once, and of those how many may wait in the queue.
     max_active_per_user: int = 2

@@ -534,3 +534,29 @@ async def test_admins_pause_and_resume_the_queue(fake, bots, service):
     resume = await fake.slash("admin resume", user=fake.carol)
     await fake.wait_for(lambda: resume.followup_ids)
     assert not (await service.health()).paused
+
+
+async def test_an_attachment_that_claims_to_be_an_image_but_is_not_is_refused_privately(fake, bots, service):
+    await bots.start(service)
+    broken = fake.upload("fox.png", b"this is not a png at all", content_type="image/png")
+    interaction = await fake.slash("imagine", {"prompt": "a fox", "image": broken, "strength": 0.5})
+    await fake.wait_for(lambda: interaction.followup_ids)
+    message = fake.messages[interaction.followup_ids[0]]
+    assert message["flags"] & 64 and "image" in message["content"].lower()
+    assert "Traceback" not in message["content"]
+
+
+async def test_an_unexpected_failure_reaches_the_user_as_a_reference_not_a_traceback(fake, store, bots):
+    await bots.start()
+    await store.close()  # every store call now fails
+    interaction = await fake.slash("optout")
+    await fake.wait_for(lambda: interaction.followup_ids)
+    (text,) = [fake.messages[i]["content"] for i in interaction.followup_ids]
+    assert f"reference `{interaction.id}`" in text and "Traceback" not in text and "StoreError" not in text
+
+
+async def test_discord_administrators_are_admins_even_without_a_configured_role(fake, bots):
+    fake.admins.add(int(fake.carol["id"]))  # the fake gives admins the Administrator permission
+    await bots.start(admin_role_ids=[])
+    ban = await fake.slash("admin ban", {"user": fake.bob}, user=fake.carol)
+    await refused_with(fake, ban, "can no longer make images")
