@@ -560,3 +560,31 @@ async def test_discord_administrators_are_admins_even_without_a_configured_role(
     await bots.start(admin_role_ids=[])
     ban = await fake.slash("admin ban", {"user": fake.bob}, user=fake.carol)
     await refused_with(fake, ban, "can no longer make images")
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+def test_loraloop_bot_without_a_token_says_how_to_get_one(monkeypatch):
+    from click.testing import CliRunner
+
+    from loraloop.cli import cli
+
+    monkeypatch.delenv("DISCORD_TOKEN", raising=False)
+    result = CliRunner().invoke(cli, ["bot"])
+    assert result.exit_code == 1
+    assert "DISCORD_TOKEN is not set" in result.output and "discord.com/developers" in result.output
+
+
+async def test_loraloop_bot_wires_the_store_and_service_from_config_and_connects(fake, data_dir):
+    from bot.cli import run_bot
+    from loraloop.cli import AppContext
+
+    app = AppContext(None)
+    app.config = Config()
+    running = asyncio.create_task(run_bot(app, "fake-token", None))
+    await fake.wait_for(lambda: fake.connected and fake.commands)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert (data_dir / "loraloop.db").exists(), "the store was opened where the config says"
