@@ -119,8 +119,6 @@ class LoraloopBot(discord.Client):
             self._styles_at = time.monotonic()
         return self._styles
 
-    def known_styles(self) -> set[str] | None:
-        """Style names from the cache, or None when the cache is empty (the service decides)."""
-        if self._styles is None:
-            return None
-        return {a.name for a in self._styles}
+    def forget_styles(self) -> None:
+        """Drop the cached styles (after a reload), so the next use asks the service."""
+        self._styles = None

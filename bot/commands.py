@@ -173,7 +173,7 @@ def admin_group(bot: "LoraloopBot") -> app_commands.Group:
     async def reload(interaction: discord.Interaction) -> None:
         """Re-read the adapters directory (new or updated styles)."""
         await service_call(interaction, "reload_adapters", "Reloaded the styles.")
-        bot._styles = None
+        bot.forget_styles()
 
     @admin.command()
     @app_commands.check(is_admin)

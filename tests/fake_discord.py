@@ -452,7 +452,7 @@ class FakeDiscord:
         user = user or self.alice
         message = self.messages[message_id]
         channel_id = int(message["channel_id"])
-        payload = self._interaction_base(3, user, channel_id if channel_id in self.channels else channel_id)
+        payload = self._interaction_base(3, user, channel_id)
         payload["message"] = message
         payload["data"] = {"custom_id": custom_id, "component_type": 2}
         return await self._send_interaction(payload)
@@ -592,11 +592,6 @@ class FakeDiscord:
                 attachment = self.upload(filename, data)
                 new.append(attachment)
             message["attachments"] = kept + new
-        if "components" in message:
-            message["components"] = [
-                {**row, "components": [{k: v for k, v in c.items()} for c in row.get("components", [])]}
-                for row in message["components"]
-            ]
 
     def _create_message(self, channel_id: int, payload: dict[str, Any], files: list[tuple[str, bytes]],
                         **extra: Any) -> dict[str, Any]:

@@ -588,3 +588,21 @@ async def test_loraloop_bot_wires_the_store_and_service_from_config_and_connects
     with pytest.raises(asyncio.CancelledError):
         await running
     assert (data_dir / "loraloop.db").exists(), "the store was opened where the config says"
+
+
+async def test_a_job_older_than_the_token_lifetime_stops_using_the_token(fake, bots, service, monkeypatch):
+    import bot.imagine
+
+    monkeypatch.setattr(bot.imagine, "TOKEN_LIFETIME_S", 0.3)
+    await bots.start(service)
+    await service.pause()
+    interaction = await fake.slash("imagine", {"prompt": "a very patient fox", "steps": 2})
+    await queued_job(fake, interaction)
+    await asyncio.sleep(0.4)
+    webhook_calls = sum(1 for _t, _m, path in fake.requests if interaction.token in path)
+    await service.resume()
+    await fake.wait_for(lambda: fake.image_messages(), timeout=60)
+    (message,) = fake.image_messages()
+    assert message["content"].startswith(f"<@{fake.alice['id']}>")
+    await fake.wait_for(lambda: fake.bot_reactions(int(message["id"])))
+    assert sum(1 for _t, _m, path in fake.requests if interaction.token in path) == webhook_calls
