@@ -51,7 +51,9 @@ class LoraloopBot(discord.Client):
                  **client_options: Any) -> None:
         # Reactions come as raw events, so no message cache or message-content intent is needed.
         intents = discord.Intents(guilds=True, guild_reactions=True, dm_reactions=True)
-        super().__init__(intents=intents, max_messages=None, **client_options)
+        # Prompts are user text: "@everyone" in one must not ping the server.
+        super().__init__(intents=intents, max_messages=None, allowed_mentions=discord.AllowedMentions.none(),
+                         **client_options)
         self.config = config
         self.settings = config.bot
         self.service = service

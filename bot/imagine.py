@@ -103,6 +103,12 @@ class Spec:
         )
 
 
+def shown(prompt: str, limit: int = 200) -> str:
+    """A prompt as it appears in a status line: shortened, Markdown escaped."""
+    short = prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
+    return discord.utils.escape_markdown(short)
+
+
 def provenance(spec_prompt: str, image: Any, status: JobStatus) -> str:
     """The line under each image: enough to reproduce it."""
     params = status.parameters
@@ -116,8 +122,7 @@ def provenance(spec_prompt: str, image: Any, status: JobStatus) -> str:
             f"{a.name} v{a.version}" if a.version is not None else a.name for a in status.adapters))
     else:
         parts.append("base model")
-    prompt = spec_prompt if len(spec_prompt) <= 300 else spec_prompt[:299] + "…"
-    return f"**{discord.utils.escape_markdown(prompt)}**\n-# " + " · ".join(parts)
+    return f"**{shown(spec_prompt, 300)}**\n-# " + " · ".join(parts)
 
 
 def fit_for_discord(png: bytes, limit: int, name: str) -> list[discord.File]:
@@ -200,8 +205,9 @@ class Reply:
         # A job that outlived its token: an ordinary message that mentions who asked.
         kwargs.pop("ephemeral", None)
         content = kwargs.pop("content", None) or ""
-        mention = self.interaction.user.mention
-        return await self.channel.send(content=f"{mention} {content}".strip(), **kwargs)
+        user = self.interaction.user
+        return await self.channel.send(content=f"{user.mention} {content}".strip(),
+                                       allowed_mentions=discord.AllowedMentions(users=[user]), **kwargs)
 
 
 def describe_error(exc: Exception, job_ref: str) -> str:
@@ -309,7 +315,7 @@ class Generate:
         from bot.views import progress_view
 
         cancel = progress_view(job_id, user_id)
-        await reply.edit(content=f"🕒 Queued at position {accepted.position + 1}: **{spec.prompt[:200]}**",
+        await reply.edit(content=f"🕒 Queued at position {accepted.position + 1}: **{shown(spec.prompt)}**",
                          view=cancel)
         try:
             status = await self._follow(reply, job_id, job_key, user_id, spec, cancel)
@@ -340,7 +346,7 @@ class Generate:
         for image in status.images:
             await self._post_image(reply, generation_id, job_id, user_id, spec, status, image)
         await self.bot.store.update_generation(generation_id, status="done")
-        await reply.edit(content=f"✅ Done: {len(status.images)} image(s) for **{spec.prompt[:200]}**")
+        await reply.edit(content=f"✅ Done: {len(status.images)} image(s) for **{shown(spec.prompt)}**")
         log.info("job %s: done, %d image(s) posted", job_id, len(status.images))
 
     async def _follow(self, reply: Reply, job_id: str, job_key: str, user_id: int, spec: Spec,
@@ -358,9 +364,9 @@ class Generate:
             if status.preview:
                 pending_preview = status.preview
             if status.state is JobState.QUEUED:
-                text = f"🕒 Queued at position {status.position + 1}: **{spec.prompt[:200]}**"
+                text = f"🕒 Queued at position {status.position + 1}: **{shown(spec.prompt)}**"
             else:
-                text = f"⏳ Step {status.step}/{status.total_steps}: **{spec.prompt[:200]}**"
+                text = f"⏳ Step {status.step}/{status.total_steps}: **{shown(spec.prompt)}**"
             now = time.monotonic()
             if text == last_text or now - last_edit < interval:
                 continue

@@ -578,7 +578,7 @@ class FakeDiscord:
 
     def _apply_content(self, message: dict[str, Any], payload: dict[str, Any],
                        files: list[tuple[str, bytes]], *, editing: bool) -> None:
-        for key in ("content", "embeds", "components", "flags"):
+        for key in ("content", "embeds", "components", "flags", "allowed_mentions"):
             if key in payload:
                 message[key] = payload[key] if payload[key] is not None else (
                     "" if key == "content" else 0 if key == "flags" else [])

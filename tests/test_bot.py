@@ -366,6 +366,15 @@ async def queued_job(fake: FakeDiscord, interaction) -> str:
     return next(i for i in custom_ids(fake.original_message(interaction)) if i.startswith("loraloop:cancel"))
 
 
+async def test_a_prompt_cannot_ping_the_server(fake, bots, service):
+    await bots.start(service)
+    interaction = await fake.slash("imagine", {"prompt": "@everyone look, a *fox*", "steps": 2})
+    await finished(fake, interaction)
+    (message,) = fake.image_messages()
+    assert message["allowed_mentions"] == {"parse": []}
+    assert "\\*fox\\*" in message["content"], "Markdown in a prompt is shown, not applied"
+
+
 async def test_progress_edits_are_throttled_and_carry_a_preview(fake, bots, service):
     await bots.start(service, progress_interval=0.05)
     interaction = await fake.slash("imagine", {"prompt": "a slow fox", "steps": 40, "count": 2})
@@ -476,6 +485,7 @@ async def test_a_job_that_outlives_its_interaction_token_finishes_in_the_channel
     (message,) = fake.image_messages()
     assert int(message["id"]) not in interaction.followup_ids
     assert message["content"].startswith(f"<@{fake.alice['id']}>") and "a sleepy fox" in message["content"]
+    assert message["allowed_mentions"]["users"] == [int(fake.alice["id"])], "only the requester is pinged"
     await fake.wait_for(lambda: fake.bot_reactions(int(message["id"])) == ["👍", "👎", "🚩"])
 
 
