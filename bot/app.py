@@ -92,6 +92,10 @@ class LoraloopBot(discord.Client):
             await self.votes.catch_up()
         except Exception:  # a failed catch-up must not take the bot down; live votes still work
             log.exception("catch-up of offline reactions failed")
+        try:
+            await self.generate.resume_unfinished()
+        except Exception:  # likewise: new jobs still work
+            log.exception("resuming unfinished jobs failed")
         finally:
             self.caught_up.set()
 

@@ -41,6 +41,8 @@ ASPECTS = {"1:1": (1, 1), "2:3": (2, 3), "3:2": (3, 2), "16:9": (16, 9), "9:16":
 
 # Discord lets an interaction token post for 15 minutes; stop trusting it a little before.
 TOKEN_LIFETIME_S = 14 * 60
+# Discord's smallest upload limit, for messages sent without an interaction to ask.
+DEFAULT_FILESIZE_LIMIT = 10 * 1024 * 1024
 # JSON error codes Discord answers when an interaction token is no longer usable.
 DEAD_TOKEN_CODES = {50027, 10015}
 
@@ -155,13 +157,21 @@ def fit_for_discord(png: bytes, limit: int, name: str) -> list[discord.File]:
 
 
 class Reply:
-    """Where a job's messages go: the interaction while its token lives, then the channel."""
+    """Where a job's messages go: the interaction while its token lives, then the channel.
 
-    def __init__(self, interaction: discord.Interaction) -> None:
+    Built from an interaction, or (for a job resumed after a restart, whose interaction this
+    process never saw) from the channel and the requester's id: then everything is a channel
+    message.
+    """
+
+    def __init__(self, interaction: discord.Interaction | None = None, *,
+                 channel: discord.abc.Messageable | None = None, user_id: int | None = None) -> None:
         self.interaction = interaction
-        self.channel = interaction.channel
+        self.channel = channel if interaction is None else interaction.channel
+        self.user_id = user_id if interaction is None else interaction.user.id
+        self.filesize_limit = DEFAULT_FILESIZE_LIMIT if interaction is None else interaction.filesize_limit
         self.started = time.monotonic()
-        self.token_dead = False
+        self.token_dead = interaction is None
 
     @property
     def token_alive(self) -> bool:
@@ -205,9 +215,9 @@ class Reply:
         # A job that outlived its token: an ordinary message that mentions who asked.
         kwargs.pop("ephemeral", None)
         content = kwargs.pop("content", None) or ""
-        user = self.interaction.user
-        return await self.channel.send(content=f"{user.mention} {content}".strip(),
-                                       allowed_mentions=discord.AllowedMentions(users=[user]), **kwargs)
+        return await self.channel.send(content=f"<@{self.user_id}> {content}".strip(),
+                                       allowed_mentions=discord.AllowedMentions(users=[discord.Object(self.user_id)]),
+                                       **kwargs)
 
 
 def describe_error(exc: Exception, job_ref: str) -> str:
@@ -288,6 +298,45 @@ class Generate:
             self.bot.limits.finished(user_id, job_key)
             self.following.discard(task)
 
+    async def resume_unfinished(self) -> int:
+        """Pick up jobs this bot was following when it stopped; their results go to the channel.
+
+        Returns how many are followed again. A job the service no longer knows (it restarted,
+        or forgot it) is recorded as failed.
+        """
+        from generation.client import ServiceError
+
+        resumed = 0
+        for generation in await self.bot.store.unfinished_generations():
+            if generation.channel_id is None or generation.requester_id is None:
+                continue
+            try:
+                await self.bot.service.status(generation.job_id)
+            except ServiceError as exc:
+                if exc.code == "not_found":
+                    await self.bot.store.update_generation(
+                        generation.id, status="failed", error="the service no longer knows this job")
+                    log.info("job %s: lost while the bot was away", generation.job_id)
+                else:
+                    log.warning("job %s: cannot resume now: %s", generation.job_id, exc)
+                continue
+            reply = Reply(channel=self.bot.get_partial_messageable(generation.channel_id),
+                          user_id=generation.requester_id)
+            spec = Spec.from_generation(generation)
+            self.bot._spawn(self._resume(reply, generation.id, generation.job_id, spec))
+            resumed += 1
+        log.info("resumed following %d unfinished job(s)", resumed)
+        return resumed
+
+    async def _resume(self, reply: Reply, generation_id: int, job_id: str, spec: Spec) -> None:
+        task = asyncio.current_task()
+        self.following.add(task)
+        try:
+            log.info("job %s: following again after a restart", job_id)
+            await self._follow_and_post(reply, generation_id, job_id, f"resumed-{job_id}", spec, None)
+        finally:
+            self.following.discard(task)
+
     async def stop(self) -> None:
         """Stop following jobs (the service keeps running them); used when the bot shuts down."""
         for task in list(self.following):
@@ -317,6 +366,11 @@ class Generate:
         cancel = progress_view(job_id, user_id)
         await reply.edit(content=f"🕒 Queued at position {accepted.position + 1}: **{shown(spec.prompt)}**",
                          view=cancel)
+        await self._follow_and_post(reply, generation_id, job_id, job_key, spec, cancel)
+
+    async def _follow_and_post(self, reply: Reply, generation_id: int, job_id: str, job_key: str,
+                               spec: Spec, cancel: discord.ui.View | None) -> None:
+        user_id = reply.user_id
         try:
             status = await self._follow(reply, job_id, job_key, user_id, spec, cancel)
         except Exception as exc:
@@ -337,20 +391,26 @@ class Generate:
             else:
                 log.error("job %s failed: %s", job_id, error)
                 text = f"⚠️ That didn't work: {error or 'the service failed'} (reference `{job_id}`)."
+            if status.state is JobState.FAILED and not reply.token_alive:
+                await reply.send(content=text)  # nobody would see an edit
             await reply.edit(content=text, view=None, attachments=[])
             return
         await self.bot.store.update_generation(
             generation_id, adapters=[a.to_dict() for a in status.adapters],
             queue_ms=queue_ms, duration_ms=duration_ms)
         await reply.edit(content=f"🖼️ Posting {len(status.images)} image(s)…", view=None, attachments=[])
+        # After a restart mid-posting, the images already shown are not posted twice.
+        shown_before = {i.index for i in await self.bot.store.images_for_generation(generation_id)
+                        if i.message_id is not None}
         for image in status.images:
-            await self._post_image(reply, generation_id, job_id, user_id, spec, status, image)
+            if image.index not in shown_before:
+                await self._post_image(reply, generation_id, job_id, user_id, spec, status, image)
         await self.bot.store.update_generation(generation_id, status="done")
         await reply.edit(content=f"✅ Done: {len(status.images)} image(s) for **{shown(spec.prompt)}**")
         log.info("job %s: done, %d image(s) posted", job_id, len(status.images))
 
     async def _follow(self, reply: Reply, job_id: str, job_key: str, user_id: int, spec: Spec,
-                      cancel: discord.ui.View) -> JobStatus:
+                      cancel: discord.ui.View | None) -> JobStatus:
         """Turn the service's events into progress edits, throttled; return the final status."""
         interval = self.settings.progress_interval
         last_edit = time.monotonic()
@@ -387,8 +447,8 @@ class Generate:
         png = await self.bot.service.image(job_id, image.index)
         image_id = await self.bot.store.add_image(generation_id, index=image.index, seed=image.seed,
                                                   width=image.width, height=image.height, png=png)
-        limit = getattr(reply.interaction, "filesize_limit", 10 * 1024 * 1024)
-        files = fit_for_discord(png, limit, f"{job_id}-{image.index}")
+        # Re-encoding an oversized image is CPU work: keep it off the event loop.
+        files = await asyncio.to_thread(fit_for_discord, png, reply.filesize_limit, f"{job_id}-{image.index}")
         message = await reply.send(content=provenance(spec.prompt, image, status), files=files,
                                    view=image_view(user_id))
         await self.bot.store.set_image_message(image_id, message.id)

@@ -633,6 +633,14 @@ class Store:
         rows = self._rows("SELECT * FROM generations WHERE job_id = ?", (job_id,))
         return Generation.from_row(rows[0]) if rows else None
 
+    def unfinished_generations(self, limit: int = 200) -> list[Generation]:
+        """Generations still queued or running, oldest first: what a restarted bot picks up."""
+        rows = self._rows(
+            "SELECT * FROM generations WHERE status IN ('queued', 'running') ORDER BY id LIMIT ?",
+            (limit,),
+        )
+        return [Generation.from_row(row) for row in rows]
+
     # --- images ----------------------------------------------------------------------------
 
     def _store_file(self, sha256: str, data: bytes) -> str:
@@ -1120,6 +1128,9 @@ class AsyncStore:
 
     async def generation_for_job(self, job_id: str) -> Generation | None:
         return await self._call(self._store.generation_for_job, job_id)
+
+    async def unfinished_generations(self, limit: int = 200) -> list[Generation]:
+        return await self._call(self._store.unfinished_generations, limit)
 
     async def add_image(self, generation_id: int, **kwargs: Any) -> int:
         return await self._call(self._store.add_image, generation_id, **kwargs)

@@ -87,7 +87,7 @@ async def posted_image(fake: FakeDiscord, store: AsyncStore, requester: dict, pr
     """An image the bot posted before this test's bot started: (message id, image id)."""
     generation_id = await store.record_generation(
         job_id=f"job-{fake.snowflake()}", prompt=prompt, requester_id=int(requester["id"]),
-        guild_id=fake.guild_id, channel_id=fake.channel_id,
+        guild_id=fake.guild_id, channel_id=fake.channel_id, status="done",
         parameters={"width": 64, "height": 64, "steps": 2, "count": 1})
     png = png_bytes()
     image_id = await store.add_image(generation_id, index=0, seed=1, width=16, height=16, png=png)
@@ -430,6 +430,33 @@ async def test_reroll_and_variation_buttons_work_after_a_restart(fake, store, bo
     generation = await store.generation(image.generation_id)
     assert generation.parameters["strength"] == 0.35 and generation.prompt == "a lighthouse"
     assert first.followup_ids, "the first job's images were followups of its interaction"
+
+
+async def test_a_job_left_behind_by_a_restart_is_finished_in_the_channel(fake, store, bots, service):
+    bot = await bots.start(service)
+    await service.pause()
+    interaction = await fake.slash("imagine", {"prompt": "a fox that waited", "steps": 2, "count": 2})
+    job_id = (await queued_job(fake, interaction)).split(":")[2]
+    await bots.stop(bot)
+    await service.resume()
+    await bots.start(service)
+    await fake.wait_for(lambda: len(fake.image_messages()) == 2, timeout=60)
+    for message in fake.image_messages():
+        assert message["content"].startswith(f"<@{fake.alice['id']}>") and "a fox that waited" in message["content"]
+    await wait_until(lambda: generation_status(store, job_id), "done")
+    assert len(await store.images_for_generation((await store.generation_for_job(job_id)).id)) == 2
+
+
+async def generation_status(store: AsyncStore, job_id: str) -> str:
+    return (await store.generation_for_job(job_id)).status
+
+
+async def test_a_job_the_service_forgot_is_recorded_as_failed_at_the_next_start(fake, store, bots, service):
+    generation_id = await store.record_generation(job_id="job-the-service-never-had", prompt="a fox",
+                                                  requester_id=int(fake.alice["id"]), channel_id=fake.channel_id)
+    await bots.start(service)
+    generation = await store.generation(generation_id)
+    assert generation.status == "failed" and "no longer knows" in generation.error
 
 
 async def test_an_unreachable_service_is_a_short_private_message(fake, bots):
