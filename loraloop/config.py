@@ -91,6 +91,8 @@ class ServiceConfig:
             _require(getattr(self, key) >= 1, key, "must be at least 1")
         _require(self.batch_wait_ms >= 0, "batch_wait_ms", "must be 0 or more")
         _require(self.preview_every >= 0, "preview_every", "must be 0 or more")
+        _require(self.max_steps <= 1000, "max_steps",
+                 "must be at most 1000 (SD schedulers have 1000 training timesteps)")
         _require(1 <= self.default_steps <= self.max_steps, "default_steps",
                  "must be between 1 and max_steps")
         _require(0.0 <= self.default_guidance <= 30.0, "default_guidance", "must be between 0 and 30")

@@ -101,15 +101,15 @@ async def test_cancelling_a_queued_job_removes_it(service):
 
 
 async def test_cancelling_a_running_job_stops_it_at_the_next_step(make_service):
-    running = await make_service(max_steps=2000, preview_every=0)
+    running = await make_service(max_steps=1000, preview_every=0)
     async with ServiceClient(running.url) as client:
-        accepted = await client.submit(JobRequest(prompt="long", steps=2000))
+        accepted = await client.submit(JobRequest(prompt="long", steps=1000))
         async for status in client.events(accepted.id):
             if status.state is JobState.RUNNING and status.step >= 2:
                 await client.cancel(accepted.id)
                 break
         final = await asyncio.wait_for(finish(client, accepted.id), timeout=20)
-        assert final.state is JobState.CANCELLED and final.step < 2000
+        assert final.state is JobState.CANCELLED and final.step < 1000
         assert (await client.status(accepted.id)).state is JobState.CANCELLED
         after = await client.submit(JobRequest(prompt="next", steps=2))
         assert (await finish(client, after.id)).state is JobState.DONE
