@@ -170,10 +170,12 @@ class GenerationService:
             return
         job.cancel_requested.set()
         if self.queue.remove(job):
-            self._finish(job, JobState.CANCELLED)
             log.info("job %s: cancelled while queued", job.id)
         else:
-            log.info("job %s: cancel requested; it stops at the next step", job.id)
+            # The worker stops its batch at the next step if no other job in it still wants
+            # images, else finishes the others and drops this one's; either way it is over now.
+            log.info("job %s: cancelled while running; the worker stops at the next step", job.id)
+        self._finish(job, JobState.CANCELLED)
 
     async def reload_adapters(self) -> AdapterCatalog:
         async with self._reload_lock:

@@ -154,3 +154,19 @@ async def test_the_event_stream_counts_down_a_queued_jobs_position(make_service,
     positions = [s.position for s in statuses if s.state is JobState.QUEUED]
     assert positions[0] == 2 and positions[-1] == 0 and positions == sorted(positions, reverse=True)
     assert statuses[-1].state is JobState.DONE
+
+
+async def test_cancelling_one_job_of_a_running_batch_lets_the_others_finish(make_service):
+    running = await make_service(batch_wait_ms=100)
+    async with ServiceClient(running.url) as client:
+        await client.pause()
+        doomed, kept = [(await client.submit(JobRequest(prompt="pair", steps=40, seed=s, requester=r))).id
+                        for s, r in ((1, "a"), (2, "b"))]
+        await client.resume()
+        async for status in client.events(doomed):
+            if status.state is JobState.RUNNING:
+                assert (await client.cancel(doomed)).state is JobState.CANCELLED
+                break
+        assert (await finish(client, kept)).state is JobState.DONE
+        assert (await client.status(doomed)).state is JobState.CANCELLED
+    assert running.service.metrics.batches == 1
