@@ -643,3 +643,30 @@ async def test_a_job_older_than_the_token_lifetime_stops_using_the_token(fake, b
     assert message["content"].startswith(f"<@{fake.alice['id']}>")
     await fake.wait_for(lambda: fake.bot_reactions(int(message["id"])))
     assert sum(1 for _t, _m, path in fake.requests if interaction.token in path) == webhook_calls
+
+
+async def test_a_failing_service_gives_a_reference_and_no_internals(fake, bots):
+    from aiohttp import web
+
+    from generation.client import ServiceClient
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"code": "internal", "message": "CUDA error: device-side assert"}},
+                                 status=500)
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with ServiceClient(f"http://127.0.0.1:{port}") as failing:
+            await bots.start(failing)
+            interaction = await fake.slash("imagine", {"prompt": "a fox"})
+            await fake.wait_for(lambda: interaction.followup_ids)
+            (text,) = [fake.messages[i]["content"] for i in interaction.followup_ids]
+            assert "Something went wrong" in text and "reference" in text and "CUDA" not in text
+    finally:
+        await runner.cleanup()
