@@ -126,6 +126,12 @@ class GenerationService:
                 job.cancel_requested.set()
         if self.worker is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
+        # Jobs still queued (a paused queue, say) would never finish, and their open event
+        # streams would hold the shutdown until aiohttp's timeout: end them as failed.
+        stopped = ApiError(ErrorCode.GENERATION_FAILED.value,
+                           "The generation service stopped before this job finished; try again once it is back.")
+        for job in list(self.jobs.values()):
+            self.on_failed(job, stopped)
 
     @property
     def native_size(self) -> int:

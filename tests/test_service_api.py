@@ -79,6 +79,20 @@ async def test_a_paused_queue_accepts_jobs_but_starts_none_until_resumed(service
     assert final.state is JobState.DONE
 
 
+async def test_stopping_the_service_ends_open_event_streams_with_a_failure_at_once(service):
+    async with ServiceClient(service.url) as client:
+        await client.pause()
+        accepted = await client.submit(JobRequest(prompt="never runs", steps=2))
+        stream = client.events(accepted.id)
+        first = await anext(stream)
+        assert first.state is JobState.QUEUED
+        started = asyncio.get_running_loop().time()
+        await service.stop()
+        final = [s async for s in stream][-1]
+    assert asyncio.get_running_loop().time() - started < 10, "no handler waits out the shutdown timeout"
+    assert final.state is JobState.FAILED and "stopped" in final.error.message
+
+
 def png_b64(size=(64, 64), colour=(20, 120, 220)) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format="PNG")
