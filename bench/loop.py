@@ -1,9 +1,10 @@
 """Prove the loop learns: simulated raters with a hidden taste drive the real product on the tiny model.
 
+    OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py --diagnose                      # can the model show a taste?
     OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py                                 # sft, kto, dpo; clean raters
-    OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py --objective sft --scenario noisy --rounds 1
-    OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py --scenario brigade --filters strict --taste bright
-    OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py --json bench/loop.json --grid bench/loop_grid.png
+    OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py --pretrained-base /tmp/loraloop-loop-base --grid bench/loop_grid.png
+    OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py --pretrained-base /tmp/loraloop-loop-base \
+        --scenario brigade --filters strict --rounds 1 --json brigade.json
 
 Everything a person would do goes through the product's own code: images are made by the real
 generation service (`start_service`) through `ServiceClient`, recorded and voted on through the
@@ -25,6 +26,10 @@ all votes so far in the objective's format, train a fresh adapter, publish it as
 version of `loop`. The measure: fresh prompts and seeds never used in training, rendered by the
 base model and by each version, every honest rater voting on every one; the like rate with a
 95% Wilson interval that counts images, not votes (votes on one image are not independent).
+
+The random tiny model cannot show a taste (`--diagnose`: its images differ by a fraction of an
+8-bit level, and its random VAE does not give back what it encodes), so `--pretrained-base`
+first teaches it to draw smooth colour fields (`pretrain_base`, a few minutes once, cached).
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ def colour_fields(count: int, size: int, generator) -> "torch.Tensor":
     import torch
     import torch.nn.functional as F
 
-    coarse = torch.rand((count, 3, 2, 2), generator=generator)
+    coarse = torch.rand((count, 3, 4, 4), generator=generator)
     return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1) * 2 - 1
 
 
@@ -111,8 +116,8 @@ def pretrain_base(tiny: Path, out: Path, size: int, vae_steps: int = 150, unet_s
         pixels = colour_fields(16, size, generator)
         posterior = vae.encode(pixels).latent_dist
         loss = F.mse_loss(vae.decode(posterior.sample(generator=generator)).sample, pixels)
-        # Enough KL to keep the latents near a unit Gaussian, where the UNet's samples land.
-        loss = loss + 1e-5 * posterior.kl().mean()
+        # A light KL: reconstruction first (a heavier one, 1e-5, left the VAE drawing grey).
+        loss = loss + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -299,9 +304,14 @@ FILTERS = {
 
 @dataclass(frozen=True)
 class Training:
-    """Training settings per objective, tuned to learn a colour taste on the tiny model in minutes."""
+    """Training settings per objective, tuned to learn a colour taste on the tiny model in minutes.
 
-    steps: int = 150
+    A round trains `epochs` passes over everything curated so far, so later rounds, with more
+    votes, train for more steps; `steps` > 0 fixes the step count instead.
+    """
+
+    epochs: int = 10
+    steps: int = 0
     learning_rate: float = 2e-3
     rank: int = 8
     batch_size: int = 8
@@ -310,9 +320,10 @@ class Training:
 
 
 TRAINING = {
-    "sft": Training(),
-    "kto": Training(),
-    "dpo": Training(),
+    # sft sees only the liked images (about 30 a round here): it needs many passes.
+    "sft": Training(epochs=50),
+    "kto": Training(epochs=10),
+    "dpo": Training(epochs=7),
 }
 
 
@@ -324,11 +335,11 @@ class LoopSettings:
     filters: str = "default"
     rounds: int = 2
     # Per round: prompts x images per prompt rated; fresh prompts x seeds measured.
-    train_prompts: int = 24
+    train_prompts: int = 16
     images_per_prompt: int = 4
     eval_prompts: int = 12
     eval_seeds: int = 4
-    steps: int = 10
+    steps: int = 8
     # 32 px (16x16 latents): a quarter of the tiny model's native cost, and colour needs no detail.
     size: int = 32
     seed: int = 7
@@ -440,7 +451,8 @@ class Loop:
         low, high = wilson_interval(sum(shares), len(shares))
         values = [self.panel.taste(image.png) for image in shown]
         return {"like_rate": round(sum(shares) / len(shares), 4), "ci95": [round(low, 4), round(high, 4)],
-                "images": len(shown), "mean_taste_value": round(statistics.fmean(values), 3)}
+                "images": len(shown), "taste_mean": round(statistics.fmean(values), 4),
+                "taste_std": round(statistics.pstdev(values), 4)}
 
     def curate_train_publish(self, round_number: int) -> dict[str, Any]:
         """Curate all votes so far, train a fresh adapter, publish it (runs on a worker thread)."""
@@ -463,7 +475,8 @@ class Loop:
                 return {"error": str(exc)}
             settings = TrainingConfig(
                 resolution=s.size, objective=s.objective, rank=t.rank, alpha=float(t.rank),
-                targets=list(t.targets), learning_rate=t.learning_rate, max_steps=t.steps,
+                targets=list(t.targets), learning_rate=t.learning_rate, max_steps=max(1, t.steps),
+                epochs=0 if t.steps else t.epochs,
                 batch_size=t.batch_size, validation_split=0.0, checkpoint_every=10**6, log_with="none",
                 dpo_beta=t.beta, kto_beta=t.beta, seed=s.seed + round_number, adam_8bit=False,
             )
@@ -480,6 +493,7 @@ class Loop:
                         "liked": sum(1 for k in kept if k.get("label", k["score"] > 0)),
                         "votes_used": sum(k["likes"] + k["dislikes"] for k in kept)},
             "train_seconds": round(seconds, 1),
+            "train_steps": trained["steps"],
             "final_train_loss": trained["final_train_loss"],
             "published": {"name": published.name, "version": published.version, "sha256": published.sha256},
         }
@@ -586,6 +600,31 @@ def save_grid(measured: dict[str, list[Shown]], path: Path, columns: int = 8) ->
     grid.save(path, optimize=True)
 
 
+def diagnose(model: str, size: int, count: int = 32, seed: int = 0) -> dict[str, Any]:
+    """Why the tiny model can or cannot learn a pixel taste: the spread of the taste over its
+    images, and whether the taste survives the VAE round trip training sees (encode, decode)."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        images = pipe(prompts(count, offset=20_000), num_inference_steps=8, height=size, width=size,
+                      generator=torch.Generator().manual_seed(seed), output_type="pt").images  # (N, 3, S, S) in [0, 1]
+        latents = pipe.vae.encode(images * 2 - 1).latent_dist.mean
+        round_trip = (pipe.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+
+    def tastes(x: "torch.Tensor") -> dict[str, "np.ndarray"]:
+        red, green, blue = x[:, 0].mean(dim=(1, 2)), x[:, 1].mean(dim=(1, 2)), x[:, 2].mean(dim=(1, 2))
+        return {"warm": (red - blue).numpy(), "bright": (0.299 * red + 0.587 * green + 0.114 * blue).numpy()}
+
+    before, after = tastes(images), tastes(round_trip)
+    return {name: {"std_8bit_levels": round(float(before[name].std() * 255), 3),
+                   "round_trip_correlation": round(float(np.corrcoef(before[name], after[name])[0, 1]), 3)}
+            for name in before}
+
+
 def summary_line(report: dict[str, Any]) -> str:
     s = report["settings"]
     base = report["base"]
@@ -598,7 +637,8 @@ def summary_line(report: dict[str, Any]) -> str:
         after = entry["after"]
         parts.append(f"r{entry['round']} {100 * after['like_rate']:.1f}% [{100 * after['ci95'][0]:.0f}-"
                      f"{100 * after['ci95'][1]:.0f}] ({entry['delta_points']:+.1f} pts, "
-                     f"{entry['dataset']['votes_used']} votes used, train {entry['train_seconds']} s)")
+                     f"{entry['dataset']['votes_used']} votes used, {entry['train_steps']} steps in "
+                     f"{entry['train_seconds']} s)")
     return " | ".join(parts)
 
 
@@ -610,7 +650,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--taste", choices=sorted(TASTES), default="warm")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--train-prompts", type=int, default=LoopSettings.train_prompts)
-    parser.add_argument("--steps", type=int, help="Training steps (default: per objective, see TRAINING).")
+    parser.add_argument("--epochs", type=int, help="Training epochs per round (default: per objective, see TRAINING).")
+    parser.add_argument("--steps", type=int, help="Fixed training steps per round instead of epochs.")
     parser.add_argument("--lr", type=float, help="Learning rate (default: per objective).")
     parser.add_argument("--rank", type=int, help="LoRA rank (default: per objective).")
     parser.add_argument("--beta", type=float, help="dpo/kto beta (default: per objective).")
@@ -618,10 +659,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="Write the reports here (a JSON list).")
     parser.add_argument("--grid", type=Path, help="Write a before/after grid of the first objective here.")
     parser.add_argument("--workdir", type=Path, help="Keep the data directories here (default: a temp dir).")
-    parser.add_argument("--base-dir", type=Path, default=Path(tempfile.gettempdir()) / "loraloop-loop-base",
-                        help="Where the pretrained base model is cached (see pretrain_base).")
-    parser.add_argument("--raw-tiny", action="store_true",
-                        help="Use the random tiny model as it is (it draws the same grey for every prompt).")
+    parser.add_argument("--pretrained-base", type=Path, metavar="DIR",
+                        help="Use (and cache in DIR) the tiny model taught to draw colour fields (pretrain_base).")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="Only measure the taste's spread over the model's images and its VAE round trip.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("httpx", "aiohttp.access", "generation", "training", "loraloop"):
@@ -632,12 +673,16 @@ def main(argv: list[str] | None = None) -> None:
         root = args.workdir or Path(temp)
         from loraloop.tiny import tiny_model_path
 
-        tiny = tiny_model_path(root / "tiny")
-        model = tiny if args.raw_tiny else pretrain_base(tiny, args.base_dir, LoopSettings.size)
+        model = tiny_model_path(root / "tiny")
+        if args.pretrained_base:
+            model = pretrain_base(model, args.pretrained_base, LoopSettings.size)
+        if args.diagnose:
+            print(json.dumps(diagnose(str(model), LoopSettings.size), indent=2))
+            return
         for index, objective in enumerate(args.objective):
             base = TRAINING[objective]
             training = dataclasses.replace(base, **{k: v for k, v in {
-                "steps": args.steps, "learning_rate": args.lr, "rank": args.rank, "beta": args.beta}.items()
+                "epochs": args.epochs, "steps": args.steps, "learning_rate": args.lr, "rank": args.rank, "beta": args.beta}.items()
                 if v is not None})
             settings = LoopSettings(objective=objective, scenario=args.scenario, taste=args.taste,
                                     filters=args.filters, rounds=args.rounds, train_prompts=args.train_prompts,
