@@ -449,8 +449,9 @@ class Generate:
                                                   width=image.width, height=image.height, png=png)
         # Re-encoding an oversized image is CPU work: keep it off the event loop.
         files = await asyncio.to_thread(fit_for_discord, png, reply.filesize_limit, f"{job_id}-{image.index}")
-        message = await reply.send(content=provenance(spec.prompt, image, status), files=files,
-                                   view=image_view(user_id))
-        await self.bot.store.set_image_message(image_id, message.id)
+        async with self.bot.votes.posting():
+            message = await reply.send(content=provenance(spec.prompt, image, status), files=files,
+                                       view=image_view(user_id))
+            await self.bot.store.set_image_message(image_id, message.id)
         for emoji in [*self.settings.rating_emojis, self.settings.flag_emoji]:
             await message.add_reaction(emoji)

@@ -13,7 +13,10 @@ so a reaction seen both live and by the catch-up counts once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLAG_KIND = "nsfw"  # the 🚩 flag: bad or unsafe, kept out of every dataset
+# How long a reaction on a not-yet-linked message waits for the bot to finish recording it.
+LINK_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,38 @@ class Votes:
     def __init__(self, bot: "LoraloopBot") -> None:
         self.bot = bot
         self.table = meanings(bot.settings.rating_emojis, bot.settings.flag_emoji)
+        self._posting = 0
+        self._posted = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def posting(self) -> AsyncIterator[None]:
+        """Wrap posting an image message and linking it to its image in the store.
+
+        Discord can deliver a reaction on the new message before the store knows which image it
+        shows; such a reaction waits for the link instead of being taken for a stranger's message.
+        """
+        self._posting += 1
+        try:
+            yield
+        finally:
+            self._posting -= 1
+            async with self._posted:
+                self._posted.notify_all()
+
+    async def _image_for(self, message_id: int):
+        image = await self.bot.store.image_for_message(message_id)
+        deadline = asyncio.get_running_loop().time() + LINK_WAIT_SECONDS
+        while image is None and self._posting:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return None
+            async with self._posted:
+                try:
+                    await asyncio.wait_for(self._posted.wait(), remaining)
+                except TimeoutError:
+                    return None
+            image = await self.bot.store.image_for_message(message_id)
+        return image
 
     def _meaning(self, payload: discord.RawReactionActionEvent) -> Meaning | None:
         if self.bot.user is not None and payload.user_id == self.bot.user.id:
@@ -57,7 +94,7 @@ class Votes:
         meaning = self._meaning(payload)
         if meaning is None:
             return
-        image = await self.bot.store.image_for_message(payload.message_id)
+        image = await self._image_for(payload.message_id)
         if image is None:
             return
         emoji = str(payload.emoji)
@@ -72,7 +109,7 @@ class Votes:
         meaning = self._meaning(payload)
         if meaning is None:
             return
-        image = await self.bot.store.image_for_message(payload.message_id)
+        image = await self._image_for(payload.message_id)
         if image is None:
             return
         if meaning.vote is not None:

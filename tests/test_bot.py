@@ -349,6 +349,27 @@ async def test_imagine_defers_shows_progress_and_posts_one_message_per_image_wit
     await wait_until(lambda: votes(store, recorded[1].id), {int(fake.bob["id"]): 1})
 
 
+async def test_a_reaction_that_beats_the_bot_recording_its_message_still_counts(fake, store, bots, service,
+                                                                              monkeypatch):
+    link = store.set_image_message
+
+    async def slow_link(image_id, message_id):
+        await asyncio.sleep(0.5)  # the store is slow: the reaction arrives before the link
+        return await link(image_id, message_id)
+
+    monkeypatch.setattr(store, "set_image_message", slow_link)
+    await bots.start(service)
+    await fake.slash("imagine", {"prompt": "a quick fox", "steps": 2})
+    await fake.wait_for(lambda: fake.image_messages(), timeout=60)
+    (message,) = fake.image_messages()
+    await fake.react(int(message["id"]), "👍", fake.bob)
+    image = None
+    while image is None:
+        image = await store.image_for_message(int(message["id"]))
+        await asyncio.sleep(0.02)
+    await wait_until(lambda: votes(store, image.id), {int(fake.bob["id"]): 1})
+
+
 def custom_ids(message: dict) -> list[str]:
     return [c["custom_id"] for row in message.get("components", []) for c in row["components"]]
 
