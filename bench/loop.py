@@ -86,12 +86,13 @@ def pretrain_base(tiny: Path, out: Path, size: int, vae_steps: int = 150, unet_s
                   seed: int = 0) -> Path:
     """The tiny model taught to autoencode and draw smooth colour fields: a stand-in for real weights.
 
-    The random tiny model draws the same flat grey for every prompt and seed (the spread of mean
-    colour across images is under one 8-bit level), and its random VAE does not give back what
-    it encodes, so there is nothing for raters to prefer and nothing an adapter could learn
-    from pixels. A real base model has neither problem. This teaches the tiny VAE to
-    reconstruct and the UNet to denoise colour fields, once (cached in `out`); every later step
-    of the bench uses the model through the product, untouched.
+    The random tiny model draws the same flat grey for every prompt and seed (`--diagnose`: the
+    warmth of its images spreads over 0.26 of an 8-bit level), and its random VAE does not give
+    back what it encodes (warmth before and after encode -> decode correlate 0.03), so there is
+    little for raters to prefer and nothing an adapter could learn from pixels. A real base
+    model has neither problem. This teaches the tiny VAE to reconstruct and the UNet to denoise
+    colour fields (after it: 1.7 levels and 0.76), once, cached in `out`; every later step of
+    the bench uses the model through the product, untouched.
     """
     import shutil
 
@@ -216,8 +217,9 @@ class Scenario:
 SCENARIOS = {
     "clean": Scenario(),
     "noisy": Scenario(random_share=0.3),
-    # ~6 honest votes and 3 brigade votes on each image: a third of the votes pull the other way.
-    "brigade": Scenario(brigade=3),
+    # Two raters who like the opposite and vote on every image, ten times as often as the 24
+    # others: ~2.4 honest and 2 brigade votes per image, so nearly half the votes pull the other way.
+    "brigade": Scenario(activity=0.1, brigade=2),
 }
 
 
@@ -296,10 +298,13 @@ FILTERS = {
     # The shipped defaults.
     "default": Filters(),
     # Trust an image only with several raters who clearly agree.
-    "strict": Filters(min_raters=5, min_score=2, min_wilson=0.35),
+    "strict": Filters(min_raters=4, min_score=2, min_wilson=0.3),
     # Nothing filtered but the sign of the score.
     "none": Filters(min_raters=1, min_score=1, min_wilson=0.0),
 }
+# sft learns everything it is given, so it does best on clearly liked images only (clean raters,
+# one round: +16 points with the defaults, +27 with strict); kto and dpo learn from the contrast.
+OBJECTIVE_FILTERS = {"sft": "strict", "kto": "default", "dpo": "default"}
 
 
 @dataclass(frozen=True)
@@ -322,7 +327,8 @@ class Training:
 TRAINING = {
     # sft sees only the liked images (about 30 a round here): it needs many passes.
     "sft": Training(epochs=50),
-    "kto": Training(epochs=10),
+    # At 2e-3 kto's second round fell back (+32 -> +12 points); at 1e-3 it holds (+27 -> +27).
+    "kto": Training(epochs=10, learning_rate=1e-3),
     "dpo": Training(epochs=7),
 }
 
@@ -581,7 +587,7 @@ def _label(version: int | None) -> str:
 
 
 def save_grid(measured: dict[str, list[Shown]], path: Path, columns: int = 8) -> None:
-    """The same prompts and seeds, one row per version (the first seed of each prompt)."""
+    """The same fresh prompts and seeds (the first seed of each prompt), one row per version."""
     from PIL import Image
 
     from training.images import labelled_grid
@@ -592,7 +598,7 @@ def save_grid(measured: dict[str, list[Shown]], path: Path, columns: int = 8) ->
         for image in shown:
             firsts.setdefault(image.prompt, image)
         rows.append(list(firsts.values())[:columns])
-    column_labels = [f"seed {image.seed}" for image in rows[0]]
+    column_labels = [image.prompt.split()[1] for image in rows[0]]  # the subject: "a fox at dawn" -> fox
     def tile(image: Shown) -> Image.Image:
         return Image.open(io.BytesIO(image.png)).convert("RGB").resize((64, 64), Image.Resampling.NEAREST)
 
@@ -646,7 +652,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objective", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="clean")
-    parser.add_argument("--filters", choices=sorted(FILTERS), default="default")
+    parser.add_argument("--filters", choices=sorted(FILTERS),
+                        help="Curation filters for every objective (default: per objective, OBJECTIVE_FILTERS).")
     parser.add_argument("--taste", choices=sorted(TASTES), default="warm")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--train-prompts", type=int, default=LoopSettings.train_prompts)
@@ -657,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beta", type=float, help="dpo/kto beta (default: per objective).")
     parser.add_argument("--seed", type=int, default=LoopSettings.seed)
     parser.add_argument("--json", type=Path, help="Write the reports here (a JSON list).")
-    parser.add_argument("--grid", type=Path, help="Write a before/after grid of the first objective here.")
+    parser.add_argument("--grid", type=Path, help="Write a before/after grid of the first objective's run here.")
     parser.add_argument("--workdir", type=Path, help="Keep the data directories here (default: a temp dir).")
     parser.add_argument("--pretrained-base", type=Path, metavar="DIR",
                         help="Use (and cache in DIR) the tiny model taught to draw colour fields (pretrain_base).")
@@ -685,9 +692,10 @@ def main(argv: list[str] | None = None) -> None:
                 "epochs": args.epochs, "steps": args.steps, "learning_rate": args.lr, "rank": args.rank, "beta": args.beta}.items()
                 if v is not None})
             settings = LoopSettings(objective=objective, scenario=args.scenario, taste=args.taste,
-                                    filters=args.filters, rounds=args.rounds, train_prompts=args.train_prompts,
-                                    seed=args.seed, training=training, model=str(model))
-            data_dir = root / f"{objective}-{args.scenario}-{args.filters}"
+                                    filters=args.filters or OBJECTIVE_FILTERS[objective], rounds=args.rounds,
+                                    train_prompts=args.train_prompts, seed=args.seed, training=training,
+                                    model=str(model))
+            data_dir = root / f"{objective}-{args.scenario}-{settings.filters}"
             data_dir.mkdir(parents=True, exist_ok=True)
             report, measured = asyncio.run(run_loop(settings, data_dir))
             reports.append(report)
