@@ -251,6 +251,9 @@ class Generate:
         self.settings = bot.settings
         # The tasks following jobs, so a shutting-down bot stops them instead of leaking them.
         self.following: set[asyncio.Task] = set()
+        # Job ids this process is following: a catch-up that runs while a job is in flight (the
+        # first READY can come after the first /imagine) must not follow, and post, it twice.
+        self.followed_jobs: set[str] = set()
 
     def refusal_for(self, interaction: discord.Interaction, spec: Spec,
                     attachment: discord.Attachment | None = None) -> str | None:
@@ -309,6 +312,8 @@ class Generate:
         resumed = 0
         for generation in await self.bot.store.unfinished_generations():
             if generation.channel_id is None or generation.requester_id is None:
+                continue
+            if generation.job_id in self.followed_jobs:
                 continue
             try:
                 await self.bot.service.status(generation.job_id)
@@ -370,6 +375,17 @@ class Generate:
 
     async def _follow_and_post(self, reply: Reply, generation_id: int, job_id: str, job_key: str,
                                spec: Spec, cancel: discord.ui.View | None) -> None:
+        if job_id in self.followed_jobs:
+            log.info("job %s: already followed by this bot", job_id)
+            return
+        self.followed_jobs.add(job_id)
+        try:
+            await self._follow_and_post_once(reply, generation_id, job_id, job_key, spec, cancel)
+        finally:
+            self.followed_jobs.discard(job_id)
+
+    async def _follow_and_post_once(self, reply: Reply, generation_id: int, job_id: str, job_key: str,
+                                    spec: Spec, cancel: discord.ui.View | None) -> None:
         user_id = reply.user_id
         try:
             status = await self._follow(reply, job_id, job_key, user_id, spec, cancel)

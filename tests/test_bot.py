@@ -370,6 +370,19 @@ async def test_a_reaction_that_beats_the_bot_recording_its_message_still_counts(
     await wait_until(lambda: votes(store, image.id), {int(fake.bob["id"]): 1})
 
 
+async def test_a_catch_up_during_a_running_job_does_not_post_its_images_twice(fake, store, bots, service):
+    bot = await bots.start(service)
+    await service.pause()
+    interaction = await fake.slash("imagine", {"prompt": "a patient fox", "count": 2, "steps": 2})
+    await fake.wait_for(lambda: (m := fake.original_message(interaction)) and m["content"].startswith("🕒"))
+    # The first READY can arrive after the first /imagine: its catch-up sees this job unfinished.
+    assert await bot.generate.resume_unfinished() == 0
+    await service.resume()
+    await finished(fake, interaction)
+    await asyncio.sleep(0.3)
+    assert len(fake.image_messages()) == 2
+
+
 def custom_ids(message: dict) -> list[str]:
     return [c["custom_id"] for row in message.get("components", []) for c in row["components"]]
 
