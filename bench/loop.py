@@ -516,6 +516,7 @@ async def run_loop(settings: LoopSettings, data_dir: Path) -> tuple[dict[str, An
     s = settings
     if s.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
+    # Config.data_dir (store, adapters, runs) follows the environment, as it does for `loraloop`.
     os.environ["LORALOOP_DATA_DIR"] = str(data_dir)
     config = Config().replace("service", model=s.model, default_steps=s.steps, batch_wait_ms=20,
                               max_per_requester=64, max_queue=256, preview_every=0)
