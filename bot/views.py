@@ -103,6 +103,11 @@ class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"loraloo
                                                     "can delete it.", ephemeral=True)
             return
         await interaction.response.defer()
+        if interaction.message is not None:
+            image = await bot.store.image_for_message(interaction.message.id)
+            if image is not None:
+                # Deleted images leave every future dataset; their votes stay for /stats.
+                await bot.store.mark_image_deleted(image.id, interaction.user.id)
         await interaction.delete_original_response()
         log.info("message %s deleted by user %s", interaction.message.id if interaction.message else None,
                  interaction.user.id)

@@ -221,6 +221,18 @@ def _m0002_query_indexes(db: Database) -> None:
     )
 
 
+@_migration("0003_image_deletion")
+def _m0003_image_deletion(db: Database) -> None:
+    # An image whose Discord message was deleted (🗑) by its requester or an admin: its votes stay
+    # for the history in /stats, but it leaves every future dataset and the week's top images.
+    db.executescript(
+        """
+        ALTER TABLE images ADD COLUMN deleted_at TEXT;
+        ALTER TABLE images ADD COLUMN deleted_by INTEGER;
+        """
+    )
+
+
 # --- records --------------------------------------------------------------------------------
 
 
@@ -334,6 +346,7 @@ class RatedImage:
     flags: tuple[str, ...]
     requester_opted_out: bool
     phash: str | None
+    deleted: bool = False
 
     @property
     def raters(self) -> int:
@@ -702,6 +715,15 @@ class Store:
             if cursor.rowcount == 0:
                 raise NotFoundError(f"no image with id {image_id}")
 
+    def mark_image_deleted(self, image_id: int, user_id: int | None) -> bool:
+        """Record that the image's message was deleted; False if it already was (idempotent)."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE images SET deleted_at = ?, deleted_by = ? WHERE id = ? AND deleted_at IS NULL",
+                (self._now(), user_id, image_id),
+            )
+            return cursor.rowcount > 0
+
     def image(self, image_id: int) -> Image:
         rows = self._rows("SELECT * FROM images WHERE id = ?", (image_id,))
         if not rows:
@@ -878,6 +900,7 @@ class Store:
             JOIN ratings r ON r.image_id = i.id
             WHERE i.created_at >= :since
               AND (:guild_id IS NULL OR g.guild_id = :guild_id)
+              AND i.deleted_at IS NULL
               AND NOT EXISTS (SELECT 1 FROM flags f WHERE f.image_id = i.id AND f.kind = 'nsfw')
             GROUP BY i.id
             HAVING likes > 0
@@ -1030,7 +1053,8 @@ class Store:
             SELECT s.id, s.generation_id, s.sha256, s.path, s.width, s.height, s.prompt,
                    s.negative_prompt, s.requester_id, s.created_at, s.phash,
                    COALESCE(t.likes, 0) AS likes, COALESCE(t.dislikes, 0) AS dislikes,
-                   fl.kinds AS flag_kinds, COALESCE(u.opted_out, 0) AS requester_opted_out
+                   fl.kinds AS flag_kinds, COALESCE(u.opted_out, 0) AS requester_opted_out,
+                   s.deleted_at
             FROM selected s
             LEFT JOIN tallies t ON t.image_id = s.id
             LEFT JOIN flagged fl ON fl.image_id = s.id
@@ -1052,6 +1076,7 @@ class Store:
                 created_at=row["created_at"], likes=row["likes"], dislikes=row["dislikes"],
                 flags=tuple(sorted(row["flag_kinds"].split(","))) if row["flag_kinds"] else (),
                 requester_opted_out=bool(row["requester_opted_out"]), phash=row["phash"],
+                deleted=row["deleted_at"] is not None,
             )
             for row in rows
         ]
@@ -1137,6 +1162,9 @@ class AsyncStore:
 
     async def set_image_message(self, image_id: int, message_id: int) -> None:
         await self._call(self._store.set_image_message, image_id, message_id)
+
+    async def mark_image_deleted(self, image_id: int, user_id: int | None) -> bool:
+        return await self._call(self._store.mark_image_deleted, image_id, user_id)
 
     async def image(self, image_id: int) -> Image:
         return await self._call(self._store.image, image_id)

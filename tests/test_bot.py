@@ -14,7 +14,7 @@ from PIL import Image
 from bot.app import LoraloopBot
 from fake_discord import FakeDiscord
 from loraloop.config import Config
-from loraloop.store import AsyncStore
+from loraloop.store import AsyncStore, Store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -254,12 +254,12 @@ async def test_optout_and_optin_change_what_datasets_may_use(fake, store, bots):
 # ---- buttons after a restart ---------------------------------------------------------------------
 
 
-async def test_the_delete_button_works_after_a_restart_for_the_requester_only(fake, store, bots):
+async def test_the_delete_button_works_after_a_restart_for_the_requester_only(fake, store, bots, data_dir):
     from bot.views import image_view
 
     bot = await bots.start()
     await bots.stop(bot)
-    message_id, _image_id = await posted_image(fake, store, fake.alice)
+    message_id, image_id = await posted_image(fake, store, fake.alice)
     # The message's buttons as the bot posts them, made before this bot process existed.
     fake.messages[message_id]["components"] = image_view(int(fake.alice["id"])).to_components()
     delete_id = next(c["custom_id"] for row in fake.messages[message_id]["components"]
@@ -272,6 +272,9 @@ async def test_the_delete_button_works_after_a_restart_for_the_requester_only(fa
     clicked = await fake.click(message_id, delete_id, user=fake.alice)
     await fake.wait_for(lambda: message_id in fake.deleted_messages)
     assert clicked.ack_seconds < 3
+    with Store(data_dir / "loraloop.db", data_dir) as reader:
+        (rated,) = [r for r in reader.rated_images() if r.id == image_id]
+    assert rated.deleted, "a deleted image leaves future datasets"
 
 
 async def test_stats_show_votes_per_style_version_and_the_weeks_top_image(fake, store, bots):

@@ -174,6 +174,18 @@ def test_self_votes_are_left_out_unless_asked_for(world, tmp_path):
     assert kept_ids(tmp_path / "with") == [image_id]
 
 
+def test_an_image_deleted_in_discord_leaves_the_dataset_but_keeps_its_votes(world, tmp_path):
+    kept = world.image([1, 1, 1])
+    deleted = world.image([1, 1, 1])
+    assert world.store.mark_image_deleted(deleted, REQUESTER)
+    assert not world.store.mark_image_deleted(deleted, REQUESTER), "deleting twice changes nothing"
+    curate(world.store, tmp_path / "out", CurationSettings())
+    assert kept_ids(tmp_path / "out") == [kept]
+    assert dropped(tmp_path / "out") == {deleted: "deleted_in_discord"}
+    assert len(world.store.votes_for(deleted)) == 3
+    assert [t.image_id for t in world.store.top_images(limit=5)] == [kept]
+
+
 def test_votes_of_opted_out_users_do_not_count(world, tmp_path):
     image_id = world.image([1, 1])
     world.store.opt_out(101)

@@ -15,6 +15,7 @@ from sqlite_utils import Database
 
 from loraloop.config import Config
 from loraloop.store import (
+    MIGRATION_NAMES,
     AsyncStore,
     DatabaseBusyError,
     NewerDatabaseError,
@@ -65,7 +66,7 @@ def test_a_new_database_uses_wal_foreign_keys_and_a_busy_timeout(store):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
-    assert store.schema_version() == ["0001_initial", "0002_query_indexes"]
+    assert store.schema_version() == MIGRATION_NAMES
 
 
 def test_an_older_database_is_upgraded_in_place_and_keeps_its_rows(tmp_path):
@@ -78,7 +79,7 @@ def test_an_older_database_is_upgraded_in_place_and_keeps_its_rows(tmp_path):
     db.close()
 
     with Store(path, tmp_path / "data") as store:
-        assert store.schema_version() == ["0001_initial", "0002_query_indexes"]
+        assert store.schema_version() == MIGRATION_NAMES
         assert store.generation_for_job("old-job").prompt == "a cat"
         indexes = {row[0] for row in store.db.conn.execute("SELECT name FROM sqlite_master")}
         assert "images_created_at" in indexes

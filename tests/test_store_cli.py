@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 
 from loraloop.cli import cli
-from loraloop.store import Store
+from loraloop.store import MIGRATION_NAMES, Store
 
 
 def test_db_path_prints_the_configured_database(data_dir):
@@ -30,7 +30,7 @@ def test_db_stats_counts_rows_and_reports_each_adapter_version(data_dir):
 
     report = json.loads(CliRunner().invoke(cli, ["db", "stats", "--json"]).output)
     assert report["counts"]["ratings"] == 2
-    assert report["schema"][-1] == "0002_query_indexes"
+    assert report["schema"][-1] == MIGRATION_NAMES[-1]
     assert report["adapters"] == [{"adapter": "pixel", "version": 2, "images": 1, "votes": 2,
                                    "likes": 1, "like_rate": 0.5}]
 

@@ -66,6 +66,7 @@ HASH_FILE = "dataset_hash"
 # Why an image was left out; the report counts by these codes.
 REQUESTER_OPTED_OUT = "requester_opted_out"
 FLAGGED = "flagged"
+DELETED = "deleted_in_discord"
 TOO_FEW_RATERS = "too_few_raters"
 LOW_SCORE = "score_below_minimum"
 LOW_WILSON = "wilson_below_minimum"
@@ -202,6 +203,9 @@ def _passes_rating_filters(candidate: Candidate, settings: CurationSettings,
     image = candidate.image
     if image.requester_opted_out:
         report.drop(candidate, REQUESTER_OPTED_OUT)
+        return False
+    if image.deleted:
+        report.drop(candidate, DELETED)
         return False
     if image.flags:
         report.drop(candidate, FLAGGED, ",".join(image.flags))
