@@ -231,7 +231,6 @@ def describe_error(exc: Exception, job_ref: str) -> str:
             "queue_full": "The queue is full right now; try again in a minute.",
             "requester_limit": "You already have the most jobs the queue takes from one person; "
                                "wait for one to finish.",
-            "paused": "Image making is paused by the admins; try again later.",
             "unavailable": "The image service is not reachable right now; try again in a minute.",
         }
         if code in friendly:

@@ -34,8 +34,6 @@ class ErrorCode(str, enum.Enum):
     NOT_FOUND = "not_found"
     QUEUE_FULL = "queue_full"
     REQUESTER_LIMIT = "requester_limit"
-    PAUSED = "paused"
-    CANCELLED = "cancelled"
     GENERATION_FAILED = "generation_failed"
     INTERNAL = "internal"
 
