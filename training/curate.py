@@ -52,6 +52,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from loraloop.config import CurationConfig
 from loraloop.store import RatedImage, Store
 
 log = logging.getLogger(__name__)
@@ -83,23 +84,27 @@ class CurationError(Exception):
     """A curation problem a person can fix; the message says what to change."""
 
 
+# One source of truth for the filters' defaults: the [curation] section of the config.
+_DEFAULTS = CurationConfig()
+
+
 @dataclass(frozen=True)
 class CurationSettings:
     """What to select and how; defaults come from `[curation]` in config.toml."""
 
-    format: Format = "sft"
+    format: Format = _DEFAULTS.format
     adapter: str | None = None
     adapter_version: int | None = None
     since: dt.datetime | None = None
     until: dt.datetime | None = None
-    min_raters: int = 2
-    min_score: int = 1
-    min_wilson: float = 0.0
-    wilson_z: float = 1.96
-    include_self_votes: bool = False
-    near_duplicate_distance: int = 4
-    max_pairs_per_prompt: int = 10
-    link_images: bool = True
+    min_raters: int = _DEFAULTS.min_raters
+    min_score: int = _DEFAULTS.min_score
+    min_wilson: float = _DEFAULTS.min_wilson
+    wilson_z: float = _DEFAULTS.wilson_z
+    include_self_votes: bool = _DEFAULTS.include_self_votes
+    near_duplicate_distance: int = _DEFAULTS.near_duplicate_distance
+    max_pairs_per_prompt: int = _DEFAULTS.max_pairs_per_prompt
+    link_images: bool = _DEFAULTS.link_images
 
     def validate(self) -> None:
         if self.format not in FORMATS:
