@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # TORCH_SPEC='torch' (and a CUDA index) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test
+.PHONY: install run test lint
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,3 +23,7 @@ run: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy

@@ -35,8 +35,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the fake Discord lives with the tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bot.app import LoraloopBot  # noqa: E402
 from fake_discord import FakeDiscord  # noqa: E402
+
+from bot.app import LoraloopBot  # noqa: E402
 from generation.client import ServiceClient, ServiceError  # noqa: E402
 from loraloop.config import Config  # noqa: E402
 from loraloop.store import AsyncStore  # noqa: E402
@@ -85,7 +86,7 @@ async def start_service_process(workdir: Path, model_dir: Path, max_queue: int, 
     process = subprocess.Popen(
         [str(ROOT / ".venv" / "bin" / "loraloop"), "--config", str(config_path), "serve",
          "--model", str(model_dir), "--device", "cpu", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(workdir / "service.log", "wb"))
+        env=env, stdout=subprocess.DEVNULL, stderr=open(workdir / "service.log", "wb"))  # noqa: SIM115  the child owns it
     client = ServiceClient(f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + 120
     while True:
@@ -95,7 +96,7 @@ async def start_service_process(workdir: Path, model_dir: Path, max_queue: int, 
         except ServiceError:
             if time.monotonic() > deadline or process.poll() is not None:
                 process.kill()
-                raise SystemExit(f"the service did not start; see {workdir / 'service.log'}")
+                raise SystemExit(f"the service did not start; see {workdir / 'service.log'}") from None
             await asyncio.sleep(0.2)
 
 

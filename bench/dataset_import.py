@@ -103,7 +103,8 @@ def main() -> None:
             report = import_dataset(src, tmp / f"local-{workers}", replace(settings, workers=workers), progress=False)
             local_s = time.perf_counter() - start
             label = "1 worker" if workers == 1 else f"{os.cpu_count()} workers"
-            print(f"local import, {label}: {len(report.kept)} kept in {local_s:.1f} s = {args.count / local_s:.1f} images/s")
+            print(f"local import, {label}: {len(report.kept)} kept in {local_s:.1f} s "
+                  f"= {args.count / local_s:.1f} images/s")
 
         port = free_port()
         stop = serve_folder(src, port)
@@ -113,7 +114,8 @@ def main() -> None:
         report = import_dataset(urls, tmp / "remote", settings, progress=False)
         remote_s = time.perf_counter() - start
         stop.set()
-        print(f"URL import (loopback): {len(report.kept)} kept in {remote_s:.1f} s = {args.count / remote_s:.1f} images/s")
+        print(f"URL import (loopback): {len(report.kept)} kept in {remote_s:.1f} s "
+              f"= {args.count / remote_s:.1f} images/s")
 
         rng = np.random.default_rng(0)
         index = NearDuplicateIndex(max_distance=4)
@@ -123,7 +125,8 @@ def main() -> None:
         start = time.perf_counter()
         for value in probes:
             index.closest(value)
-        print(f"near-duplicate lookup against 10,000 kept images: {(time.perf_counter() - start) / len(probes) * 1e6:.0f} us")
+        per_lookup_us = (time.perf_counter() - start) / len(probes) * 1e6
+        print(f"near-duplicate lookup against 10,000 kept images: {per_lookup_us:.0f} us")
 
         from loraloop.tiny import tiny_blip_path
 

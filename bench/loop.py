@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py --diagnose                      # can the model show a taste?
     OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py                                 # sft, kto, dpo; clean raters
-    OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py --pretrained-base /tmp/loraloop-loop-base --grid bench/loop_grid.png
+    OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py --pretrained-base /tmp/loraloop-loop-base \
+        --grid bench/loop_grid.png
     OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py --pretrained-base /tmp/loraloop-loop-base \
         --scenario brigade --filters strict --rounds 1 --json brigade.json
 
@@ -47,9 +48,13 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 # Run as a script, this file's folder comes first on sys.path; keep it from shadowing packages.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -73,7 +78,7 @@ STYLES = ("at dawn", "in the rain", "oil painting", "pixel art", "macro photo", 
 # --- a base model with something to like -------------------------------------------------------
 
 
-def colour_fields(count: int, size: int, generator) -> "torch.Tensor":
+def colour_fields(count: int, size: int, generator) -> torch.Tensor:
     """Smooth random colour fields in [-1, 1], (count, 3, size, size): varied in hue and brightness."""
     import torch
     import torch.nn.functional as F
@@ -427,7 +432,7 @@ class Loop:
                     job_id=accepted.id, prompt=prompt, requester_id=requester, guild_id=1, channel_id=2,
                     parameters=parameters, adapters=[a.to_dict() for a in last.adapters])
                 await self.store.update_generation(generation_id, status="done")
-            for image, png in zip(last.images, pngs):
+            for image, png in zip(last.images, pngs, strict=True):
                 image_id = message_id = 0
                 if record:
                     image_id = await self.store.add_image(generation_id, index=image.index, seed=image.seed,
@@ -622,7 +627,7 @@ def diagnose(model: str, size: int, count: int = 32, seed: int = 0) -> dict[str,
         latents = pipe.vae.encode(images * 2 - 1).latent_dist.mean
         round_trip = (pipe.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
 
-    def tastes(x: "torch.Tensor") -> dict[str, "np.ndarray"]:
+    def tastes(x: torch.Tensor) -> dict[str, np.ndarray]:
         red, green, blue = x[:, 0].mean(dim=(1, 2)), x[:, 1].mean(dim=(1, 2)), x[:, 2].mean(dim=(1, 2))
         return {"warm": (red - blue).numpy(), "bright": (0.299 * red + 0.587 * green + 0.114 * blue).numpy()}
 
@@ -690,7 +695,8 @@ def main(argv: list[str] | None = None) -> None:
         for index, objective in enumerate(args.objective):
             base = TRAINING[objective]
             training = dataclasses.replace(base, **{k: v for k, v in {
-                "epochs": args.epochs, "steps": args.steps, "learning_rate": args.lr, "rank": args.rank, "beta": args.beta}.items()
+                "epochs": args.epochs, "steps": args.steps, "learning_rate": args.lr, "rank": args.rank,
+                "beta": args.beta}.items()
                 if v is not None})
             settings = LoopSettings(objective=objective, scenario=args.scenario, taste=args.taste,
                                     filters=args.filters or OBJECTIVE_FILTERS[objective], rounds=args.rounds,

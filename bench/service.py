@@ -70,7 +70,7 @@ def direct_call(pipe, prompts: list[str], seeds: list[int], steps: int, size: in
 async def service_job(client: ServiceClient, request: JobRequest) -> None:
     accepted = await client.submit(request)
     final = None
-    async for final in client.events(accepted.id):
+    async for final in client.events(accepted.id):  # noqa: B007  the last status is the one kept
         pass
     assert final is not None and final.state is JobState.DONE, final
     for image in final.images:

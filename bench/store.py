@@ -111,7 +111,6 @@ def main() -> None:
         started = time.perf_counter()
         with Store(db_path, data_dir) as store:
             build_world(store, args.images, args.votes, args.prompts)
-            image_ids = [row[0] for row in store.db.conn.execute("SELECT id FROM images")]
         print(f"setup: {args.images:,} images and {args.votes:,} votes through the Store API "
               f"in {time.perf_counter() - started:.1f} s")
 

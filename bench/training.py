@@ -43,7 +43,8 @@ def child(args: argparse.Namespace) -> None:
         rows = []
         for i in range(args.images):
             image = Image.new("RGB", (args.resolution, args.resolution), (i * 7 % 255, 90, 200))
-            ImageDraw.Draw(image).rectangle([i % 20, 4, args.resolution // 2 + i % 20, args.resolution // 2], fill=(250, 200, 0))
+            box = [i % 20, 4, args.resolution // 2 + i % 20, args.resolution // 2]
+            ImageDraw.Draw(image).rectangle(box, fill=(250, 200, 0))
             image.save(dataset / f"{i}.png")
             rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a yellow block, picture {i}"}))
         (dataset / "metadata.jsonl").write_text("\n".join(rows) + "\n")

@@ -12,8 +12,8 @@ import logging
 
 import click
 
-from loraloop.cli import AppContext, pass_app
 from loraloop.config import Secrets
+from loraloop.context import AppContext, pass_app
 
 log = logging.getLogger(__name__)
 

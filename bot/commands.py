@@ -8,7 +8,7 @@ Discord validates ranges and choices before our code runs; the bot checks the re
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Literal
 
 import discord
 from discord import app_commands
@@ -46,15 +46,15 @@ def register(bot: "LoraloopBot") -> None:
     async def imagine(
         interaction: discord.Interaction,
         prompt: app_commands.Range[str, 1, 2000],
-        negative: Optional[str] = None,
-        style: Optional[str] = None,
+        negative: str | None = None,
+        style: str | None = None,
         style_weight: app_commands.Range[float, 0.0, 2.0] = 1.0,
         aspect: Aspect = "1:1",
-        steps: Optional[MaxSteps] = None,
-        guidance: Optional[app_commands.Range[float, 0.0, 30.0]] = None,
-        seed: Optional[app_commands.Range[int, 0, 2**32 - 1]] = None,
+        steps: MaxSteps | None = None,
+        guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
+        seed: app_commands.Range[int, 0, 2 ** 32 - 1] | None = None,
         count: MaxCount = 1,
-        image: Optional[discord.Attachment] = None,
+        image: discord.Attachment | None = None,
         strength: app_commands.Range[float, 0.05, 1.0] = 0.6,
     ) -> None:
         """Make images from a prompt; rate them with reactions to teach the bot."""
@@ -68,7 +68,7 @@ def register(bot: "LoraloopBot") -> None:
     async def style_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         try:
             styles = await bot.styles()
-        except Exception as exc:  # autocomplete has no way to show an error; offer nothing
+        except Exception as exc:  # noqa: BLE001  autocomplete has no way to show an error; offer nothing
             log.warning("style autocomplete: service unavailable: %s", exc)
             return []
         names = sorted({a.name for a in styles})
@@ -81,7 +81,7 @@ def register(bot: "LoraloopBot") -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             adapters = await bot.styles(refresh=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  the user gets one sentence; describe_error logs the rest
             await interaction.followup.send(describe_error(exc, str(interaction.id)), ephemeral=True)
             return
         latest = [a for a in adapters if a.latest]
@@ -150,7 +150,7 @@ def admin_group(bot: "LoraloopBot") -> app_commands.Group:
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             await getattr(bot.service, action)()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  the user gets one sentence; describe_error logs the rest
             await interaction.followup.send(describe_error(exc, str(interaction.id)), ephemeral=True)
             return
         log.info("admin %s: %s", interaction.user.id, action)

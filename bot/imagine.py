@@ -22,7 +22,6 @@ import asyncio
 import base64
 import io
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -50,7 +49,7 @@ DEAD_TOKEN_CODES = {50027, 10015}
 def size_for(aspect: str, base: int) -> tuple[int, int]:
     """Width and height for an aspect: the short side is `base`, the long one a multiple of 8."""
     w, h = ASPECTS[aspect]
-    long_side = int(round(base * max(w, h) / min(w, h) / 8)) * 8
+    long_side = round(base * max(w, h) / min(w, h) / 8) * 8
     return (base, base) if w == h else (long_side, base) if w > h else (base, long_side)
 
 
@@ -88,7 +87,7 @@ class Spec:
         )
 
     @classmethod
-    def from_generation(cls, generation: Any) -> "Spec":
+    def from_generation(cls, generation: Any) -> Spec:
         """The settings of a recorded generation (for 🔁 and 🎨), without its seed."""
         params = generation.parameters
         adapter = generation.adapters[0] if generation.adapters else None
@@ -245,7 +244,7 @@ def describe_error(exc: Exception, job_ref: str) -> str:
 class Generate:
     """Runs jobs for the bot; one instance per bot."""
 
-    def __init__(self, bot: "LoraloopBot") -> None:
+    def __init__(self, bot: LoraloopBot) -> None:
         self.bot = bot
         self.settings = bot.settings
         # The tasks following jobs, so a shutting-down bot stops them instead of leaking them.
@@ -353,7 +352,7 @@ class Generate:
         request = spec.request(user_id)
         try:
             accepted = await self.bot.service.submit(request)
-        except Exception as exc:  # every failure becomes a sentence; unexpected ones are logged
+        except Exception as exc:  # noqa: BLE001  every failure becomes a sentence; unexpected ones are logged
             await reply.refuse(describe_error(exc, job_key))
             return
         job_id = accepted.id
@@ -388,7 +387,7 @@ class Generate:
         user_id = reply.user_id
         try:
             status = await self._follow(reply, job_id, job_key, user_id, spec, cancel)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  recorded as failed and told as one sentence
             await self.bot.store.update_generation(generation_id, status="failed", error=repr(exc)[:500])
             await reply.edit(content=f"⚠️ {describe_error(exc, job_id)}", view=None, attachments=[])
             return

@@ -47,7 +47,7 @@ def meanings(rating_emojis: dict[str, int], flag_emoji: str) -> dict[str, Meanin
 class Votes:
     """The bot's reaction handling; one instance per bot."""
 
-    def __init__(self, bot: "LoraloopBot") -> None:
+    def __init__(self, bot: LoraloopBot) -> None:
         self.bot = bot
         self.table = meanings(bot.settings.rating_emojis, bot.settings.flag_emoji)
         self._posting = 0

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _bot(interaction: discord.Interaction) -> "LoraloopBot":
+def _bot(interaction: discord.Interaction) -> LoraloopBot:
     return interaction.client  # type: ignore[return-value]
 
 
@@ -52,7 +52,7 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"loraloo
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> "RerollButton":
+                             match: re.Match[str], /) -> RerollButton:
         return cls()
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -70,7 +70,7 @@ class VaryButton(discord.ui.DynamicItem[discord.ui.Button], template=r"loraloop:
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> "VaryButton":
+                             match: re.Match[str], /) -> VaryButton:
         return cls()
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -93,7 +93,7 @@ class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"loraloo
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> "DeleteButton":
+                             match: re.Match[str], /) -> DeleteButton:
         return cls(int(match["requester"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -124,7 +124,7 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button],
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> "CancelButton":
+                             match: re.Match[str], /) -> CancelButton:
         return cls(match["job"], int(match["requester"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import io
 import os
@@ -33,8 +34,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the fake Discord lives with the tests
 
 from fake_discord import FakeDiscord  # noqa: E402
 
-from loraloop.cli import AppContext  # noqa: E402
 from loraloop.config import Secrets  # noqa: E402
+from loraloop.context import AppContext  # noqa: E402
 from loraloop.run import run_service_and_bot  # noqa: E402
 from loraloop.tiny import tiny_model_path  # noqa: E402
 
@@ -116,10 +117,8 @@ progress_interval = 0.0
         return fake, [fake._with_reactions(m) for m in fake.channel_messages()]
     finally:
         product.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await product
-        except asyncio.CancelledError:
-            pass
         await fake.stop()
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 
 from generation.contract import SCHEDULERS, AdapterRef, InvalidRequest, JobRequest
-from loraloop.cli import pass_app
 from loraloop.config import ConfigError, Secrets
+from loraloop.context import pass_app
 
 log = logging.getLogger(__name__)
 

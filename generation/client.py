@@ -14,7 +14,8 @@ keep their code and message; an unreachable service is code "unavailable". No to
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 
@@ -48,7 +49,7 @@ class ServiceClient:
         self._owns_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=timeout)
 
-    async def __aenter__(self) -> "ServiceClient":
+    async def __aenter__(self) -> ServiceClient:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -119,7 +120,7 @@ class ServiceClient:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         return self._session
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> "_Request":
+    def _request(self, method: str, path: str, **kwargs: Any) -> _Request:
         return _Request(self, method, path, kwargs)
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:

@@ -23,7 +23,7 @@ SCHEDULERS = ("dpmpp_2m", "euler_a", "ddim", "lcm")
 DEFAULT_SCHEDULER = "dpmpp_2m"
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"
     UNKNOWN_ADAPTER = "unknown_adapter"
     UNKNOWN_SCHEDULER = "unknown_scheduler"
@@ -58,7 +58,7 @@ class ApiError:
         return {"error": {"code": self.code, "message": self.message}}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ApiError":
+    def from_dict(cls, data: dict[str, Any]) -> ApiError:
         error = data.get("error") if isinstance(data, dict) else None
         if not isinstance(error, dict):
             return cls(code=ErrorCode.INTERNAL.value, message="The service sent an unreadable error.")
@@ -97,7 +97,7 @@ class AdapterRef:
         return {"name": self.name, "weight": self.weight}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "AdapterRef":
+    def from_dict(cls, data: Any) -> AdapterRef:
         if not isinstance(data, dict):
             raise InvalidRequest('Each adapter must be an object like {"name": "pixel", "weight": 0.8}.')
         name = _field(data, "name", str, "")
@@ -138,10 +138,10 @@ class JobRequest:
         return {k: v for k, v in data.items() if v is not None}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "JobRequest":
+    def from_dict(cls, data: Any) -> JobRequest:
         if not isinstance(data, dict):
             raise InvalidRequest("The request body must be a JSON object.")
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidRequest(
@@ -172,7 +172,7 @@ class JobRequest:
         )
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -195,7 +195,7 @@ class JobAccepted:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobAccepted":
+    def from_dict(cls, data: dict[str, Any]) -> JobAccepted:
         return cls(id=str(data["id"]), position=int(data["position"]))
 
 
@@ -213,7 +213,7 @@ class ImageResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ImageResult":
+    def from_dict(cls, data: dict[str, Any]) -> ImageResult:
         return cls(
             index=int(data["index"]),
             seed=int(data["seed"]),
@@ -236,7 +236,7 @@ class ResolvedAdapter:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ResolvedAdapter":
+    def from_dict(cls, data: dict[str, Any]) -> ResolvedAdapter:
         version = data.get("version")
         return cls(
             name=str(data["name"]),
@@ -290,7 +290,7 @@ class JobStatus:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobStatus":
+    def from_dict(cls, data: dict[str, Any]) -> JobStatus:
         error = data.get("error")
         return cls(
             id=str(data["id"]),
@@ -324,7 +324,7 @@ class AdapterInfo:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AdapterInfo":
+    def from_dict(cls, data: dict[str, Any]) -> AdapterInfo:
         version = data.get("version")
         return cls(
             name=str(data["name"]),
@@ -350,7 +350,7 @@ class Health:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Health":
+    def from_dict(cls, data: dict[str, Any]) -> Health:
         return cls(
             status=str(data["status"]),
             model=str(data["model"]),

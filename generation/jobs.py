@@ -164,10 +164,7 @@ def build_spec(request: JobRequest, config: ServiceConfig, catalog: AdapterCatal
         init_image = init_image.resize((width, height), Image.Resampling.LANCZOS)
     elif request.strength is not None:
         raise InvalidRequest("'strength' only applies to img2img: send an 'init_image' with it.")
-    if request.seed is None:
-        first_seed = secrets.randbelow(2**32 - request.count)
-    else:
-        first_seed = request.seed
+    first_seed = secrets.randbelow(2 ** 32 - request.count) if request.seed is None else request.seed
     seeds = tuple((first_seed + i) % 2**32 for i in range(request.count))
     return JobSpec(
         prompt=request.prompt,

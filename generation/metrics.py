@@ -14,7 +14,7 @@ OUTCOMES = ("done", "failed", "cancelled")
 
 class Metrics:
     def __init__(self) -> None:
-        self.outcomes: Counter[str] = Counter({outcome: 0 for outcome in OUTCOMES})
+        self.outcomes: Counter[str] = Counter(dict.fromkeys(OUTCOMES, 0))
         self.images = 0
         self.refused = 0
         self.batches = 0  # worker runs: one or more compatible jobs sharing pipeline calls
@@ -55,7 +55,8 @@ class Metrics:
             f"loraloop_batched_jobs_total {self.batched_jobs}",
             "# HELP loraloop_step_seconds Time per denoising step of a batch.",
             "# TYPE loraloop_step_seconds histogram",
-            *(f'loraloop_step_seconds_bucket{{le="{b}"}} {n}' for b, n in zip(STEP_BUCKETS, self.step_buckets)),
+            *(f'loraloop_step_seconds_bucket{{le="{b}"}} {n}'
+              for b, n in zip(STEP_BUCKETS, self.step_buckets, strict=True)),
             f'loraloop_step_seconds_bucket{{le="+Inf"}} {self.step_count}',
             f"loraloop_step_seconds_sum {self.step_sum:.6f}",
             f"loraloop_step_seconds_count {self.step_count}",

@@ -77,7 +77,7 @@ def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
             pipe = DiffusionPipeline.from_pretrained(str(source), torch_dtype=dtype, use_safetensors=True)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"Cannot load model {model!r}: {exc}. Use a diffusers model id, a local diffusers "
             "directory, a .safetensors checkpoint, or 'tiny'."
@@ -100,7 +100,7 @@ def _is_sdxl_checkpoint(path: Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        return any(key.startswith("conditioner.embedders.1") for key in handle.keys())
+        return any(key.startswith("conditioner.embedders.1") for key in handle.keys())  # noqa: SIM118  safe_open handles are not iterable
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:
@@ -207,9 +207,9 @@ def _stack(outputs: list[Any]) -> Any:
     if torch.is_tensor(first):
         return torch.cat(outputs)
     if isinstance(first, dict):  # transformers' ModelOutput is a dict that keeps its class
-        return type(first)(**{key: _stack([o[key] for o in outputs]) for key in first.keys()})
+        return type(first)(**{key: _stack([o[key] for o in outputs]) for key in first})
     if isinstance(first, (tuple, list)):
-        return type(first)(_stack(list(items)) for items in zip(*outputs))
+        return type(first)(_stack(list(items)) for items in zip(*outputs, strict=True))
     return first
 
 
@@ -230,7 +230,7 @@ LATENT_RGB = (
 )
 
 
-def latent_preview(latents: Any, max_side: int = 128) -> "Any":
+def latent_preview(latents: Any, max_side: int = 128) -> Any:
     """A small PIL preview of one (4, h, w) latent, made without running the VAE."""
     from PIL import Image
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Hashable, Protocol
+from collections.abc import Hashable
+from typing import Protocol
 
 from generation.contract import ErrorCode
 

@@ -27,8 +27,9 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 
@@ -51,7 +52,7 @@ from loraloop.config import Config, Secrets
 
 log = logging.getLogger(__name__)
 
-SERVICE_KEY: web.AppKey["GenerationService"] = web.AppKey("service")
+SERVICE_KEY: web.AppKey[GenerationService] = web.AppKey("service")
 # A queued job can wait minutes without an update; idle connections get closed by proxies.
 KEEPALIVE_SECONDS = 15.0
 # Load balancers and supervisors probe health without the token.
@@ -370,7 +371,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 try:
                     status = await asyncio.wait_for(updates.get(), KEEPALIVE_SECONDS)
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     # A comment line: proxies and clients see traffic while a job waits its turn.
                     await response.write(b": keep-alive\n\n")
     finally:

@@ -17,8 +17,9 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from generation.contract import ApiError, ErrorCode, ImageResult
 from generation.jobs import AppliedAdapter, Job
@@ -133,9 +134,9 @@ class Worker:
             images: dict[tuple[str, int], Any] = {}
             for number, chunk in enumerate(chunks):
                 outputs = self._call_pipeline(pipe, live, chunk, number * per_chunk, total)
-                for (job, index), image in zip(chunk, outputs):
+                for (job, index), image in zip(chunk, outputs, strict=True):
                     images[(job.id, index)] = image
-        except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the worker
+        except Exception as exc:
             log.exception("jobs %s: generation failed", ids)
             error = ApiError(ErrorCode.GENERATION_FAILED.value, f"Generation failed: {exc}")
             for job in live:

@@ -3,8 +3,9 @@
     loraloop serve --model tiny          # the generation service, offline, in seconds
     loraloop imagine "a red fox" -o fox.png
 
-Each package exposes its commands in its own `cli` module; this file only gathers them, so
-the group stays one screen long.
+The roof of the house: each package exposes its commands in its own `cli` module (which takes
+`AppContext`/`pass_app` from the floor, `loraloop.context`); this file only gathers them, so the
+group stays one screen long and nothing below imports it.
 """
 
 from __future__ import annotations
@@ -13,32 +14,13 @@ import logging
 
 import click
 
+from bot.cli import commands as bot_commands
+from generation.cli import commands as generation_commands
 from loraloop import __version__
-from loraloop.config import Config, ConfigError, load_config
-
-
-class AppContext:
-    """What every subcommand gets: the config, loaded once and only when first needed."""
-
-    def __init__(self, config_path: str | None) -> None:
-        self._config_path = config_path
-        self._config: Config | None = None
-
-    @property
-    def config(self) -> Config:
-        if self._config is None:
-            try:
-                self._config = load_config(self._config_path)
-            except ConfigError as exc:
-                raise click.ClickException(str(exc)) from None
-        return self._config
-
-    @config.setter
-    def config(self, value: Config) -> None:
-        self._config = value
-
-
-pass_app = click.make_pass_decorator(AppContext)
+from loraloop.context import AppContext
+from loraloop.db_cli import commands as db_commands
+from loraloop.run import commands as run_commands
+from training.cli import commands as training_commands
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,19 +43,8 @@ def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     ctx.obj = AppContext(config_path)
 
 
-def _register() -> None:
-    # Imported here, not at the top, so each package's module can import `pass_app` from us.
-    from bot.cli import commands as bot_commands
-    from generation.cli import commands as generation_commands
-    from loraloop.db_cli import commands as db_commands
-    from loraloop.run import commands as run_commands
-    from training.cli import commands as training_commands
-
-    for command in [*run_commands, *generation_commands, *training_commands, *db_commands, *bot_commands]:
-        cli.add_command(command)
-
-
-_register()
+for command in [*run_commands, *generation_commands, *training_commands, *db_commands, *bot_commands]:
+    cli.add_command(command)
 
 
 def main() -> None:

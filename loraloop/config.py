@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - the project needs 3.11, kept for people who backport
-    import tomli as tomllib
 
 CONFIG_ENV = "LORALOOP_CONFIG"
 DATA_DIR_ENV = "LORALOOP_DATA_DIR"
@@ -377,7 +372,7 @@ class Config:
             return self.resolve_path(self.service.adapters_dir)
         return self.data_dir / "adapters"
 
-    def replace(self, section: str, **changes: typing.Any) -> "Config":
+    def replace(self, section: str, **changes: typing.Any) -> Config:
         """A copy with some keys of one section changed (CLI flags override the file this way)."""
         try:
             new_section = dataclasses.replace(getattr(self, section), **changes)
@@ -394,7 +389,7 @@ class Secrets:
     service_token: str | None
 
     @classmethod
-    def from_env(cls) -> "Secrets":
+    def from_env(cls) -> Secrets:
         return cls(
             discord_token=os.environ.get("DISCORD_TOKEN") or None,
             service_token=os.environ.get("LORALOOP_SERVICE_TOKEN") or None,
@@ -416,7 +411,7 @@ def _check_type(value: typing.Any, tp: typing.Any) -> bool:
         (item,) = typing.get_args(tp) or (typing.Any,)
         return isinstance(value, list) and all(_check_type(v, item) for v in value)
     if origin is dict:
-        key_tp, value_tp = typing.get_args(tp) or (typing.Any, typing.Any)
+        _key_tp, value_tp = typing.get_args(tp) or (typing.Any, typing.Any)
         return isinstance(value, dict) and all(_check_type(v, value_tp) for v in value.values())
     if origin is typing.Literal:
         return value in typing.get_args(tp)

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from loraloop.cli import AppContext, pass_app
+from loraloop.context import AppContext, pass_app
 from loraloop.store import Store, StoreError
 
 

@@ -93,14 +93,14 @@ class NotFoundError(StoreError, LookupError):
 
 
 def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _timestamp(moment: dt.datetime) -> str:
     # One fixed format, so timestamps compare correctly as strings in SQL range queries.
     if moment.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware (use UTC)")
-    return moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds")
 
 
 # --- schema ---------------------------------------------------------------------------------
@@ -256,8 +256,9 @@ class Generation:
     duration_ms: int | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "Generation":
-        values = {f.name: row[f.name] for f in dataclasses.fields(cls) if f.name in row.keys()}
+    def from_row(cls, row: Mapping[str, Any]) -> Generation:
+        values = {f.name: row[f.name] for f in dataclasses.fields(cls)
+                  if f.name in row.keys()}  # noqa: SIM118  `in` on a sqlite3.Row looks at values
         values["parameters"] = json.loads(row["parameters_json"])
         values["adapters"] = json.loads(row["adapters_json"])
         return cls(**values)
@@ -277,7 +278,7 @@ class Image:
     created_at: str
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "Image":
+    def from_row(cls, row: Mapping[str, Any]) -> Image:
         return cls(
             id=row["id"], generation_id=row["generation_id"], index=row["image_index"],
             seed=row["seed"], width=row["width"], height=row["height"], sha256=row["sha256"],
@@ -438,7 +439,7 @@ class Store:
             raise
 
     @classmethod
-    def from_config(cls, config: Any) -> "Store":
+    def from_config(cls, config: Any) -> Store:
         """The store a loraloop `Config` names (duck-typed, so this module needs no import)."""
         return cls(config.database_path, config.data_dir, **_options_from_config(config))
 
@@ -526,7 +527,7 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1097,7 +1098,7 @@ class AsyncStore:
 
     @classmethod
     async def open(cls, db_path: str | os.PathLike, data_dir: str | os.PathLike,
-                   **options: Any) -> "AsyncStore":
+                   **options: Any) -> AsyncStore:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraloop-store")
         loop = asyncio.get_running_loop()
         try:
@@ -1110,7 +1111,7 @@ class AsyncStore:
         return cls(store, executor)
 
     @classmethod
-    async def open_from_config(cls, config: Any) -> "AsyncStore":
+    async def open_from_config(cls, config: Any) -> AsyncStore:
         return await cls.open(config.database_path, config.data_dir, **_options_from_config(config))
 
     @property
@@ -1136,7 +1137,7 @@ class AsyncStore:
         self._closed = True
         self._executor.shutdown(wait=True)
 
-    async def __aenter__(self) -> "AsyncStore":
+    async def __aenter__(self) -> AsyncStore:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

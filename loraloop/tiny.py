@@ -127,10 +127,11 @@ def tiny_model_path(data_dir: str | os.PathLike) -> Path:
 
 TINY_BLIP_VERSION = "1"
 # A few caption-like words plus letters and word pieces, so a random decoder spells something.
-_TINY_BLIP_WORDS = (
-    "a an the of on in with and at photo picture painting drawing dog cat fox bird red blue green "
-    "small large tree house sky field river snow person woman man car street night day"
-).split()
+_TINY_BLIP_WORDS = [
+    "a", "an", "the", "of", "on", "in", "with", "and", "at", "photo", "picture", "painting", "drawing", "dog", "cat",
+    "fox", "bird", "red", "blue", "green", "small", "large", "tree", "house", "sky", "field", "river", "snow",
+    "person", "woman", "man", "car", "street", "night", "day",
+]
 
 
 def build_tiny_blip(path: str | os.PathLike, seed: int = 0) -> Path:

@@ -21,11 +21,13 @@ attachments' bytes and its edit history, every reaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
@@ -316,10 +318,8 @@ class FakeDiscord:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.25))
-                except asyncio.TimeoutError:
-                    pass
 
     # ---- the gateway ------------------------------------------------------------------------
 
@@ -738,7 +738,8 @@ class FakeDiscord:
             return problem
         assert interaction is not None
         if which == "@original":
-            if interaction.original_message_id is None and interaction.callback_type in (DEFERRED_UPDATE, UPDATE_MESSAGE):
+            if (interaction.original_message_id is None
+                    and interaction.callback_type in (DEFERRED_UPDATE, UPDATE_MESSAGE)):
                 interaction.original_message_id = int(interaction.payload["message"]["id"])
             mid = interaction.original_message_id
         else:

@@ -147,10 +147,12 @@ def test_an_imported_then_captioned_folder_is_a_dataset_training_accepts(tmp_pat
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(src / f"{i}.png")
     (src / "0.txt").write_text("a green field")
     config = tmp_path / "config.toml"
-    config.write_text('[training]\nresolution = 64\n\n[dataset]\nmin_image_size = 48\nimport_workers = 1\ncaption_device = "cpu"\n')
+    config.write_text('[training]\nresolution = 64\n\n'
+                      '[dataset]\nmin_image_size = 48\nimport_workers = 1\ncaption_device = "cpu"\n')
     runner = CliRunner()
 
-    imported = runner.invoke(cli, ["--config", str(config), "dataset", "import", "--no-progress", str(src), str(tmp_path / "out")])
+    imported = runner.invoke(cli, ["--config", str(config), "dataset", "import", "--no-progress",
+                                   str(src), str(tmp_path / "out")])
     captioned = run_caption(tmp_path, tmp_path / "out", "--model", tiny_blip_dir, "--prefix", "zzq,")
 
     assert imported.exit_code == 0 and captioned.exit_code == 0, imported.output + captioned.output

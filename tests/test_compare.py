@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from test_train import write_dataset  # pytest puts tests/ on sys.path (no package)
 
 from loraloop.cli import cli
 from loraloop.config import TrainingConfig
 from training.compare import CompareError, read_prompts, resolve_columns
 from training.train import Job, train, validate
-from test_train import write_dataset  # pytest puts tests/ on sys.path (no package)
 
 LABEL_WIDTH, LABEL_HEIGHT, CELL = 160, 24, 32
 

@@ -25,7 +25,7 @@ from training.curate import (
 )
 
 REQUESTER = 1
-START = dt.datetime(2026, 11, 2, 12, 0, tzinfo=dt.timezone.utc)
+START = dt.datetime(2026, 11, 2, 12, 0, tzinfo=dt.UTC)
 
 
 class Clock:

@@ -55,7 +55,8 @@ def config_file(tmp_path: Path) -> Path:
 
 
 def run_import(config_file: Path, *args: str):
-    return CliRunner().invoke(cli, ["--config", str(config_file), "dataset", "import", "--no-progress", *map(str, args)])
+    return CliRunner().invoke(cli, ["--config", str(config_file), "dataset", "import", "--no-progress",
+                                    *map(str, args)])
 
 
 def read_dataset(out: Path) -> tuple[list[dict], dict]:
@@ -88,7 +89,8 @@ def test_a_folder_of_images_with_txt_captions_becomes_square_rgb_images_and_meta
         with Image.open(tmp_path / "out" / row["file_name"]) as image:
             assert image.size == (RESOLUTION, RESOLUTION) and image.mode == "RGB"
     assert sorted(k["source"] for k in report["kept"]) == ["fox.png", "nested/owl.jpg", "uncaptioned.webp"]
-    assert (tmp_path / "out" / "dataset_hash").read_text().strip() == report["dataset_hash"] == dataset_hash(tmp_path / "out")
+    written = (tmp_path / "out" / "dataset_hash").read_text().strip()
+    assert written == report["dataset_hash"] == dataset_hash(tmp_path / "out")
     assert not list(tmp_path.glob(".out.importing-*")), "the staging folder is cleaned up"
 
 
@@ -184,7 +186,8 @@ def serve_pictures(app: web.Application, oversized: bytes) -> None:
     app.router.add_get("/slow.png", slow)
 
 
-async def test_a_url_list_is_downloaded_and_bad_downloads_are_dropped_with_the_reason(tmp_path, config_file, aiohttp_server):
+async def test_a_url_list_is_downloaded_and_bad_downloads_are_dropped_with_the_reason(tmp_path, config_file,
+                                                                                     aiohttp_server):
     app = web.Application()
     serve_pictures(app, oversized=png_bytes(picture(9, size=(400, 400))) + b"\0" * 300_000)
     server = await aiohttp_server(app)
@@ -330,10 +333,13 @@ def test_a_near_duplicate_index_matches_only_within_the_distance():
         (lambda tmp: tmp / "missing", "no such file or folder"),
         (lambda tmp: (tmp / "data.xyz").write_text("?") and tmp / "data.xyz", "unknown source format"),
         (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "no images found"),
-        (lambda tmp: (tmp / "u.txt").write_text("ftp://example/x.png\n") and tmp / "u.txt", "u.txt:1: not an http(s) URL"),
+        (lambda tmp: (tmp / "u.txt").write_text("ftp://example/x.png\n") and tmp / "u.txt",
+         "u.txt:1: not an http(s) URL"),
         (lambda tmp: (tmp / "l.json").write_text('{"link": "a.png"}') and tmp / "l.json", "expected a JSON list"),
-        (lambda tmp: (tmp / "m.jsonl").write_text('{"text": "no file"}\n') and tmp / "m.jsonl", 'm.jsonl:1: each line needs a "file_name"'),
-        (lambda tmp: (tmp / "l.csv").write_bytes("image,caption\na.png,caf\u00e9\n".encode("latin-1")) and tmp / "l.csv",
+        (lambda tmp: (tmp / "m.jsonl").write_text('{"text": "no file"}\n') and tmp / "m.jsonl",
+         'm.jsonl:1: each line needs a "file_name"'),
+        (lambda tmp: (tmp / "l.csv").write_bytes("image,caption\na.png,caf\u00e9\n".encode("latin-1"))
+         and tmp / "l.csv",
          "l.csv: not UTF-8 text"),
     ],
     ids=["missing", "unknown-format", "empty-folder", "bad-url", "json-not-a-list", "metadata-without-file-name",
@@ -356,7 +362,8 @@ def test_an_import_where_everything_is_dropped_is_an_error_that_says_why(tmp_pat
     result = run_import(config_file, src, tmp_path / "out")
 
     assert result.exit_code == 1
-    assert "nothing left to import" in result.output and "1 too small" in result.output and "1 unreadable" in result.output
+    assert "nothing left to import" in result.output
+    assert "1 too small" in result.output and "1 unreadable" in result.output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.importing-*"))
 
 
@@ -408,7 +415,8 @@ def test_several_workers_give_the_same_dataset_as_one(tmp_path, config_file):
     assert parallel_report["dropped"] == serial_report["dropped"]
     assert serial_report["dropped_by_reason"] == {"duplicate": 1, "near_duplicate": 1, "unreadable": 1}
     for row in serial_report["kept"]:
-        assert (tmp_path / "serial" / row["file_name"]).read_bytes() == (tmp_path / "parallel" / row["file_name"]).read_bytes()
+        serial, parallel = tmp_path / "serial" / row["file_name"], tmp_path / "parallel" / row["file_name"]
+        assert serial.read_bytes() == parallel.read_bytes()
 
 
 def test_only_pictures_past_pils_hard_pixel_limit_are_dropped(tmp_path, config_file, monkeypatch):

@@ -55,7 +55,8 @@ def test_the_reference_lists_every_key_of_the_section_and_no_other(section):
     documented = documented_keys().get(section, {})
     keys = section_defaults(section)
     assert not set(keys) - set(documented), f"[{section}] keys missing from the README: {set(keys) - set(documented)}"
-    assert not set(documented) - set(keys), f"[{section}] README lists keys that do not exist: {set(documented) - set(keys)}"
+    unknown = set(documented) - set(keys)
+    assert not unknown, f"[{section}] README lists keys that do not exist: {unknown}"
 
 
 @pytest.mark.parametrize("section", SECTIONS)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from fake_discord import FakeDiscord
-from loraloop.cli import AppContext, cli
+
+from loraloop.cli import cli
 from loraloop.config import Secrets
+from loraloop.context import AppContext
 from loraloop.run import run_service_and_bot
 from loraloop.store import Store
 
@@ -90,7 +91,8 @@ async def imagine(fake: FakeDiscord, options: dict, user: dict) -> list[dict]:
         await fake.wait_for(lambda: len([m for m in fake.image_messages() if m["id"] not in before]) == count,
                             timeout=90)
     except AssertionError:
-        raise AssertionError(f"/imagine {options} posted no images; the user saw {fake.texts_seen_by(interaction)}")
+        raise AssertionError(
+            f"/imagine {options} posted no images; the user saw {fake.texts_seen_by(interaction)}") from None
     return [m for m in fake.image_messages() if m["id"] not in before]
 
 

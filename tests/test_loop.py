@@ -66,7 +66,8 @@ async def test_one_round_records_votes_curates_trains_publishes_and_renders_with
 
 
 def test_the_brigade_votes_against_the_taste_and_random_raters_ignore_it(loop_bench):
-    panel = loop_bench.Panel(loop_bench.Scenario(raters=200, activity=0.05, flip=0.0, random_share=0.3, brigade=5), "warm", seed=1)
+    scenario = loop_bench.Scenario(raters=200, activity=0.05, flip=0.0, random_share=0.3, brigade=5)
+    panel = loop_bench.Panel(scenario, "warm", seed=1)
     panel.calibrate([float(v) for v in range(-50, 51)])
     honest = [r for r in panel.raters if r.honest and not r.random]
     brigade = [r for r in panel.raters if not r.honest]

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_train import write_dataset  # pytest puts tests/ on sys.path (no package)
 
 from loraloop.cli import cli
 from loraloop.config import TrainingConfig
 from loraloop.store import Store
 from training.publish import PublishError, publish, tell_service
 from training.train import Job, train, validate
-from test_train import write_dataset  # pytest puts tests/ on sys.path (no package)
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +48,8 @@ def test_publishing_twice_makes_two_versions_recorded_with_their_training_run(tm
         first = publish(run, "disc", data_dir / "adapters", store)
         second = publish(run, "disc", data_dir / "adapters", store)
         assert (first.version, second.version) == (1, 2)
-        assert (data_dir / "adapters" / "disc" / "v2.safetensors").read_bytes() == (run / "adapter.safetensors").read_bytes()
+        published = data_dir / "adapters" / "disc" / "v2.safetensors"
+        assert published.read_bytes() == (run / "adapter.safetensors").read_bytes()
         assert [a.version for a in store.adapters("disc")] == [1, 2]
         # The same run published twice is one training run with two versions.
         assert first.training_run_id == second.training_run_id

@@ -139,7 +139,8 @@ async def test_an_adapter_that_does_not_fit_the_model_fails_its_job_and_the_serv
     async with ServiceClient(running.url) as client:
         await client.reload_adapters()
         base, _ = await render(client)
-        accepted = await client.submit(JobRequest.from_dict({"prompt": "x", "steps": 2, "adapters": [{"name": "wide"}]}))
+        request = JobRequest.from_dict({"prompt": "x", "steps": 2, "adapters": [{"name": "wide"}]})
+        accepted = await client.submit(request)
         final = [s async for s in client.events(accepted.id)][-1]
         assert final.state is JobState.FAILED
         assert final.error.code == "generation_failed" and "wide does not fit this model" in final.error.message

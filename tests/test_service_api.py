@@ -38,7 +38,7 @@ async def test_a_job_streams_progress_and_its_pngs_carry_their_parameters(servic
     assert steps and steps == sorted(steps) and max(steps) == 5
     assert any(s.preview for s in statuses), "a preview every preview_every steps"
     assert len(pngs) == 2
-    for seed, png in zip((7, 8), pngs):
+    for seed, png in zip((7, 8), pngs, strict=True):
         assert Image.open(io.BytesIO(png)).size == (64, 64)
         text = read_parameters(png)
         assert text.startswith("a red fox\nNegative prompt: blurry\n")
@@ -135,9 +135,8 @@ async def test_every_scheduler_renders_and_is_named_in_the_parameters(service, s
 async def test_metrics_count_jobs_images_and_step_latency(service):
     async with ServiceClient(service.url) as client:
         await run_job(client, steps=3, count=2)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{service.url}/metrics") as response:
-            text = await response.text()
+    async with aiohttp.ClientSession() as http, http.get(f"{service.url}/metrics") as response:
+        text = await response.text()
     assert response.content_type == "text/plain"
     assert 'loraloop_jobs_total{outcome="done"} 1' in text
     assert "loraloop_images_total 2" in text
@@ -150,7 +149,8 @@ async def test_imagine_saves_the_images_of_a_running_service(service, tmp_path):
     output = tmp_path / "fox.png"
     result = await asyncio.to_thread(
         runner.invoke, cli,
-        ["imagine", "a red fox", "--url", service.url, "--steps", "2", "--seed", "4", "--count", "2", "-o", str(output)],
+        ["imagine", "a red fox", "--url", service.url, "--steps", "2", "--seed", "4", "--count", "2",
+         "-o", str(output)],
     )
     assert result.exit_code == 0, result.output
     for path in (tmp_path / "fox-1.png", tmp_path / "fox-2.png"):
@@ -190,7 +190,8 @@ async def test_loraloop_serve_runs_the_service_until_interrupted(tiny_model_dir,
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from loraloop.cli import main; main()", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+        sys.executable, "-c", "from loraloop.cli import main; main()", "serve", "--model", str(tiny_model_dir),
+        "--port", str(port),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:
@@ -230,5 +231,5 @@ async def test_an_sdxl_model_serves_txt2img_and_img2img_and_batches_like_sd(make
     assert running.service.worker.model.txt2img.__class__.__name__ == "StableDiffusionXLPipeline"
     assert running.service.metrics.batched_jobs - running.service.metrics.batches == 1  # the pair ran as one
     assert not np.array_equal(pixels(alone[0]), pixels(varied))
-    for solo, batched in zip(alone, together):
+    for solo, batched in zip(alone, together, strict=True):
         assert np.array_equal(pixels(solo), pixels(batched))

@@ -144,9 +144,8 @@ async def test_a_token_is_required_when_one_is_set(make_service):
             with pytest.raises(ServiceError):
                 await client.adapters()
             assert (await client.health()).status == "ok"  # probes need no token
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{running.url}/metrics") as response:
-            assert response.status == 401
+    async with aiohttp.ClientSession() as http, http.get(f"{running.url}/metrics") as response:
+        assert response.status == 401
     async with ServiceClient(running.url, token="s3cret") as client:
         accepted = await client.submit(JobRequest(prompt="x", steps=1))
         assert [s async for s in client.events(accepted.id)][-1].state is JobState.DONE

@@ -43,7 +43,7 @@ async def test_a_batched_image_is_pixel_identical_to_the_same_image_alone(make_s
                 alone.extend(await images(client, job.id))
         assert metrics.batches == 5
     assert len(batched) == len(alone) == 4
-    for together, solo in zip(batched, alone):
+    for together, solo in zip(batched, alone, strict=True):
         assert np.array_equal(together, solo)
 
 

@@ -32,7 +32,7 @@ class Clock:
     """A settable UTC clock, so tests can make last week's images."""
 
     def __init__(self) -> None:
-        self.now = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.timezone.utc)
+        self.now = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
 
     def __call__(self) -> dt.datetime:
         return self.now
@@ -94,14 +94,14 @@ def test_a_database_from_a_newer_version_is_refused_with_what_to_do(tmp_path):
     )
     db.close()
 
-    with pytest.raises(NewerDatabaseError, match="newer loraloop.*0099_from_the_future.*Upgrade"):
+    with pytest.raises(NewerDatabaseError, match=r"newer loraloop.*0099_from_the_future.*Upgrade"):
         Store(path, tmp_path / "data")
 
 
 def test_a_file_that_is_not_a_database_is_refused_with_what_to_do(tmp_path):
     path = tmp_path / "loraloop.db"
     path.write_bytes(b"these are holiday photos, not SQLite" * 200)
-    with pytest.raises(StoreError, match="not a loraloop database or is damaged.*backup"):
+    with pytest.raises(StoreError, match=r"not a loraloop database or is damaged.*backup"):
         Store(path, tmp_path / "data")
 
 
@@ -236,7 +236,7 @@ def test_removing_an_older_reaction_keeps_the_newer_vote(store):
 
 def test_a_vote_must_be_up_or_down_on_an_existing_image(store):
     image_id = make_image(store)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a vote is"):
         store.set_vote(image_id, 10, 2, "🔥")
     with pytest.raises(NotFoundError):
         store.set_vote(image_id + 100, 10, 1, "👍")
@@ -363,7 +363,7 @@ def test_a_lock_held_past_the_timeout_is_a_clear_error(tmp_path):
         locked = threading.Event()
         holder = hold_write_lock(store.db_path, 1.5, locked)
         locked.wait(5)
-        with pytest.raises(DatabaseBusyError, match="stayed locked.*try again"):
+        with pytest.raises(DatabaseBusyError, match=r"stayed locked.*try again"):
             store.set_vote(image_id, 10, 1, "👍")
         holder.join()
         # Nothing half-done is left behind: the next write goes through.

@@ -5,10 +5,10 @@
     loraloop dataset caption data/datasets/fox --overwrite --model Salesforce/blip-image-captioning-base
 
 This module owns reading and rewriting a dataset's `metadata.jsonl` ({"file_name", "text"} per
-line, the format import and curation write; its `dataset_hash` is refreshed) and running a BLIP captioning model over the
-images whose text is empty. Everything is checked before the model loads; the file is rewritten
-atomically after every batch, so an interrupted run keeps the captions it already made and a
-rerun picks up where it stopped.
+line, the format import and curation write; its `dataset_hash` is refreshed) and running a BLIP
+captioning model over the images whose text is empty. Everything is checked before the model
+loads; the file is rewritten atomically after every batch, so an interrupted run keeps the
+captions it already made and a rerun picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class CaptionSettings:
     device: str = "auto"
 
     @classmethod
-    def from_config(cls, dataset_config) -> "CaptionSettings":
+    def from_config(cls, dataset_config) -> CaptionSettings:
         return cls(
             model=dataset_config.caption_model,
             batch_size=dataset_config.caption_batch_size,
@@ -87,7 +87,8 @@ def read_metadata(dataset: Path) -> list[dict]:
             raise CaptionError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise CaptionError(
-                f'{path}:{number}: captioning needs {{"file_name", "text"}} rows (preference-pair datasets are not captioned)'
+                f'{path}:{number}: captioning needs {{"file_name", "text"}} rows '
+                "(preference-pair datasets are not captioned)"
             )
         if not (dataset / row["file_name"]).is_file():
             raise CaptionError(f"{path}:{number}: image {row['file_name']} is missing from {dataset}")
@@ -200,7 +201,7 @@ def caption_dataset(
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start : start + settings.batch_size]
             captions = captioner([_load_rgb(dataset / row["file_name"]) for row in batch])
-            for row, caption in zip(batch, captions):
+            for row, caption in zip(batch, captions, strict=True):
                 row["text"] = with_prefix(prefix, caption)
                 empty += not caption
             write_metadata(dataset, rows)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from loraloop.cli import AppContext, pass_app
 from loraloop.config import ConfigError
+from loraloop.context import AppContext, pass_app
 
 
 @click.group()
@@ -25,7 +25,8 @@ def dataset() -> None:
 @click.option("--min-size", type=click.IntRange(min=1), help="Drop images whose shorter side is smaller.")
 @click.option("--image-column", help="CSV column with the image path or URL ([dataset] csv_image_column).")
 @click.option("--caption-column", help="CSV column with the caption ([dataset] csv_caption_column).")
-@click.option("--workers", type=click.IntRange(min=0), help="Processes resizing images; 0: one per core ([dataset] import_workers).")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="Processes resizing images; 0: one per core ([dataset] import_workers).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 @pass_app
 def import_(app: AppContext, src: Path, out: Path, source_format: str, resolution: int | None, min_size: int | None,
@@ -111,9 +112,12 @@ def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, 
               help="sft: liked images; kto: liked and disliked, labelled; dpo: preference pairs ([curation] format).")
 @click.option("--adapter", help="Only images made with this adapter (NAME, or NAME@VERSION).")
 @click.option("--adapter-version", type=click.IntRange(min=0), help="Only this version of --adapter.")
-@click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M"]), help="Only images made at or after this UTC date.")
-@click.option("--until", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M"]), help="Only images made before this UTC date.")
-@click.option("--min-raters", type=click.IntRange(min=1), help="Distinct raters an image needs ([curation] min_raters).")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M"]),
+              help="Only images made at or after this UTC date.")
+@click.option("--until", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M"]),
+              help="Only images made before this UTC date.")
+@click.option("--min-raters", type=click.IntRange(min=1),
+              help="Distinct raters an image needs ([curation] min_raters).")
 @click.option("--min-score", type=int, help="Net votes to keep an image ([curation] min_score).")
 @click.option("--min-wilson", type=click.FloatRange(0, 1, max_open=True),
               help="Wilson lower bound on the like ratio to keep an image ([curation] min_wilson).")
@@ -154,8 +158,8 @@ def curate_(app: AppContext, out: Path, dataset_format: str | None, adapter: str
         adapter_version = int(pinned)
     settings = settings_from_config(
         app.config.curation, format=dataset_format, adapter=adapter, adapter_version=adapter_version,
-        since=since.replace(tzinfo=dt.timezone.utc) if since else None,
-        until=until.replace(tzinfo=dt.timezone.utc) if until else None,
+        since=since.replace(tzinfo=dt.UTC) if since else None,
+        until=until.replace(tzinfo=dt.UTC) if until else None,
         min_raters=min_raters, min_score=min_score, min_wilson=min_wilson,
         include_self_votes=include_self_votes, near_duplicate_distance=near_duplicate_distance,
         max_pairs_per_prompt=max_pairs_per_prompt, link_images=link_images,

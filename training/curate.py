@@ -189,7 +189,7 @@ class CurationReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": self.format, "settings": self.settings, "database": self.database,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "dataset_hash": self.dataset_hash,
             "counts": {"considered": self.considered, "kept": len(self.kept),
                        "dropped": len(self.dropped), "pairs": self.pairs,
@@ -302,7 +302,7 @@ def _check_files(candidates: list[Candidate], store: Store,
                             thread_name_prefix="curate") as pool:
         checks = [check for chunk in pool.map(check_chunk, chunks) for check in chunk]
     intact = []
-    for candidate, check in zip(candidates, checks):
+    for candidate, check in zip(candidates, checks, strict=True):
         if check.problem is not None:
             report.drop(candidate, check.problem, check.detail)
             continue
@@ -324,21 +324,21 @@ class NearDuplicateIndex:
         self.max_distance = max_distance
         parts = max_distance + 1
         edges = [round(i * 64 / parts) for i in range(parts + 1)]
-        self._chunks = list(zip(edges, edges[1:]))
+        self._chunks = list(itertools.pairwise(edges))
         self._buckets: list[dict[int, list[tuple[int, int]]]] = [defaultdict(list) for _ in self._chunks]
 
     def _keys(self, value: int) -> list[int]:
         return [(value >> start) & ((1 << (end - start)) - 1) for start, end in self._chunks]
 
     def find(self, value: int) -> int | None:
-        for bucket, key in zip(self._buckets, self._keys(value)):
+        for bucket, key in zip(self._buckets, self._keys(value), strict=True):
             for other, image_id in bucket.get(key, ()):
                 if (value ^ other).bit_count() <= self.max_distance:
                     return image_id
         return None
 
     def add(self, value: int, image_id: int) -> None:
-        for bucket, key in zip(self._buckets, self._keys(value)):
+        for bucket, key in zip(self._buckets, self._keys(value), strict=True):
             bucket[key].append((value, image_id))
 
 

@@ -30,7 +30,7 @@ def labelled_grid(images: Sequence[Sequence[Image.Image]], row_labels: Sequence[
     draw = ImageDraw.Draw(grid)
     for column, label in enumerate(column_labels):
         _text(draw, (label_width + column * cell + 4, 6), label, cell - 8)
-    for row, (label, row_images) in enumerate(zip(row_labels, images)):
+    for row, (label, row_images) in enumerate(zip(row_labels, images, strict=True)):
         top = label_height + row * cell
         _text(draw, (4, top + cell // 2 - 6), label, label_width - 8)
         for column, image in enumerate(row_images):

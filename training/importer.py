@@ -33,10 +33,10 @@ import re
 import shutil
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import aiohttp
 import imagehash
@@ -363,15 +363,16 @@ async def _download_one(
                     body += chunk
                     if len(body) > max_bytes:
                         return f"too large (over the {max_bytes}-byte limit)"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "timed out"
         except aiohttp.ClientError as exc:
             return f"{type(exc).__name__}: {exc}"
-    destination.write_bytes(body)
+    await asyncio.to_thread(destination.write_bytes, body)
     return destination
 
 
-async def download_all(urls: list[str], folder: Path, settings: ImportSettings, progress: bool = True) -> dict[str, Path | str]:
+async def download_all(urls: list[str], folder: Path, settings: ImportSettings,
+                       progress: bool = True) -> dict[str, Path | str]:
     """Fetch each distinct URL once; returns url -> file, or url -> why it failed."""
     unique = list(dict.fromkeys(urls))
     semaphore = asyncio.Semaphore(settings.download_concurrency)
@@ -491,7 +492,8 @@ def import_dataset(
         _build(candidates, staging, settings, report, progress)
         if not report.kept:
             raise DatasetError(f"{src}: nothing left to import: {report.summary()}")
-        _write_json_lines(staging / METADATA_FILE, ({"file_name": k["file_name"], "text": k["text"]} for k in report.kept))
+        _write_json_lines(staging / METADATA_FILE,
+                          ({"file_name": k["file_name"], "text": k["text"]} for k in report.kept))
         # The content hash curation records and training computes, so a run names what it learned from.
         report.dataset_hash = dataset_hash(staging)
         (staging / HASH_FILE).write_text(report.dataset_hash + "\n", encoding="utf-8")
@@ -565,7 +567,8 @@ def _process_all(files: list[Path], settings: ImportSettings) -> Iterator[Proces
         yield from pool.map(work, files, chunksize=4)
 
 
-def _build(candidates: list[Candidate], staging: Path, settings: ImportSettings, report: ImportReport, progress: bool) -> None:
+def _build(candidates: list[Candidate], staging: Path, settings: ImportSettings, report: ImportReport,
+           progress: bool) -> None:
     # Captions are checked first: a junk caption is dropped before its image is downloaded.
     wanted = []
     for candidate in candidates:
@@ -599,7 +602,7 @@ def _build(candidates: list[Candidate], staging: Path, settings: ImportSettings,
     near_duplicates = NearDuplicateIndex(settings.near_duplicate_distance)
     results = _process_all([file for _, file in files], settings)
     for (candidate, _), result in tqdm(
-        zip(files, results), total=len(files), desc="importing", unit="image", disable=not progress
+        zip(files, results, strict=True), total=len(files), desc="importing", unit="image", disable=not progress
     ):
         if result.sha256 is not None and result.sha256 in seen_sha256:
             report.drop(candidate, DUPLICATE, f"same file as {seen_sha256[result.sha256]}")

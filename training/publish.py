@@ -139,7 +139,8 @@ def publish(run: Path, name: str, adapters_dir: Path, store: Store) -> Published
                 store.record_adapter(name=name, version=version, file_sha256=sha256, training_run_id=run_id)
             except StoreError as exc:
                 final.unlink()
-                raise PublishError(f"could not record {name} v{version} in the store ({exc}); nothing was published")
+                raise PublishError(
+                    f"could not record {name} v{version} in the store ({exc}); nothing was published") from None
             break
     finally:
         tmp.unlink(missing_ok=True)

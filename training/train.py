@@ -169,7 +169,8 @@ def _pick_trackers(log_with: str) -> list[str]:
         if name not in available:
             raise TrainError(f"log_with: unknown tracker {name!r}; use {', '.join(available)}, 'auto' or 'none'")
         if not available[name]():
-            raise TrainError(f"log_with names {name}, which is not installed; pip install {name} or set log_with='none'")
+            raise TrainError(f"log_with names {name}, which is not installed; "
+                             f"pip install {name} or set log_with='none'")
     return names
 
 
@@ -205,7 +206,8 @@ def validate(job: Job, processes: int | None = None) -> Plan:
     if s.early_stopping_patience and not validation:
         raise TrainError("early stopping needs a validation split; set validation_split > 0 with at least 2 examples")
     if s.objective == "kto" and len({e.desirable for e in train}) < 2:
-        raise TrainError("the KTO training split needs both liked and disliked images; add more or lower validation_split")
+        raise TrainError("the KTO training split needs both liked and disliked images; "
+                         "add more or lower validation_split")
     if s.mixed_precision == "fp16":
         import torch
 
@@ -280,7 +282,7 @@ class Setup:
     lr_scheduler: Any
     weight_dtype: Any
     lora_config: Any
-    encoder: "Encoder"
+    encoder: Encoder
 
 
 def setup(plan: Plan) -> Setup:
