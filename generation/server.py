@@ -94,7 +94,7 @@ class GenerationService:
         self.config = config
         self.settings = config.service
         self.token = secrets.service_token
-        self.queue = FairQueue(self.settings.max_queue, self.settings.max_per_requester)
+        self.queue: FairQueue[Job] = FairQueue(self.settings.max_queue, self.settings.max_per_requester)
         self.adapter_dir = AdapterDirectory(config.adapters_dir)
         self.catalog = AdapterCatalog({})
         self.jobs: OrderedDict[str, Job] = OrderedDict()
