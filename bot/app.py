@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
@@ -21,6 +22,11 @@ from bot.limits import Limits
 from bot.reactions import Votes
 from bot.views import DYNAMIC_ITEMS
 from loraloop.config import Config
+
+if TYPE_CHECKING:
+    from generation.client import ServiceClient
+    from generation.contract import AdapterInfo
+    from loraloop.store import AsyncStore
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +53,8 @@ class CommandTree(app_commands.CommandTree):
 
 
 class LoraloopBot(discord.Client):
-    def __init__(self, config: Config, service: Any, store: Any, *, limits: Limits | None = None,
-                 **client_options: Any) -> None:
+    def __init__(self, config: Config, service: ServiceClient, store: AsyncStore, *,
+                 limits: Limits | None = None, **client_options: Any) -> None:
         # Reactions come as raw events, so no message cache or message-content intent is needed.
         intents = discord.Intents(guilds=True, guild_reactions=True, dm_reactions=True)
         # Prompts are user text: "@everyone" in one must not ping the server.
@@ -62,10 +68,10 @@ class LoraloopBot(discord.Client):
         self.tree = CommandTree(self)
         self.generate = Generate(self)
         self.votes = Votes(self)
-        self._styles: list[Any] | None = None
+        self._styles: list[AdapterInfo] | None = None
         self._styles_at = 0.0
         self.caught_up = asyncio.Event()
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def setup_hook(self) -> None:
         from bot.commands import register
@@ -81,7 +87,7 @@ class LoraloopBot(discord.Client):
             await self.tree.sync()
         self._spawn(self._catch_up())
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -118,7 +124,7 @@ class LoraloopBot(discord.Client):
         roles = {role.id for role in getattr(interaction.user, "roles", [])}
         return bool(roles & set(self.settings.admin_role_ids)) or interaction.permissions.administrator
 
-    async def styles(self, refresh: bool = False) -> list[Any]:
+    async def styles(self, refresh: bool = False) -> list[AdapterInfo]:
         """The service's adapters, cached for a minute (autocomplete asks on every keystroke)."""
         if refresh or self._styles is None or time.monotonic() - self._styles_at > STYLES_TTL_S:
             self._styles = list(await self.service.adapters())

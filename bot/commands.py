@@ -8,6 +8,7 @@ Discord validates ranges and choices before our code runs; the bot checks the re
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
 import discord
@@ -146,33 +147,41 @@ def admin_group(bot: "LoraloopBot") -> app_commands.Group:
     admin = app_commands.Group(name="admin", description="Run the image service (admins only)",
                                guild_only=True)
 
-    async def service_call(interaction: discord.Interaction, action: str, done: str) -> None:
+    async def service_call(interaction: discord.Interaction, action: Callable[[], Awaitable[object]],
+                           done: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
-            await getattr(bot.service, action)()
+            await action()
         except Exception as exc:  # noqa: BLE001  the user gets one sentence; describe_error logs the rest
             await interaction.followup.send(describe_error(exc, str(interaction.id)), ephemeral=True)
             return
-        log.info("admin %s: %s", interaction.user.id, action)
+        log.info("admin %s: %s", interaction.user.id, action.__name__)
         await interaction.followup.send(done, ephemeral=True)
+
+    async def change_ban(interaction: discord.Interaction, user: discord.User, change: Callable[[int], bool],
+                         changed: str, unchanged: str) -> None:
+        done = await asyncio.to_thread(change, user.id)  # writes the bans file
+        await interaction.response.send_message(
+            f"{user.mention} {changed if done else unchanged}", ephemeral=True,
+            allowed_mentions=discord.AllowedMentions.none())
 
     @admin.command()
     @app_commands.check(is_admin)
     async def pause(interaction: discord.Interaction) -> None:
         """Stop starting new jobs (running ones finish)."""
-        await service_call(interaction, "pause", "Paused: new jobs are refused until /admin resume.")
+        await service_call(interaction, bot.service.pause, "Paused: new jobs are refused until /admin resume.")
 
     @admin.command()
     @app_commands.check(is_admin)
     async def resume(interaction: discord.Interaction) -> None:
         """Start taking jobs again."""
-        await service_call(interaction, "resume", "Resumed: jobs are running again.")
+        await service_call(interaction, bot.service.resume, "Resumed: jobs are running again.")
 
     @admin.command()
     @app_commands.check(is_admin)
     async def reload(interaction: discord.Interaction) -> None:
         """Re-read the adapters directory (new or updated styles)."""
-        await service_call(interaction, "reload_adapters", "Reloaded the styles.")
+        await service_call(interaction, bot.service.reload_adapters, "Reloaded the styles.")
         bot.forget_styles()
 
     @admin.command()
@@ -180,19 +189,13 @@ def admin_group(bot: "LoraloopBot") -> app_commands.Group:
     @app_commands.describe(user="Who may no longer make images")
     async def ban(interaction: discord.Interaction, user: discord.User) -> None:
         """Stop a user from making images."""
-        changed = await asyncio.to_thread(bot.limits.ban, user.id)  # writes the bans file
-        await interaction.response.send_message(
-            f"{user.mention} can no longer make images." if changed else f"{user.mention} was already banned.",
-            ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+        await change_ban(interaction, user, bot.limits.ban, "can no longer make images.", "was already banned.")
 
     @admin.command()
     @app_commands.check(is_admin)
     @app_commands.describe(user="Who may make images again")
     async def unban(interaction: discord.Interaction, user: discord.User) -> None:
         """Let a banned user make images again."""
-        changed = await asyncio.to_thread(bot.limits.unban, user.id)  # writes the bans file
-        await interaction.response.send_message(
-            f"{user.mention} can make images again." if changed else f"{user.mention} was not banned.",
-            ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+        await change_ban(interaction, user, bot.limits.unban, "can make images again.", "was not banned.")
 
     return admin

@@ -1,6 +1,6 @@
 """One generation as a person sees it in Discord: refuse or defer, queue, progress, images, votes.
 
-`Generate.run()` owns the life of a job started from `/imagine`, 🔁 reroll or 🎨 variation:
+`Generate.start()` owns the life of a job started from `/imagine`, 🔁 reroll or 🎨 variation:
 
 1. checks (`bot.limits`, the attachment, the style) answered at once with a short ephemeral
    refusal, else the interaction is deferred, well inside Discord's 3-second deadline;
@@ -11,28 +11,32 @@
 4. each image is posted as its own message (so a reaction rates exactly one image) with a line
    of provenance, the rating reactions and the 🔁 🎨 🗑 buttons, and recorded in the store.
 
-Interaction tokens die after 15 minutes: `Reply` notices (by age, or by Discord refusing the
-token) and continues with ordinary channel messages. Errors a person can act on become one
-sentence; anything else is logged with the job id, and the person sees that id.
+Interaction tokens die after 15 minutes: `InteractionReply` notices (by age, or by Discord
+refusing the token) and continues with ordinary channel messages, which is all a `ChannelReply`
+(a job resumed after a restart) ever sends. Errors a person can act on become one sentence;
+anything else is logged with the job id, and the person sees that id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import discord
 from PIL import Image
 
-from generation.contract import AdapterRef, JobRequest, JobState, JobStatus
+from generation.contract import AdapterRef, ImageResult, JobRequest, JobState, JobStatus
 
 if TYPE_CHECKING:
     from bot.app import LoraloopBot
+    from loraloop.store import Generation
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,7 @@ class Spec:
         )
 
     @classmethod
-    def from_generation(cls, generation: Any) -> Spec:
+    def from_generation(cls, generation: Generation) -> Spec:
         """The settings of a recorded generation (for 🔁 and 🎨), without its seed."""
         params = generation.parameters
         adapter = generation.adapters[0] if generation.adapters else None
@@ -110,7 +114,7 @@ def shown(prompt: str, limit: int = 200) -> str:
     return discord.utils.escape_markdown(short)
 
 
-def provenance(spec_prompt: str, image: Any, status: JobStatus) -> str:
+def provenance(spec_prompt: str, image: ImageResult, status: JobStatus) -> str:
     """The line under each image: enough to reproduce it."""
     params = status.parameters
     parts = [f"seed {image.seed}", f"{image.width}×{image.height}"]
@@ -155,29 +159,69 @@ def fit_for_discord(png: bytes, limit: int, name: str) -> list[discord.File]:
         image = image.resize((max(1, image.width // 2), max(1, image.height // 2)))
 
 
-class Reply:
-    """Where a job's messages go: the interaction while its token lives, then the channel.
+def _is_dead_token(exc: discord.HTTPException) -> bool:
+    return exc.code in DEAD_TOKEN_CODES or exc.status == 401
 
-    Built from an interaction, or (for a job resumed after a restart, whose interaction this
-    process never saw) from the channel and the requester's id: then everything is a channel
-    message.
+
+class Reply(Protocol):
+    """Where a job's messages go, as `Generate` follows it: `InteractionReply` or `ChannelReply`."""
+
+    @property
+    def user_id(self) -> int: ...  # who asked
+
+    @property
+    def filesize_limit(self) -> int: ...  # the largest upload a message may carry
+
+    @property
+    def token_alive(self) -> bool: ...  # False: edits are no longer seen, so outcomes are sent
+
+    async def edit(self, **kwargs: Any) -> None: ...
+
+    async def send(self, **kwargs: Any) -> discord.Message: ...
+
+
+class ChannelReply:
+    """Ordinary channel messages that mention who asked.
+
+    For a job resumed after a restart (this process never saw its interaction), and for an
+    interaction's job that outlived its token. There is no message to edit: progress is skipped.
     """
 
-    def __init__(self, interaction: discord.Interaction | None = None, *,
-                 channel: discord.abc.Messageable | None = None, user_id: int | None = None) -> None:
+    token_alive = False
+
+    def __init__(self, channel: discord.abc.Messageable, user_id: int) -> None:
+        self.channel = channel
+        self.user_id = user_id
+        self.filesize_limit = DEFAULT_FILESIZE_LIMIT
+
+    async def edit(self, **kwargs: Any) -> None:
+        """Nothing to edit: the job's outcome arrives as a message of its own."""
+
+    async def send(self, **kwargs: Any) -> discord.Message:
+        kwargs.pop("ephemeral", None)
+        content = kwargs.pop("content", None) or ""
+        return await self.channel.send(content=f"<@{self.user_id}> {content}".strip(),
+                                       allowed_mentions=discord.AllowedMentions(users=[discord.Object(self.user_id)]),
+                                       **kwargs)
+
+
+class InteractionReply:
+    """The interaction's deferred message and followups while its token lives, then the channel.
+
+    The token dies after 15 minutes: this notices by age, or by Discord refusing the token, and
+    from then on sends as a `ChannelReply` does.
+    """
+
+    def __init__(self, interaction: discord.Interaction) -> None:
         self.interaction = interaction
-        self.channel = channel if interaction is None else interaction.channel
-        self.user_id = user_id if interaction is None else interaction.user.id
-        self.filesize_limit = DEFAULT_FILESIZE_LIMIT if interaction is None else interaction.filesize_limit
+        self.user_id = interaction.user.id
+        self.filesize_limit = interaction.filesize_limit
         self.started = time.monotonic()
-        self.token_dead = interaction is None
+        self.token_dead = False
 
     @property
     def token_alive(self) -> bool:
         return not self.token_dead and time.monotonic() - self.started < TOKEN_LIFETIME_S
-
-    def _is_dead_token(self, exc: discord.HTTPException) -> bool:
-        return exc.code in DEAD_TOKEN_CODES or exc.status == 401
 
     async def edit(self, **kwargs: Any) -> None:
         """Edit the deferred message; skipped once the token is gone (progress is optional)."""
@@ -186,7 +230,7 @@ class Reply:
         try:
             await self.interaction.edit_original_response(**kwargs)
         except discord.HTTPException as exc:
-            if not self._is_dead_token(exc):
+            if not _is_dead_token(exc):
                 raise
             self.token_dead = True
             log.info("interaction %s: token expired; continuing in the channel", self.interaction.id)
@@ -198,7 +242,7 @@ class Reply:
             await self.interaction.delete_original_response()
             await self.interaction.followup.send(text, ephemeral=True)
         except discord.HTTPException as exc:
-            if not self._is_dead_token(exc):
+            if not _is_dead_token(exc):
                 raise
             log.info("interaction %s: token expired before the refusal %r", self.interaction.id, text)
 
@@ -207,16 +251,21 @@ class Reply:
             try:
                 return await self.interaction.followup.send(wait=True, **kwargs)
             except discord.HTTPException as exc:
-                if not self._is_dead_token(exc):
+                if not _is_dead_token(exc):
                     raise
                 self.token_dead = True
                 log.info("interaction %s: token expired; continuing in the channel", self.interaction.id)
-        # A job that outlived its token: an ordinary message that mentions who asked.
-        kwargs.pop("ephemeral", None)
-        content = kwargs.pop("content", None) or ""
-        return await self.channel.send(content=f"<@{self.user_id}> {content}".strip(),
-                                       allowed_mentions=discord.AllowedMentions(users=[discord.Object(self.user_id)]),
-                                       **kwargs)
+        return await ChannelReply(self._channel(), self.user_id).send(**kwargs)
+
+    def _channel(self) -> discord.abc.Messageable:
+        channel = self.interaction.channel
+        if isinstance(channel, discord.abc.Messageable):
+            return channel
+        if self.interaction.channel_id is None:
+            raise RuntimeError(f"interaction {self.interaction.id} names no channel to continue in")
+        # discord.py leaves `channel` None when it neither has the channel cached nor was sent it;
+        # the id is enough to post there.
+        return self.interaction.client.get_partial_messageable(self.interaction.channel_id)
 
 
 def describe_error(exc: Exception, job_ref: str) -> str:
@@ -248,7 +297,7 @@ class Generate:
         self.bot = bot
         self.settings = bot.settings
         # The tasks following jobs, so a shutting-down bot stops them instead of leaking them.
-        self.following: set[asyncio.Task] = set()
+        self.following: set[asyncio.Task[Any]] = set()
         # Job ids this process is following: a catch-up that runs while a job is in flight (the
         # first READY can come after the first /imagine) must not follow, and post, it twice.
         self.followed_jobs: set[str] = set()
@@ -284,20 +333,19 @@ class Generate:
         user_id = interaction.user.id
         job_key = f"interaction-{interaction.id}"
         self.bot.limits.started(user_id, job_key)
-        task = asyncio.current_task()
-        self.following.add(task)
         try:
-            if attachment is not None:
-                try:
-                    spec = replace(spec, init_image=await attachment.read())
-                except discord.HTTPException as exc:
-                    log.warning("interaction %s: attachment download failed: %s", interaction.id, exc)
-                    await Reply(interaction).refuse("I couldn't download that attachment; try uploading it again.")
-                    return
-            await self._run(interaction, spec, job_key)
+            with self._stoppable():
+                if attachment is not None:
+                    try:
+                        spec = replace(spec, init_image=await attachment.read())
+                    except discord.HTTPException as exc:
+                        log.warning("interaction %s: attachment download failed: %s", interaction.id, exc)
+                        await InteractionReply(interaction).refuse(
+                            "I couldn't download that attachment; try uploading it again.")
+                        return
+                await self._run(interaction, spec, job_key)
         finally:
             self.bot.limits.finished(user_id, job_key)
-            self.following.discard(task)
 
     async def resume_unfinished(self) -> int:
         """Pick up jobs this bot was following when it stopped; their results go to the channel.
@@ -323,8 +371,7 @@ class Generate:
                 else:
                     log.warning("job %s: cannot resume now: %s", generation.job_id, exc)
                 continue
-            reply = Reply(channel=self.bot.get_partial_messageable(generation.channel_id),
-                          user_id=generation.requester_id)
+            reply = ChannelReply(self.bot.get_partial_messageable(generation.channel_id), generation.requester_id)
             spec = Spec.from_generation(generation)
             self.bot._spawn(self._resume(reply, generation.id, generation.job_id, spec))
             resumed += 1
@@ -332,11 +379,19 @@ class Generate:
         return resumed
 
     async def _resume(self, reply: Reply, generation_id: int, job_id: str, spec: Spec) -> None:
-        task = asyncio.current_task()
-        self.following.add(task)
-        try:
+        with self._stoppable():
             log.info("job %s: following again after a restart", job_id)
             await self._follow_and_post(reply, generation_id, job_id, f"resumed-{job_id}", spec, None)
+
+    @contextlib.contextmanager
+    def _stoppable(self) -> Iterator[None]:
+        """While inside, the task running this is one that `stop` cancels."""
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("jobs are followed from asyncio tasks only")
+        self.following.add(task)
+        try:
+            yield
         finally:
             self.following.discard(task)
 
@@ -347,7 +402,7 @@ class Generate:
         await asyncio.gather(*self.following, return_exceptions=True)
 
     async def _run(self, interaction: discord.Interaction, spec: Spec, job_key: str) -> None:
-        reply = Reply(interaction)
+        reply = InteractionReply(interaction)
         user_id = interaction.user.id
         request = spec.request(user_id)
         try:
@@ -455,7 +510,7 @@ class Generate:
         raise RuntimeError(f"the event stream of job {job_id} ended without a final state")
 
     async def _post_image(self, reply: Reply, generation_id: int, job_id: str, user_id: int, spec: Spec,
-                          status: JobStatus, image: Any) -> None:
+                          status: JobStatus, image: ImageResult) -> None:
         from bot.views import image_view
 
         png = await self.bot.service.image(job_id, image.index)

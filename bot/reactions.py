@@ -24,6 +24,7 @@ import discord
 
 if TYPE_CHECKING:
     from bot.app import LoraloopBot
+    from loraloop.store import Image
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ LINK_WAIT_SECONDS = 10.0
 
 @dataclass(frozen=True)
 class Meaning:
+    """What one emoji records: a vote or a flag (exactly one of the two is set)."""
+
     vote: int | None = None  # +1 or -1
     flag: str | None = None  # a store flag kind
 
@@ -68,7 +71,7 @@ class Votes:
             async with self._posted:
                 self._posted.notify_all()
 
-    async def _image_for(self, message_id: int):
+    async def _image_for(self, message_id: int) -> Image | None:
         image = await self.bot.store.image_for_message(message_id)
         deadline = asyncio.get_running_loop().time() + LINK_WAIT_SECONDS
         while image is None and self._posting:
@@ -90,32 +93,38 @@ class Votes:
             return None
         return self.table.get(payload.emoji.name or "")
 
-    async def on_add(self, payload: discord.RawReactionActionEvent) -> None:
+    async def _meaning_and_image(self, payload: discord.RawReactionActionEvent) -> tuple[Meaning, Image] | None:
+        """What a reaction means and the image it is on; None for a reaction that counts for nothing."""
         meaning = self._meaning(payload)
         if meaning is None:
-            return
+            return None
         image = await self._image_for(payload.message_id)
         if image is None:
+            return None
+        return meaning, image
+
+    async def on_add(self, payload: discord.RawReactionActionEvent) -> None:
+        found = await self._meaning_and_image(payload)
+        if found is None:
             return
+        meaning, image = found
         emoji = str(payload.emoji)
         if meaning.vote is not None:
             await self.bot.store.set_vote(image.id, payload.user_id, meaning.vote, emoji)
             log.info("image %s: vote %+d by user %s", image.id, meaning.vote, payload.user_id)
-        else:
+        elif meaning.flag is not None:
             await self.bot.store.flag(image.id, payload.user_id, meaning.flag)
             log.info("image %s: flagged %s by user %s", image.id, meaning.flag, payload.user_id)
 
     async def on_remove(self, payload: discord.RawReactionActionEvent) -> None:
-        meaning = self._meaning(payload)
-        if meaning is None:
+        found = await self._meaning_and_image(payload)
+        if found is None:
             return
-        image = await self._image_for(payload.message_id)
-        if image is None:
-            return
+        meaning, image = found
         if meaning.vote is not None:
             await self.bot.store.remove_vote(image.id, payload.user_id, str(payload.emoji))
             log.info("image %s: vote withdrawn by user %s", image.id, payload.user_id)
-        else:
+        elif meaning.flag is not None:
             await self.bot.store.unflag(image.id, payload.user_id, meaning.flag)
 
     async def catch_up(self) -> int:
@@ -126,7 +135,7 @@ class Votes:
             if channel_id is None or image.message_id is None:
                 continue
             try:
-                await self._reconcile(image, channel_id)
+                await self._reconcile(image, image.message_id, channel_id)
             except discord.NotFound:
                 continue  # the message was deleted; its votes stay as they were
             except discord.HTTPException as exc:
@@ -136,9 +145,9 @@ class Votes:
         log.info("catch-up: re-read reactions of %d image message(s)", done)
         return done
 
-    async def _reconcile(self, image, channel_id: int) -> None:
+    async def _reconcile(self, image: Image, message_id: int, channel_id: int) -> None:
         channel = self.bot.get_partial_messageable(channel_id)
-        message = await channel.fetch_message(image.message_id)
+        message = await channel.fetch_message(message_id)
         me = self.bot.user.id if self.bot.user else None
         present: dict[str, set[int]] = {}
         for reaction in message.reactions:
@@ -157,5 +166,5 @@ class Votes:
             for user_id in sorted(users):
                 if meaning.vote is not None:
                     await self.bot.store.set_vote(image.id, user_id, meaning.vote, emoji)
-                else:
+                elif meaning.flag is not None:
                     await self.bot.store.flag(image.id, user_id, meaning.flag)

@@ -25,15 +25,16 @@ from bot.imagine import Spec
 
 if TYPE_CHECKING:
     from bot.app import LoraloopBot
+    from loraloop.store import Generation, Image
 
 log = logging.getLogger(__name__)
 
 
 def _bot(interaction: discord.Interaction) -> LoraloopBot:
-    return interaction.client  # type: ignore[return-value]
+    return interaction.client  # type: ignore[return-value]  # the bot that registered these items
 
 
-async def _generation_for(interaction: discord.Interaction) -> tuple[Any, Any] | None:
+async def _generation_for(interaction: discord.Interaction) -> tuple[Image, Generation] | None:
     """The image and generation behind the message a button sits on; None (and a reply) if gone."""
     bot = _bot(interaction)
     message_id = interaction.message.id if interaction.message else 0

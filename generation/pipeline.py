@@ -48,12 +48,12 @@ def pick_device(requested: str) -> str:
 
 def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
     """Load txt2img and img2img pipelines (sharing weights) onto the device."""
-    from diffusers import (
-        AutoPipelineForImage2Image,
-        DiffusionPipeline,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-    )
+    from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
+
+    # Type checkers read diffusers' top-level names as the placeholders it offers when torch is
+    # missing; the defining modules give them the real pipelines (the same classes at run time).
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 
     device = pick_device(device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32

@@ -21,17 +21,25 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Hashable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from generation.contract import ErrorCode
 
 
 class Queueable(Protocol):
-    requester: str
-    count: int
+    """What the queue reads of a job; read-only, as the queue never changes a job."""
 
     @property
-    def batch_key(self) -> Hashable: ...
+    def requester(self) -> str: ...  # whose line the job waits in
+
+    @property
+    def count(self) -> int: ...  # images: the job's share of a batch's max_images
+
+    @property
+    def batch_key(self) -> Hashable: ...  # jobs with equal keys can share one pipeline call
+
+
+JobT = TypeVar("JobT", bound=Queueable)
 
 
 class QueueRefused(Exception):
@@ -41,11 +49,13 @@ class QueueRefused(Exception):
         self.message = message
 
 
-class FairQueue:
+class FairQueue(Generic[JobT]):
+    """Queued jobs of type `JobT`, one line per requester; `take_batch` hands back the same objects."""
+
     def __init__(self, max_queue: int, max_per_requester: int) -> None:
         self.max_queue = max_queue
         self.max_per_requester = max_per_requester
-        self._lines: OrderedDict[str, deque[Queueable]] = OrderedDict()  # next requester first
+        self._lines: OrderedDict[str, deque[JobT]] = OrderedDict()  # next requester first
         self._active: dict[str, int] = {}  # requester -> queued + running jobs
         self._paused = False
         self._closed = False
@@ -54,7 +64,7 @@ class FairQueue:
 
     # -- the event loop's side ---------------------------------------------------------------
 
-    def put(self, job: Queueable) -> int:
+    def put(self, job: JobT) -> int:
         """Queue a job; returns how many jobs are ahead of it."""
         with self._changed:
             if self._depth() >= self.max_queue:
@@ -84,7 +94,7 @@ class FairQueue:
             self._incoming -= 1
             self._changed.notify_all()
 
-    def remove(self, job: Queueable) -> bool:
+    def remove(self, job: JobT) -> bool:
         """Take a queued job out (cancel). False when it is no longer queued."""
         with self._changed:
             line = self._lines.get(job.requester)
@@ -96,7 +106,7 @@ class FairQueue:
             self._release(job)
             return True
 
-    def order(self) -> list[Queueable]:
+    def order(self) -> list[JobT]:
         """Queued jobs in the order the worker will start them."""
         with self._changed:
             return self._order()
@@ -127,7 +137,7 @@ class FairQueue:
 
     # -- the worker's side -------------------------------------------------------------------
 
-    def take_batch(self, max_images: int, batch_wait: float) -> list[Queueable] | None:
+    def take_batch(self, max_images: int, batch_wait: float) -> list[JobT] | None:
         """Block until a batch can start; None once the queue is closed."""
         with self._changed:
             while not self._closed and (self._paused or not self._lines):
@@ -150,7 +160,7 @@ class FairQueue:
                 self._changed.wait(remaining)
             return batch
 
-    def done(self, job: Queueable) -> None:
+    def done(self, job: JobT) -> None:
         """A taken job finished (any outcome): its requester may queue another."""
         with self._changed:
             self._release(job)
@@ -160,14 +170,14 @@ class FairQueue:
     def _depth(self) -> int:
         return sum(len(line) for line in self._lines.values())
 
-    def _order(self) -> list[Queueable]:
+    def _order(self) -> list[JobT]:
         lines = [list(line) for line in self._lines.values()]
-        order: list[Queueable] = []
+        order: list[JobT] = []
         for turn in range(max((len(line) for line in lines), default=0)):
             order.extend(line[turn] for line in lines if turn < len(line))
         return order
 
-    def _pop_next(self) -> Queueable:
+    def _pop_next(self) -> JobT:
         requester, line = next(iter(self._lines.items()))
         job = line.popleft()
         del self._lines[requester]
@@ -175,7 +185,7 @@ class FairQueue:
             self._lines[requester] = line  # back of the rotation
         return job
 
-    def _take(self, job: Queueable) -> None:
+    def _take(self, job: JobT) -> None:
         """Take a job out of turn to share a batch. Its requester has had its turn, so it goes
         to the back of the rotation like one popped in turn: otherwise a burst of compatible
         jobs lets the first few requesters' second jobs start before later requesters' first."""
@@ -184,7 +194,7 @@ class FairQueue:
         if line:
             self._lines[job.requester] = line
 
-    def _release(self, job: Queueable) -> None:
+    def _release(self, job: JobT) -> None:
         left = self._active.get(job.requester, 0) - 1
         if left > 0:
             self._active[job.requester] = left

@@ -94,7 +94,7 @@ class GenerationService:
         self.config = config
         self.settings = config.service
         self.token = secrets.service_token
-        self.queue = FairQueue(self.settings.max_queue, self.settings.max_per_requester)
+        self.queue: FairQueue[Job] = FairQueue(self.settings.max_queue, self.settings.max_per_requester)
         self.adapter_dir = AdapterDirectory(config.adapters_dir)
         self.catalog = AdapterCatalog({})
         self.jobs: OrderedDict[str, Job] = OrderedDict()
@@ -412,20 +412,24 @@ async def reload_adapters(request: web.Request) -> web.Response:
     return web.json_response([f.info().to_dict() for f in catalog.files()])
 
 
+def _set_paused(request: web.Request, paused: bool) -> web.Response:
+    service = _service(request)
+    if paused:
+        service.queue.pause()
+    else:
+        service.queue.resume()
+    log.info("queue %s", "paused" if paused else "resumed")
+    return web.json_response(service.health().to_dict())
+
+
 @routes.post("/v1/queue/pause")
 async def pause_queue(request: web.Request) -> web.Response:
-    service = _service(request)
-    service.queue.pause()
-    log.info("queue paused")
-    return web.json_response(service.health().to_dict())
+    return _set_paused(request, True)
 
 
 @routes.post("/v1/queue/resume")
 async def resume_queue(request: web.Request) -> web.Response:
-    service = _service(request)
-    service.queue.resume()
-    log.info("queue resumed")
-    return web.json_response(service.health().to_dict())
+    return _set_paused(request, False)
 
 
 @routes.get("/healthz")

@@ -71,7 +71,12 @@ def build_tiny_sdxl(path: str | os.PathLike) -> Path:
     added time ids, the SDXL img2img pipeline) runs, offline, in seconds.
     """
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler
+
+    # The defining modules, not diffusers' top-level names: see generation.pipeline.load_model.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from loraloop.tiny import _byte_level_vocab
@@ -105,8 +110,9 @@ def build_tiny_sdxl(path: str | os.PathLike) -> Path:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                         steps_offset=1, timestep_spacing="leading"),
+        scheduler=EulerDiscreteScheduler(  # type: ignore[arg-type]  # diffusers hints an enum, not a class
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            timestep_spacing="leading"),
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path

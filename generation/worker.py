@@ -46,7 +46,7 @@ class Worker:
         model: str,
         device: str,
         data_dir: Path,
-        queue: FairQueue,
+        queue: FairQueue[Job],
         sink: JobSink,
         loop: asyncio.AbstractEventLoop,
         max_batch: int,

@@ -138,7 +138,8 @@ class BotConfig:
     # Upper bounds offered to users; the service enforces its own limits too.
     max_count: int = 4
     max_steps: int = 50
-    # The side of a square image; other aspects keep about the same pixel count (multiples of 64).
+    # The short side of every image (a multiple of 64); the long side follows the aspect, rounded to a
+    # multiple of 8: 16:9 at 512 is 912x512. [service] max_pixels must allow the widest aspect.
     base_size: int = 512
     # Seconds between progress edits: Discord rate-limits edits, ~2 s keeps well inside them.
     progress_interval: float = 2.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -52,7 +53,7 @@ def stats(app: AppContext, as_json: bool) -> None:
             "(check --config and $LORALOOP_DATA_DIR if you expected one)."
         )
     with open_store(app) as store:
-        report = {
+        report: dict[str, Any] = {
             "database": str(store.db_path),
             "size_bytes": store.db_path.stat().st_size,
             "schema": store.schema_version(),

@@ -58,17 +58,18 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlite_utils import Database, Migrations
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 FLAG_KINDS = ("nsfw", "artifact")
 GENERATION_STATUSES = ("queued", "running", "done", "failed", "cancelled")
@@ -256,7 +257,7 @@ class Generation:
     duration_ms: int | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Generation:
+    def from_row(cls, row: sqlite3.Row) -> Generation:
         values = {f.name: row[f.name] for f in dataclasses.fields(cls)
                   if f.name in row.keys()}  # noqa: SIM118  `in` on a sqlite3.Row looks at values
         values["parameters"] = json.loads(row["parameters_json"])
@@ -278,7 +279,7 @@ class Image:
     created_at: str
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Image:
+    def from_row(cls, row: sqlite3.Row) -> Image:
         return cls(
             id=row["id"], generation_id=row["generation_id"], index=row["image_index"],
             seed=row["seed"], width=row["width"], height=row["height"], sha256=row["sha256"],
@@ -394,6 +395,15 @@ def _as_dict(value: Any) -> dict[str, Any]:
 def _is_busy(error: sqlite3.OperationalError) -> bool:
     message = str(error).lower()
     return "locked" in message or "busy" in message
+
+
+def _inserted_id(cursor: sqlite3.Cursor) -> int:
+    # sqlite3 types lastrowid as optional because it is None before a cursor's first INSERT;
+    # every caller has just inserted one row.
+    row_id = cursor.lastrowid
+    if row_id is None:
+        raise RuntimeError("an INSERT left no row id")
+    return row_id
 
 
 def _options_from_config(config: Any) -> dict[str, Any]:
@@ -513,7 +523,7 @@ class Store:
                     conn.execute("ROLLBACK")
                 raise
 
-    def _rows(self, sql: str, params: Iterable[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
+    def _rows(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
         def run() -> list[sqlite3.Row]:
             cursor = self.db.conn.cursor()
             cursor.row_factory = sqlite3.Row
@@ -577,7 +587,7 @@ class Store:
                  json.dumps(dict(parameters or {}), sort_keys=True), json.dumps(adapter_list),
                  status, self._now()),
             )
-            generation_id = cursor.lastrowid
+            generation_id = _inserted_id(cursor)
             conn.executemany(
                 "INSERT OR REPLACE INTO generation_adapters (generation_id, name, version, weight)"
                 " VALUES (?, ?, ?, ?)",
@@ -700,7 +710,7 @@ class Store:
                 )
             except sqlite3.IntegrityError:
                 raise NotFoundError(f"no generation with id {generation_id}") from None
-            return cursor.lastrowid
+            return _inserted_id(cursor)
 
     def set_image_message(self, image_id: int, message_id: int) -> None:
         """Remember the Discord message that shows this image, so reactions find it."""
@@ -939,7 +949,7 @@ class Store:
                 (json.dumps(dict(config), sort_keys=True), dataset_path, dataset_hash,
                  json.dumps(dict(metrics or {}), sort_keys=True), status, self._now()),
             )
-            return cursor.lastrowid
+            return _inserted_id(cursor)
 
     def update_training_run(
         self,
@@ -1002,7 +1012,7 @@ class Store:
                 )
             except sqlite3.IntegrityError:
                 raise NotFoundError(f"no training run with id {training_run_id}") from None
-            return cursor.lastrowid
+            return _inserted_id(cursor)
 
     def adapters(self, name: str | None = None) -> list[AdapterVersion]:
         rows = self._rows(
@@ -1083,6 +1093,19 @@ class Store:
         ]
 
 
+def _on_store_thread(
+    method: Callable[Concatenate[Store, P], T],
+) -> Callable[Concatenate[AsyncStore, P], Coroutine[Any, Any, T]]:
+    """`Store.method` as an AsyncStore method: a coroutine taking exactly Store's parameters
+    (so the type checker holds every caller to Store's signature), run on the store's thread."""
+
+    @functools.wraps(method)
+    async def on_store_thread(self: AsyncStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._call(method, self._store, *args, **kwargs)
+
+    return on_store_thread
+
+
 class AsyncStore:
     """The Store for asyncio code: every method is a coroutine run on ONE executor thread.
 
@@ -1122,13 +1145,12 @@ class AsyncStore:
     def data_dir(self) -> Path:
         return self._store.data_dir
 
-    async def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `fn` on the store's thread, after every call made before it."""
         if self._closed:
             raise StoreError("the store is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, functools.partial(method, *args, **kwargs)
-        )
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     async def close(self) -> None:
         if self._closed:
@@ -1143,86 +1165,50 @@ class AsyncStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def record_generation(self, **kwargs: Any) -> int:
-        return await self._call(self._store.record_generation, **kwargs)
+    # Store's methods as coroutines with Store's own parameters (see _on_store_thread).
 
-    async def update_generation(self, generation_id: int, **kwargs: Any) -> None:
-        await self._call(self._store.update_generation, generation_id, **kwargs)
+    # --- generations -----------------------------------------------------------------------
 
-    async def generation(self, generation_id: int) -> Generation:
-        return await self._call(self._store.generation, generation_id)
+    record_generation = _on_store_thread(Store.record_generation)
+    update_generation = _on_store_thread(Store.update_generation)
+    generation = _on_store_thread(Store.generation)
+    generation_for_job = _on_store_thread(Store.generation_for_job)
+    unfinished_generations = _on_store_thread(Store.unfinished_generations)
 
-    async def generation_for_job(self, job_id: str) -> Generation | None:
-        return await self._call(self._store.generation_for_job, job_id)
+    # --- images ----------------------------------------------------------------------------
 
-    async def unfinished_generations(self, limit: int = 200) -> list[Generation]:
-        return await self._call(self._store.unfinished_generations, limit)
+    add_image = _on_store_thread(Store.add_image)
+    set_image_message = _on_store_thread(Store.set_image_message)
+    mark_image_deleted = _on_store_thread(Store.mark_image_deleted)
+    image = _on_store_thread(Store.image)
+    image_for_message = _on_store_thread(Store.image_for_message)
+    images_for_generation = _on_store_thread(Store.images_for_generation)
+    posted_images = _on_store_thread(Store.posted_images)
 
-    async def add_image(self, generation_id: int, **kwargs: Any) -> int:
-        return await self._call(self._store.add_image, generation_id, **kwargs)
+    # --- ratings and flags -----------------------------------------------------------------
 
-    async def set_image_message(self, image_id: int, message_id: int) -> None:
-        await self._call(self._store.set_image_message, image_id, message_id)
+    flags_for = _on_store_thread(Store.flags_for)
+    set_vote = _on_store_thread(Store.set_vote)
+    remove_vote = _on_store_thread(Store.remove_vote)
+    votes_for = _on_store_thread(Store.votes_for)
+    flag = _on_store_thread(Store.flag)
+    unflag = _on_store_thread(Store.unflag)
 
-    async def mark_image_deleted(self, image_id: int, user_id: int | None) -> bool:
-        return await self._call(self._store.mark_image_deleted, image_id, user_id)
+    # --- users -----------------------------------------------------------------------------
 
-    async def image(self, image_id: int) -> Image:
-        return await self._call(self._store.image, image_id)
+    opt_out = _on_store_thread(Store.opt_out)
+    opt_in = _on_store_thread(Store.opt_in)
+    is_opted_out = _on_store_thread(Store.is_opted_out)
 
-    async def image_for_message(self, message_id: int) -> Image | None:
-        return await self._call(self._store.image_for_message, message_id)
+    # --- stats -----------------------------------------------------------------------------
 
-    async def images_for_generation(self, generation_id: int) -> list[Image]:
-        return await self._call(self._store.images_for_generation, generation_id)
+    adapter_stats = _on_store_thread(Store.adapter_stats)
+    top_images = _on_store_thread(Store.top_images)
+    counts = _on_store_thread(Store.counts)
 
-    async def posted_images(self, limit: int = 200) -> list[tuple[Image, int | None]]:
-        return await self._call(self._store.posted_images, limit)
+    # --- training --------------------------------------------------------------------------
 
-    async def flags_for(self, image_id: int) -> list[tuple[int, str]]:
-        return await self._call(self._store.flags_for, image_id)
-
-    async def set_vote(self, image_id: int, user_id: int, value: int, emoji: str) -> bool:
-        return await self._call(self._store.set_vote, image_id, user_id, value, emoji)
-
-    async def remove_vote(self, image_id: int, user_id: int, emoji: str) -> bool:
-        return await self._call(self._store.remove_vote, image_id, user_id, emoji)
-
-    async def votes_for(self, image_id: int) -> list[Vote]:
-        return await self._call(self._store.votes_for, image_id)
-
-    async def flag(self, image_id: int, user_id: int, kind: str) -> bool:
-        return await self._call(self._store.flag, image_id, user_id, kind)
-
-    async def unflag(self, image_id: int, user_id: int, kind: str) -> bool:
-        return await self._call(self._store.unflag, image_id, user_id, kind)
-
-    async def opt_out(self, user_id: int) -> None:
-        await self._call(self._store.opt_out, user_id)
-
-    async def opt_in(self, user_id: int) -> None:
-        await self._call(self._store.opt_in, user_id)
-
-    async def is_opted_out(self, user_id: int) -> bool:
-        return await self._call(self._store.is_opted_out, user_id)
-
-    async def adapter_stats(self, name: str | None = None) -> list[AdapterStats]:
-        return await self._call(self._store.adapter_stats, name)
-
-    async def top_images(self, **kwargs: Any) -> list[TopImage]:
-        return await self._call(self._store.top_images, **kwargs)
-
-    async def counts(self) -> dict[str, int]:
-        return await self._call(self._store.counts)
-
-    async def record_training_run(self, **kwargs: Any) -> int:
-        return await self._call(self._store.record_training_run, **kwargs)
-
-    async def update_training_run(self, run_id: int, **kwargs: Any) -> None:
-        await self._call(self._store.update_training_run, run_id, **kwargs)
-
-    async def record_adapter(self, **kwargs: Any) -> int:
-        return await self._call(self._store.record_adapter, **kwargs)
-
-    async def adapters(self, name: str | None = None) -> list[AdapterVersion]:
-        return await self._call(self._store.adapters, name)
+    record_training_run = _on_store_thread(Store.record_training_run)
+    update_training_run = _on_store_thread(Store.update_training_run)
+    record_adapter = _on_store_thread(Store.record_adapter)
+    adapters = _on_store_thread(Store.adapters)
