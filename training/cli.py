@@ -44,7 +44,8 @@ def import_(app: AppContext, src: Path, out: Path, source_format: str, resolutio
         loraloop dataset import photos.csv data/datasets/fox --image-column path --caption-column text
         loraloop dataset import urls.txt data/datasets/fox --resolution 768
     """
-    from training.importer import DatasetError, import_dataset, settings_from_config
+    from training.dataset import DatasetError
+    from training.importer import ImportSettings, import_dataset
 
     overrides = {k: v for k, v in {"min_image_size": min_size, "csv_image_column": image_column,
                                    "csv_caption_column": caption_column, "import_workers": workers}.items()
@@ -55,7 +56,7 @@ def import_(app: AppContext, src: Path, out: Path, source_format: str, resolutio
             config = config.replace("training", resolution=resolution)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    settings = settings_from_config(config.dataset, config.training.resolution)
+    settings = ImportSettings.from_config(config.dataset, config.training.resolution)
     try:
         report = import_dataset(src, out, settings, source_format=source_format, progress=not no_progress)
     except DatasetError as exc:
