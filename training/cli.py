@@ -91,7 +91,8 @@ def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, 
         loraloop dataset caption data/datasets/fox --prefix "sks fox," --overwrite
         loraloop dataset caption data/datasets/fox --model Salesforce/blip-image-captioning-base
     """
-    from training.caption import CaptionError, CaptionSettings, caption_dataset
+    from training.caption import CaptionSettings, caption_dataset
+    from training.dataset import DatasetError
 
     overrides = {k: v for k, v in {"caption_model": model, "caption_batch_size": batch_size,
                                    "caption_device": device}.items() if v is not None}
@@ -102,7 +103,7 @@ def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, 
     try:
         report = caption_dataset(dataset_dir, CaptionSettings.from_config(config.dataset), prefix=prefix,
                                  overwrite=overwrite, data_dir=config.data_dir, progress=not no_progress)
-    except CaptionError as exc:
+    except DatasetError as exc:  # CaptionError among them
         raise click.ClickException(str(exc)) from None
     click.echo(f"{dataset_dir}: {report.summary()}.")
 
