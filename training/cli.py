@@ -151,14 +151,14 @@ def curate_(app: AppContext, out: Path, dataset_format: str | None, adapter: str
     import datetime as dt
 
     from loraloop.store import Store, StoreError
-    from training.curate import CurationError, curate, settings_from_config
+    from training.curate import CurationError, CurationSettings, curate
 
     if adapter and "@" in adapter:
         adapter, _, pinned = adapter.partition("@")
         if not pinned.isdigit() or adapter_version is not None:
             raise click.UsageError("write the adapter as NAME@VERSION or use --adapter-version, not both")
         adapter_version = int(pinned)
-    settings = settings_from_config(
+    settings = CurationSettings.from_config(
         app.config.curation, format=dataset_format, adapter=adapter, adapter_version=adapter_version,
         since=since.replace(tzinfo=dt.UTC) if since else None,
         until=until.replace(tzinfo=dt.UTC) if until else None,
