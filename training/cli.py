@@ -125,8 +125,8 @@ def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, 
               help="Wilson lower bound on the like ratio to keep an image ([curation] min_wilson).")
 @click.option("--include-self-votes/--exclude-self-votes", default=None,
               help="Count requesters' votes on their own images ([curation] include_self_votes).")
-@click.option("--near-duplicate-distance", type=click.IntRange(0, 32),
-              help="Perceptual-hash bits under which images collapse ([curation] near_duplicate_distance).")
+@click.option("--near-duplicate-distance", type=click.IntRange(0, 64),
+              help="Perceptual-hash bits at or under which images collapse ([curation] near_duplicate_distance).")
 @click.option("--max-pairs-per-prompt", type=click.IntRange(min=0), help="dpo: pairs per prompt, 0 for no cap.")
 @click.option("--link-images/--copy-images", default=None,
               help="Hard-link images from the store, or copy them ([curation] link_images).")

@@ -122,8 +122,8 @@ class CurationSettings:
             raise CurationError("--adapter-version needs --adapter NAME")
         if self.since and self.until and self.since >= self.until:
             raise CurationError("--since must be before --until")
-        if not 0 <= self.near_duplicate_distance <= 32:
-            raise CurationError("near_duplicate_distance must be between 0 and 32 bits")
+        if not 0 <= self.near_duplicate_distance <= 64:
+            raise CurationError("near_duplicate_distance must be between 0 and 64 bits")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
