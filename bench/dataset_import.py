@@ -10,7 +10,8 @@ Figures printed:
 - local import: images per second for a folder of camera-sized JPEGs (decode, EXIF, crop,
   hashes, PNG write) at the training resolution, with one worker and with one per core;
 - URL import: the same pictures served by an aiohttp server on 127.0.0.1 (download overhead);
-- near-duplicate lookups: microseconds per lookup against 10,000 kept hashes;
+- near-duplicate lookups: microseconds per lookup against 10,000 kept hashes, at the default
+  distance (4 bits) and at wider ones (the time should not depend on it);
 - captioning: images per second with the tiny random BLIP (pipeline overhead only; a real
   BLIP's speed depends on the GPU and cannot be measured offline).
 """
@@ -33,7 +34,8 @@ from aiohttp import web
 from PIL import Image, ImageDraw
 
 from training.caption import CaptionSettings, caption_dataset
-from training.importer import ImportSettings, NearDuplicateIndex, import_dataset
+from training.dataset import NearDuplicateIndex
+from training.importer import ImportSettings, import_dataset
 
 
 def photo(seed: int, size: tuple[int, int]) -> Image.Image:
@@ -118,15 +120,17 @@ def main() -> None:
               f"= {args.count / remote_s:.1f} images/s")
 
         rng = np.random.default_rng(0)
-        index = NearDuplicateIndex(max_distance=4)
-        for i, value in enumerate(rng.integers(0, 2**63, 10_000, dtype=np.uint64)):
-            index.add(value, str(i))
-        probes = rng.integers(0, 2**63, 1000, dtype=np.uint64)
-        start = time.perf_counter()
-        for value in probes:
-            index.closest(value)
-        per_lookup_us = (time.perf_counter() - start) / len(probes) * 1e6
-        print(f"near-duplicate lookup against 10,000 kept images: {per_lookup_us:.0f} us")
+        kept = [int(value) for value in rng.integers(0, 2**64, 10_000, dtype=np.uint64)]
+        probes = [int(value) for value in rng.integers(0, 2**64, 1000, dtype=np.uint64)]
+        for distance in (4, 16, 64):
+            index: NearDuplicateIndex[str] = NearDuplicateIndex(max_distance=distance)
+            for i, value in enumerate(kept):
+                index.add(value, str(i))
+            start = time.perf_counter()
+            for value in probes:
+                index.closest(value)
+            per_lookup_us = (time.perf_counter() - start) / len(probes) * 1e6
+            print(f"near-duplicate lookup against 10,000 kept images, distance {distance}: {per_lookup_us:.0f} us")
 
         from loraloop.tiny import tiny_blip_path
 

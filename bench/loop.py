@@ -41,7 +41,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import os
 import random
 import statistics
@@ -277,14 +276,11 @@ class Panel:
 
 
 def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (successes may be fractional: mean shares)."""
-    if total == 0:
-        return (0.0, 1.0)
-    p = successes / total
-    z2 = z * z
-    centre = p + z2 / (2 * total)
-    margin = z * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total))
-    return ((centre - margin) / (1 + z2 / total), (centre + margin) / (1 + z2 / total))
+    """The Wilson score interval of a proportion (successes may be fractional: mean shares):
+    curation's lower bound, and the same bound of the failures mirrored for the upper end."""
+    from training.curate import wilson_lower_bound
+
+    return wilson_lower_bound(successes, total, z), 1.0 - wilson_lower_bound(total - successes, total, z)
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -469,7 +465,7 @@ class Loop:
         """Curate all votes so far, train a fresh adapter, publish it (runs on a worker thread)."""
         from loraloop.config import TrainingConfig
         from loraloop.store import Store
-        from training.curate import CurationError, curate, settings_from_config
+        from training.curate import CurationError, CurationSettings, curate
         from training.publish import publish
         from training.train import Job, train, validate
 
@@ -477,8 +473,8 @@ class Loop:
         t = s.training_settings()
         f = FILTERS[s.filters]
         dataset = self.data_dir / "datasets" / f"round-{round_number}"
-        curation = settings_from_config(self.config.curation, format=s.objective, min_raters=f.min_raters,
-                                        min_score=f.min_score, min_wilson=f.min_wilson)
+        curation = CurationSettings.from_config(self.config.curation, format=s.objective, min_raters=f.min_raters,
+                                                min_score=f.min_score, min_wilson=f.min_wilson)
         with Store.from_config(self.config) as store:
             try:
                 curated = curate(store, dataset, curation)

@@ -319,7 +319,7 @@ class CurationConfig:
     wilson_z: float = 1.96
     # Count the requester's own vote on their image (off: people upvote their own).
     include_self_votes: bool = False
-    # Perceptual-hash Hamming distance (0-32) under which two images collapse onto the better one.
+    # Perceptual-hash Hamming distance (0-64) at or under which two images collapse onto the better one.
     near_duplicate_distance: int = 4
     # dpo: at most this many pairs per prompt, clearest preferences first; 0 means no cap.
     max_pairs_per_prompt: int = 10
@@ -330,8 +330,8 @@ class CurationConfig:
         _require(self.min_raters >= 1, "min_raters", "must be at least 1")
         _require(0.0 <= self.min_wilson < 1.0, "min_wilson", "must be between 0 and 1")
         _require(self.wilson_z > 0, "wilson_z", "must be positive")
-        _require(0 <= self.near_duplicate_distance <= 32, "near_duplicate_distance",
-                 "must be between 0 and 32")
+        _require(0 <= self.near_duplicate_distance <= 64, "near_duplicate_distance",
+                 "must be between 0 and 64")
         _require(self.max_pairs_per_prompt >= 0, "max_pairs_per_prompt", "must be 0 or more")
 
 

@@ -14,15 +14,8 @@ from PIL import Image
 
 from loraloop.cli import cli
 from loraloop.store import Store
-from training.curate import (
-    CurationError,
-    CurationSettings,
-    NearDuplicateIndex,
-    curate,
-    dataset_hash,
-    perceptual_hash,
-    wilson_lower_bound,
-)
+from training.curate import CurationError, CurationSettings, curate, wilson_lower_bound
+from training.dataset import NearDuplicateIndex, dataset_hash, perceptual_hash
 
 REQUESTER = 1
 START = dt.datetime(2026, 11, 2, 12, 0, tzinfo=dt.UTC)

@@ -18,8 +18,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from loraloop.cli import cli
-from training.curate import dataset_hash
-from training.importer import NearDuplicateIndex, perceptual_hash
+from training.dataset import NearDuplicateIndex, dataset_hash, perceptual_hash
 
 RESOLUTION = 64
 

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from loraloop.cli import cli
 from loraloop.config import TrainingConfig
-from training.curate import dataset_hash
+from training.dataset import dataset_hash
 from training.train import ADAPTER_FILE, Interrupted, Job, TrainError, read_provenance, train, validate
 
 # Small and fast: 32 px images (16x16 latents), high learning rate so a few dozen steps show.

@@ -4,33 +4,33 @@
     loraloop dataset caption data/datasets/fox --prefix "sks fox,"   # trigger word first
     loraloop dataset caption data/datasets/fox --overwrite --model Salesforce/blip-image-captioning-base
 
-This module owns reading and rewriting a dataset's `metadata.jsonl` ({"file_name", "text"} per
-line, the format import and curation write; its `dataset_hash` is refreshed) and running a BLIP
-captioning model over the images whose text is empty. Everything is checked before the model
-loads; the file is rewritten atomically after every batch, so an interrupted run keeps the
-captions it already made and a rerun picks up where it stopped.
+This module owns running a BLIP captioning model over the images of a dataset whose text is
+empty ({"file_name", "text"} rows, as import and curation write them; `training/dataset.py`
+reads and rewrites the file, and the `dataset_hash` is refreshed). Everything is checked before
+the model loads; metadata.jsonl is rewritten atomically after every batch, so an interrupted run
+keeps the captions it already made and a rerun picks up where it stopped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
 
-from training.curate import HASH_FILE, METADATA_FILE, dataset_hash
+from loraloop.config import DatasetConfig
+from training.dataset import HASH_FILE, METADATA_FILE, DatasetError, read_metadata, record_dataset_hash, write_metadata
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
 
 
-class CaptionError(Exception):
-    """A problem a person can fix (no dataset, bad metadata, a model that will not load)."""
+class CaptionError(DatasetError):
+    """A captioning problem a person can fix (no dataset, an unreadable image, a model that will not load)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class CaptionSettings:
     device: str = "auto"
 
     @classmethod
-    def from_config(cls, dataset_config) -> CaptionSettings:
+    def from_config(cls, dataset_config: DatasetConfig) -> CaptionSettings:
         return cls(
             model=dataset_config.caption_model,
             batch_size=dataset_config.caption_batch_size,
@@ -66,47 +66,22 @@ class CaptionReport:
         return line
 
 
-def read_metadata(dataset: Path) -> list[dict]:
+def read_rows(dataset: Path) -> list[dict[str, Any]]:
     """The rows of DATASET/metadata.jsonl, each checked to name an image that exists."""
     path = dataset / METADATA_FILE
     if not dataset.is_dir():
         raise CaptionError(f"{dataset}: no such dataset folder; create one with `loraloop dataset import`")
     if not path.is_file():
         raise CaptionError(f"{dataset}: no {METADATA_FILE}; create the dataset with `loraloop dataset import`")
-    rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise CaptionError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CaptionError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            raise CaptionError(
-                f'{path}:{number}: captioning needs {{"file_name", "text"}} rows '
-                "(preference-pair datasets are not captioned)"
-            )
-        if not (dataset / row["file_name"]).is_file():
-            raise CaptionError(f"{path}:{number}: image {row['file_name']} is missing from {dataset}")
-        rows.append(row)
-    return rows
+    rows = read_metadata(path, without_file_name='captioning needs {"file_name", "text"} rows '
+                                                 "(preference-pair datasets are not captioned)")
+    for row in rows:
+        if not (dataset / row.values["file_name"]).is_file():
+            raise CaptionError(f"{row.where}: image {row.values['file_name']} is missing from {dataset}")
+    return [row.values for row in rows]
 
 
-def write_metadata(dataset: Path, rows: list[dict]) -> None:
-    """Replace metadata.jsonl in one step: a reader sees the old file or the new one, never half."""
-    path = dataset / METADATA_FILE
-    partial = path.with_name(f".{METADATA_FILE}.partial")
-    with partial.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(partial, path)
-
-
-def needs_caption(row: dict, overwrite: bool) -> bool:
+def needs_caption(row: dict[str, Any], overwrite: bool) -> bool:
     return overwrite or not str(row.get("text") or "").strip()
 
 
@@ -149,7 +124,7 @@ class Captioner:
                 f"cannot load the captioning model {model!r}: {str(exc).splitlines()[0]} "
                 "(give a BLIP model id, a local directory saved with save_pretrained, or 'tiny')"
             ) from None
-        self.model.to(self.device, dtype=self.dtype).eval()
+        self.model.to(self.device, dtype=self.dtype).eval()  # type: ignore[arg-type]  # @wraps'd to(): unbound to mypy
         self.min_new_tokens = min_new_tokens
         self.max_new_tokens = max_new_tokens
 
@@ -185,7 +160,7 @@ def caption_dataset(
 ) -> CaptionReport:
     """Fill the empty captions of DATASET (every caption with `overwrite`) and save after each batch."""
     dataset = Path(dataset)
-    rows = read_metadata(dataset)
+    rows = read_rows(dataset)
     todo = [row for row in rows if needs_caption(row, overwrite)]
     if not todo:
         return CaptionReport(total=len(rows), captioned=0, empty=0)
@@ -194,8 +169,7 @@ def caption_dataset(
     )
     # Captions are part of the content hash: drop the old one now (an interrupted run leaves no
     # wrong hash behind) and write the new one at the end.
-    hash_file = dataset / HASH_FILE
-    hash_file.unlink(missing_ok=True)
+    (dataset / HASH_FILE).unlink(missing_ok=True)
     empty = 0
     with tqdm(total=len(todo), desc="captioning", unit="image", disable=not progress) as bar:
         for start in range(0, len(todo), settings.batch_size):
@@ -206,7 +180,7 @@ def caption_dataset(
                 empty += not caption
             write_metadata(dataset, rows)
             bar.update(len(batch))
-    hash_file.write_text(dataset_hash(dataset) + "\n", encoding="utf-8")
+    record_dataset_hash(dataset)
     report = CaptionReport(total=len(rows), captioned=len(todo), empty=empty)
     log.debug("%s: %s", dataset, report.summary())
     return report

@@ -44,7 +44,8 @@ def import_(app: AppContext, src: Path, out: Path, source_format: str, resolutio
         loraloop dataset import photos.csv data/datasets/fox --image-column path --caption-column text
         loraloop dataset import urls.txt data/datasets/fox --resolution 768
     """
-    from training.importer import DatasetError, import_dataset, settings_from_config
+    from training.dataset import DatasetError
+    from training.importer import ImportSettings, import_dataset
 
     overrides = {k: v for k, v in {"min_image_size": min_size, "csv_image_column": image_column,
                                    "csv_caption_column": caption_column, "import_workers": workers}.items()
@@ -55,7 +56,7 @@ def import_(app: AppContext, src: Path, out: Path, source_format: str, resolutio
             config = config.replace("training", resolution=resolution)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    settings = settings_from_config(config.dataset, config.training.resolution)
+    settings = ImportSettings.from_config(config.dataset, config.training.resolution)
     try:
         report = import_dataset(src, out, settings, source_format=source_format, progress=not no_progress)
     except DatasetError as exc:
@@ -90,7 +91,8 @@ def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, 
         loraloop dataset caption data/datasets/fox --prefix "sks fox," --overwrite
         loraloop dataset caption data/datasets/fox --model Salesforce/blip-image-captioning-base
     """
-    from training.caption import CaptionError, CaptionSettings, caption_dataset
+    from training.caption import CaptionSettings, caption_dataset
+    from training.dataset import DatasetError
 
     overrides = {k: v for k, v in {"caption_model": model, "caption_batch_size": batch_size,
                                    "caption_device": device}.items() if v is not None}
@@ -101,7 +103,7 @@ def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, 
     try:
         report = caption_dataset(dataset_dir, CaptionSettings.from_config(config.dataset), prefix=prefix,
                                  overwrite=overwrite, data_dir=config.data_dir, progress=not no_progress)
-    except CaptionError as exc:
+    except DatasetError as exc:  # CaptionError among them
         raise click.ClickException(str(exc)) from None
     click.echo(f"{dataset_dir}: {report.summary()}.")
 
@@ -123,8 +125,8 @@ def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, 
               help="Wilson lower bound on the like ratio to keep an image ([curation] min_wilson).")
 @click.option("--include-self-votes/--exclude-self-votes", default=None,
               help="Count requesters' votes on their own images ([curation] include_self_votes).")
-@click.option("--near-duplicate-distance", type=click.IntRange(0, 32),
-              help="Perceptual-hash bits under which images collapse ([curation] near_duplicate_distance).")
+@click.option("--near-duplicate-distance", type=click.IntRange(0, 64),
+              help="Perceptual-hash bits at or under which images collapse ([curation] near_duplicate_distance).")
 @click.option("--max-pairs-per-prompt", type=click.IntRange(min=0), help="dpo: pairs per prompt, 0 for no cap.")
 @click.option("--link-images/--copy-images", default=None,
               help="Hard-link images from the store, or copy them ([curation] link_images).")
@@ -149,14 +151,14 @@ def curate_(app: AppContext, out: Path, dataset_format: str | None, adapter: str
     import datetime as dt
 
     from loraloop.store import Store, StoreError
-    from training.curate import CurationError, curate, settings_from_config
+    from training.curate import CurationError, CurationSettings, curate
 
     if adapter and "@" in adapter:
         adapter, _, pinned = adapter.partition("@")
         if not pinned.isdigit() or adapter_version is not None:
             raise click.UsageError("write the adapter as NAME@VERSION or use --adapter-version, not both")
         adapter_version = int(pinned)
-    settings = settings_from_config(
+    settings = CurationSettings.from_config(
         app.config.curation, format=dataset_format, adapter=adapter, adapter_version=adapter_version,
         since=since.replace(tzinfo=dt.UTC) if since else None,
         until=until.replace(tzinfo=dt.UTC) if until else None,

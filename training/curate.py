@@ -5,8 +5,8 @@
     loraloop dataset curate data/datasets/pairs --format dpo --adapter pixel --adapter-version 3
     loraloop dataset curate out --since 2026-11-01 --until 2026-11-08 --min-raters 3 --min-wilson 0.5
 
-This module owns choosing images (filters, scores, duplicates), the three output layouts, and
-the report. Every image in the selection is either kept or dropped with a reason:
+This module owns choosing images (filters, scores, duplicates), which images go into each of the
+three formats, and the report. Every image in the selection is either kept or dropped with a reason:
 
 1. the store tallies votes per image, leaving out votes by opted-out users and, unless asked,
    the requester's own vote (`Store.rated_images`);
@@ -16,20 +16,19 @@ the report. Every image in the selection is either kept or dropped with a reason
    >= `min_wilson`; kto labels an image liked or disliked when it clears the same bars in
    either direction and drops the unclear rest; dpo keeps everything for pairing;
 4. image files that are missing, fail their sha256 or cannot be decoded are dropped;
-5. exact duplicates (same sha256) and near-duplicates (perceptual hashes within
-   `near_duplicate_distance` bits) collapse onto the best-scored copy;
+5. exact duplicates (same sha256) and near-duplicates (perceptual hashes at most
+   `near_duplicate_distance` bits apart) collapse onto the best-scored copy;
 6. dpo pairs images of the same prompt whose net scores differ; ties are dropped, never counted
    as a win.
 
-Layouts (what training/data.py reads):
+The folder is a dataset in the layout `training/dataset.py` owns (what training/data.py reads):
 
     sft  OUT/metadata.jsonl  {"file_name": "<sha256[:16]>.png", "text": prompt}
     kto  OUT/metadata.jsonl  {"file_name": ..., "text": prompt, "label": true | false}
     dpo  OUT/metadata.jsonl  {"caption": prompt, "jpg_0": ..., "jpg_1": ..., "label_0": 1.0 | 0.0}
 
 plus OUT/report.json (kept, dropped and why, the settings), OUT/score_histogram.png and
-OUT/dataset_hash: sha256 over metadata.jsonl then each image's name and sha256 in name order,
-the same content hash training computes, so a run names exactly what it learned from.
+OUT/dataset_hash, the content hash training computes, so a run names exactly what it learned from.
 """
 
 from __future__ import annotations
@@ -47,22 +46,32 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from loraloop.config import CurationConfig
 from loraloop.store import RatedImage, Store
+from training.dataset import (
+    DPO,
+    FORMATS,
+    HISTOGRAM_FILE,
+    KTO,
+    REPORT_FILE,
+    SFT,
+    DatasetError,
+    FormatName,
+    NearDuplicateIndex,
+    check_output_folder,
+    content_hash,
+    image_file_name,
+    perceptual_hash,
+    record_dataset_hash,
+    staged_folder,
+    write_metadata,
+)
 
 log = logging.getLogger(__name__)
-
-Format = Literal["sft", "kto", "dpo"]
-FORMATS: tuple[str, ...] = ("sft", "kto", "dpo")
-METADATA_FILE = "metadata.jsonl"
-REPORT_FILE = "report.json"
-HISTOGRAM_FILE = "score_histogram.png"
-HASH_FILE = "dataset_hash"
 
 # Why an image was left out; the report counts by these codes.
 REQUESTER_OPTED_OUT = "requester_opted_out"
@@ -80,7 +89,7 @@ NO_PAIR = "no_pair_with_a_different_score"
 PAIRS_CAPPED = "beyond_max_pairs_per_prompt"
 
 
-class CurationError(Exception):
+class CurationError(DatasetError):
     """A curation problem a person can fix; the message says what to change."""
 
 
@@ -92,7 +101,7 @@ _DEFAULTS = CurationConfig()
 class CurationSettings:
     """What to select and how; defaults come from `[curation]` in config.toml."""
 
-    format: Format = _DEFAULTS.format
+    format: FormatName = _DEFAULTS.format
     adapter: str | None = None
     adapter_version: int | None = None
     since: dt.datetime | None = None
@@ -113,8 +122,8 @@ class CurationSettings:
             raise CurationError("--adapter-version needs --adapter NAME")
         if self.since and self.until and self.since >= self.until:
             raise CurationError("--since must be before --until")
-        if not 0 <= self.near_duplicate_distance <= 32:
-            raise CurationError("near_duplicate_distance must be between 0 and 32 bits")
+        if not 0 <= self.near_duplicate_distance <= 64:
+            raise CurationError("near_duplicate_distance must be between 0 and 64 bits")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -124,21 +133,25 @@ class CurationSettings:
         return data
 
 
-def settings_from_config(section: Any, **overrides: Any) -> CurationSettings:
-    """Settings from a `[curation]` config section, with CLI options (None: keep) on top."""
-    base = CurationSettings(
-        format=section.format, min_raters=section.min_raters, min_score=section.min_score,
-        min_wilson=section.min_wilson, wilson_z=section.wilson_z,
-        include_self_votes=section.include_self_votes,
-        near_duplicate_distance=section.near_duplicate_distance,
-        max_pairs_per_prompt=section.max_pairs_per_prompt, link_images=section.link_images,
-    )
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    @classmethod
+    def from_config(cls, section: CurationConfig, **overrides: Any) -> CurationSettings:
+        """Settings from a `[curation]` config section, with CLI options (None: keep) on top."""
+        base = cls(
+            format=section.format, min_raters=section.min_raters, min_score=section.min_score,
+            min_wilson=section.min_wilson, wilson_z=section.wilson_z,
+            include_self_votes=section.include_self_votes,
+            near_duplicate_distance=section.near_duplicate_distance,
+            max_pairs_per_prompt=section.max_pairs_per_prompt, link_images=section.link_images,
+        )
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def wilson_lower_bound(positive: int, total: int, z: float) -> float:
-    """The lower end of the Wilson score interval for positive/total: a like ratio that is
-    only high when there are enough votes to believe it (3/3 likes scores below 30/32)."""
+def wilson_lower_bound(positive: float, total: int, z: float) -> float:
+    """The lower end of the Wilson score interval (E. B. Wilson, JASA 1927) for positive/total: a
+    like ratio that is only high when there are enough votes to believe it (3/3 likes scores
+    below 30/32).
+    `positive` may be fractional (a sum of shares); the upper end is 1 minus the lower end
+    of (total - positive)/total."""
     if total == 0:
         return 0.0
     p = positive / total
@@ -149,8 +162,8 @@ def wilson_lower_bound(positive: int, total: int, z: float) -> float:
 
 
 @dataclass
-class Candidate:
-    """An image on its way through curation."""
+class CurationCandidate:
+    """A rated image up for curation, and what curation has learned about it so far."""
 
     image: RatedImage
     wilson: float
@@ -171,7 +184,7 @@ class CurationReport:
     dataset_hash: str = ""
     phashes_computed: int = 0
 
-    def drop(self, candidate: Candidate, reason: str, detail: str = "") -> None:
+    def drop(self, candidate: CurationCandidate, reason: str, detail: str = "") -> None:
         image = candidate.image
         self.dropped.append({"image_id": image.id, "reason": reason, "detail": detail,
                              "score": image.score, "raters": image.raters})
@@ -203,7 +216,7 @@ class CurationReport:
 # --- choosing images ------------------------------------------------------------------------
 
 
-def _passes_rating_filters(candidate: Candidate, settings: CurationSettings,
+def _passes_rating_filters(candidate: CurationCandidate, settings: CurationSettings,
                            report: CurationReport) -> bool:
     image = candidate.image
     if image.requester_opted_out:
@@ -237,31 +250,11 @@ def _passes_rating_filters(candidate: Candidate, settings: CurationSettings,
     return True
 
 
-def _dct_matrix(size: int) -> np.ndarray:
-    k = np.arange(size)[:, None]
-    n = np.arange(size)[None, :]
-    return np.cos(np.pi * (2 * n + 1) * k / (2 * size))  # DCT-II, unscaled
-
-
-_DCT_32 = _dct_matrix(32)
-
-
-def perceptual_hash(image: Image.Image) -> int:
-    """The 64-bit pHash, bit for bit what `imagehash.phash` gives (tests check), in numpy:
-    the low 8x8 frequencies of a 32x32 greyscale DCT against their median. Skipping
-    imagehash's scipy and object overhead makes a cold curation of 20,000 images ~40% faster."""
-    pixels = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS),
-                        dtype=np.float64)
-    low = (_DCT_32 @ pixels @ _DCT_32.T)[:8, :8]  # (8, 8), row 0 / column 0 the lowest
-    bits = (low > np.median(low)).flatten()
-    return int.from_bytes(np.packbits(bits).tobytes(), "big")
-
-
 @dataclass(frozen=True)
 class FileCheck:
     """What reading one image file found: its perceptual hash, or why it is unusable."""
 
-    phash: int | None = None
+    phash: int = 0  # meaningful only when there is no problem
     computed: bool = False  # the hash was computed now, not read from the store's cache
     problem: str | None = None  # MISSING_FILE or CORRUPT_FILE
     detail: str = ""
@@ -285,14 +278,14 @@ def check_file(path: Path, sha256: str, cached_phash: str | None) -> FileCheck:
         return FileCheck(problem=CORRUPT_FILE, detail=f"{path}: cannot be decoded ({exc})")
 
 
-def _check_files(candidates: list[Candidate], store: Store,
-                 report: CurationReport) -> list[Candidate]:
+def _check_files(candidates: list[CurationCandidate], store: Store,
+                 report: CurationReport) -> list[CurationCandidate]:
     """The candidates whose files are intact, with their perceptual hashes set.
 
     Threads, because reading, sha256, PNG decoding and resizing all release the GIL: on two
     cores a cold run (hashes not cached yet) takes about half as long.
     """
-    def check_chunk(chunk: list[Candidate]) -> list[FileCheck]:
+    def check_chunk(chunk: list[CurationCandidate]) -> list[FileCheck]:
         return [check_file(store.image_path(c.image), c.image.sha256, c.image.phash)
                 for c in chunk]
 
@@ -312,42 +305,12 @@ def _check_files(candidates: list[Candidate], store: Store,
     return intact
 
 
-class NearDuplicateIndex:
-    """Finds a kept image whose 64-bit perceptual hash is within `max_distance` bits.
-
-    Split into max_distance + 1 chunks, two hashes that close must agree exactly on at least
-    one chunk (pigeonhole), so a lookup only compares against images sharing a chunk instead
-    of every kept image: linear time for tens of thousands of images.
-    """
-
-    def __init__(self, max_distance: int) -> None:
-        self.max_distance = max_distance
-        parts = max_distance + 1
-        edges = [round(i * 64 / parts) for i in range(parts + 1)]
-        self._chunks = list(itertools.pairwise(edges))
-        self._buckets: list[dict[int, list[tuple[int, int]]]] = [defaultdict(list) for _ in self._chunks]
-
-    def _keys(self, value: int) -> list[int]:
-        return [(value >> start) & ((1 << (end - start)) - 1) for start, end in self._chunks]
-
-    def find(self, value: int) -> int | None:
-        for bucket, key in zip(self._buckets, self._keys(value), strict=True):
-            for other, image_id in bucket.get(key, ()):
-                if (value ^ other).bit_count() <= self.max_distance:
-                    return image_id
-        return None
-
-    def add(self, value: int, image_id: int) -> None:
-        for bucket, key in zip(self._buckets, self._keys(value), strict=True):
-            bucket[key].append((value, image_id))
-
-
-def _collapse_duplicates(candidates: list[Candidate], settings: CurationSettings,
-                         report: CurationReport) -> list[Candidate]:
+def _collapse_duplicates(candidates: list[CurationCandidate], settings: CurationSettings,
+                         report: CurationReport) -> list[CurationCandidate]:
     # Best first, so the copy that survives is the best-rated one.
     ranked = sorted(candidates, key=lambda c: (-c.image.score, -c.wilson, c.image.id))
     by_sha: dict[str, int] = {}
-    index = NearDuplicateIndex(settings.near_duplicate_distance)
+    index: NearDuplicateIndex[int] = NearDuplicateIndex(settings.near_duplicate_distance)
     kept = []
     for candidate in ranked:
         image = candidate.image
@@ -364,10 +327,10 @@ def _collapse_duplicates(candidates: list[Candidate], settings: CurationSettings
     return kept
 
 
-def _pairs(candidates: list[Candidate], settings: CurationSettings,
-           report: CurationReport) -> list[tuple[Candidate, Candidate]]:
+def _pairs(candidates: list[CurationCandidate], settings: CurationSettings,
+           report: CurationReport) -> list[tuple[CurationCandidate, CurationCandidate]]:
     """Preference pairs of images of the same prompt; (jpg_0, jpg_1) in image id order."""
-    by_prompt: dict[str, list[Candidate]] = defaultdict(list)
+    by_prompt: dict[str, list[CurationCandidate]] = defaultdict(list)
     for candidate in candidates:
         by_prompt[candidate.image.prompt.strip()].append(candidate)
     pairs = []
@@ -397,29 +360,7 @@ def _pairs(candidates: list[Candidate], settings: CurationSettings,
 
 
 def file_name(image: RatedImage) -> str:
-    return f"{image.sha256[:16]}.png"
-
-
-def _content_hash(metadata: bytes, file_digests: dict[str, str]) -> str:
-    digest = hashlib.sha256(metadata)
-    for name in sorted(file_digests):
-        digest.update(name.encode() + b"\0" + file_digests[name].encode())
-    return digest.hexdigest()
-
-
-def dataset_hash(folder: Path) -> str:
-    """sha256 over metadata.jsonl, then each image it names (name, NUL, sha256) in name order.
-
-    Reads every image, so it also verifies a dataset on disk against its recorded hash.
-    """
-    metadata = (folder / METADATA_FILE).read_bytes()
-    names: set[str] = set()
-    for line in metadata.decode("utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            names.update(row[key] for key in ("file_name", "jpg_0", "jpg_1") if key in row)
-    digests = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names}
-    return _content_hash(metadata, digests)
+    return image_file_name(image.sha256)
 
 
 def _place_image(source: Path, target: Path, link: bool) -> None:
@@ -434,12 +375,6 @@ def _place_image(source: Path, target: Path, link: bool) -> None:
         else:
             return
     shutil.copyfile(source, target)
-
-
-def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def draw_histogram(path: Path, kept_scores: list[int], dropped_scores: list[int],
@@ -479,11 +414,6 @@ def draw_histogram(path: Path, kept_scores: list[int], dropped_scores: list[int]
     canvas.save(path)
 
 
-def check_output_folder(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CurationError(f"{out} already exists and is not empty; choose a new output folder")
-
-
 def curate(store: Store, out: Path, settings: CurationSettings) -> CurationReport:
     """Select rated images from `store` and write them to `out` in `settings.format`.
 
@@ -493,7 +423,7 @@ def curate(store: Store, out: Path, settings: CurationSettings) -> CurationRepor
     """
     settings.validate()
     out = Path(out)
-    check_output_folder(out)
+    check_output_folder(out, error=CurationError)
     report = CurationReport(format=settings.format, settings=settings.to_dict(),
                             database=str(store.db_path))
     images = store.rated_images(
@@ -502,7 +432,7 @@ def curate(store: Store, out: Path, settings: CurationSettings) -> CurationRepor
         include_self_votes=settings.include_self_votes,
     )
     report.considered = len(images)
-    candidates = [Candidate(image, wilson_lower_bound(image.likes, image.raters, settings.wilson_z))
+    candidates = [CurationCandidate(image, wilson_lower_bound(image.likes, image.raters, settings.wilson_z))
                   for image in images]
     candidates = [c for c in candidates if _passes_rating_filters(c, settings, report)]
 
@@ -512,7 +442,7 @@ def curate(store: Store, out: Path, settings: CurationSettings) -> CurationRepor
         store.set_image_phash(new_hashes)
     survivors = _collapse_duplicates(intact, settings, report)
 
-    pairs: list[tuple[Candidate, Candidate]] = []
+    pairs: list[tuple[CurationCandidate, CurationCandidate]] = []
     if settings.format == "dpo":
         pairs = _pairs(survivors, settings, report)
         in_pairs = {c.image.id for pair in pairs for c in pair}
@@ -522,24 +452,14 @@ def curate(store: Store, out: Path, settings: CurationSettings) -> CurationRepor
     if not survivors:
         raise CurationError(_empty_selection_message(report, settings))
 
-    staging = out.with_name(f".{out.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(out, "partial") as staging:
         _write_dataset(store, staging, survivors, pairs, settings, report)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("curated %s dataset %s: %s", settings.format, out, report.summary())
     return report
 
 
-def _write_dataset(store: Store, folder: Path, survivors: list[Candidate],
-                   pairs: list[tuple[Candidate, Candidate]], settings: CurationSettings,
+def _write_dataset(store: Store, folder: Path, survivors: list[CurationCandidate],
+                   pairs: list[tuple[CurationCandidate, CurationCandidate]], settings: CurationSettings,
                    report: CurationReport) -> None:
     for candidate in sorted(survivors, key=lambda c: c.image.id):
         image = candidate.image
@@ -553,25 +473,21 @@ def _write_dataset(store: Store, folder: Path, survivors: list[Candidate],
 
     if settings.format == "dpo":
         rows = [
-            {"caption": first.image.prompt, "jpg_0": file_name(first.image),
-             "jpg_1": file_name(second.image),
-             "label_0": 1.0 if first.image.score > second.image.score else 0.0}
+            DPO.row(caption=first.image.prompt, jpg_0=file_name(first.image), jpg_1=file_name(second.image),
+                    label_0=1.0 if first.image.score > second.image.score else 0.0)
             for first, second in pairs
         ]
     else:
         rows = []
         for candidate in sorted(survivors, key=lambda c: file_name(c.image)):
-            row: dict[str, Any] = {"file_name": file_name(candidate.image),
-                                   "text": candidate.image.prompt}
-            if settings.format == "kto":
-                row["label"] = candidate.label
-            rows.append(row)
-    _write_lines(folder / METADATA_FILE, rows)
+            name, prompt = file_name(candidate.image), candidate.image.prompt
+            rows.append(KTO.row(file_name=name, text=prompt, label=candidate.label) if settings.format == "kto"
+                        else SFT.row(file_name=name, text=prompt))
+    metadata = write_metadata(folder, rows)
 
     # Every file was checked against its sha256 above, so the hash needs no second read.
-    report.dataset_hash = _content_hash((folder / METADATA_FILE).read_bytes(),
-                                        {file_name(c.image): c.image.sha256 for c in survivors})
-    (folder / HASH_FILE).write_text(report.dataset_hash + "\n", encoding="utf-8")
+    report.dataset_hash = record_dataset_hash(
+        folder, content_hash(metadata, {file_name(c.image): c.image.sha256 for c in survivors}))
     draw_histogram(
         folder / HISTOGRAM_FILE,
         [row["score"] for row in report.kept],

@@ -1,35 +1,25 @@
-"""Training data: reading a dataset directory, checking it, hashing it, and the encode cache.
+"""Training data: a dataset directory read into examples and checked, the train/validation
+split, image tensors, and the encode cache.
 
-Three shapes, all written by import/curation into one directory next to their images:
-
-    sft   metadata.jsonl  {"file_name": "a.png", "text": "a red fox"}
-    kto   metadata.jsonl  {"file_name": "a.png", "text": "a red fox", "label": true}
-    dpo   metadata.jsonl  {"caption": "a red fox", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 1.0}
-
-Everything here runs before any weights load, so a bad dataset fails in a second with the
-line that is wrong. The encode cache keeps VAE latents and text embeddings on disk under a key
-made of the content hash and what produced it, so a retrain encodes only what is new.
+The dataset is one of the formats `training/dataset.py` owns (sft, kto, dpo), read through its
+metadata.jsonl reader and hashed the same way import and curation hash it. Everything here up
+to the tensors runs before any weights load, so a bad dataset fails in a second with the line
+that is wrong. The encode cache keeps VAE latents and text embeddings on disk under a key made
+of the content hash and what produced it, so a retrain encodes only what is new.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-METADATA = "metadata.jsonl"
-REQUIRED_COLUMNS = {
-    "sft": ("file_name", "text"),
-    "kto": ("file_name", "text", "label"),
-    "dpo": ("caption", "jpg_0", "jpg_1", "label_0"),
-}
+from training.dataset import FORMATS, METADATA_FILE, DatasetError, dataset_hash, file_sha256, read_metadata
 
-
-class DatasetError(Exception):
-    """A dataset problem a person can fix; the message names the file and line."""
+# The trainer keys an image's cached latents by the same sha256 the dataset hash is made of.
+file_hash = file_sha256
 
 
 @dataclass(frozen=True)
@@ -55,10 +45,6 @@ class Dataset:
     ties_dropped: int = 0
 
 
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _check_image(root: Path, name: object, where: str) -> Path:
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise DatasetError(f"{where}: image name {name!r} must be a file name inside the dataset directory")
@@ -78,54 +64,36 @@ def load_dataset(root: str | Path, objective: str) -> Dataset:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset {root} does not exist; build one with `loraloop dataset import` or `curate`")
-    metadata = root / METADATA
+    metadata = root / METADATA_FILE
     if not metadata.is_file():
-        raise DatasetError(f"{root} has no {METADATA}; build it with `loraloop dataset import` or `curate`")
-    required = REQUIRED_COLUMNS[objective]
+        raise DatasetError(f"{root} has no {METADATA_FILE}; build it with `loraloop dataset import` or `curate`")
+    dataset_format = FORMATS[objective]
     examples: list[Example] = []
     ties = 0
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{metadata}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{where}: expected a JSON object")
-        missing = [column for column in required if column not in row]
-        if missing:
-            raise DatasetError(
-                f"{where}: missing column(s) {', '.join(missing)} (a {objective} dataset needs {', '.join(required)})"
-            )
+    for row in read_metadata(metadata):
+        dataset_format.check(row)
+        values = row.values
         if objective == "dpo":
-            label = row["label_0"]
-            if not isinstance(label, (int, float)) or isinstance(label, bool) or not 0 <= label <= 1:
-                raise DatasetError(f"{where}: label_0 must be a number between 0 and 1, got {label!r}")
-            first = _check_image(root, row["jpg_0"], where)
-            second = _check_image(root, row["jpg_1"], where)
+            first = _check_image(root, values["jpg_0"], row.where)
+            second = _check_image(root, values["jpg_1"], row.where)
+            label = values["label_0"]
             if label == 0.5:
                 ties += 1
                 continue
             preferred, rejected = (first, second) if label > 0.5 else (second, first)
-            examples.append(Example(caption=str(row["caption"]), image=preferred, rejected=rejected))
+            examples.append(Example(caption=str(values["caption"]), image=preferred, rejected=rejected))
         else:
-            if objective == "kto" and not isinstance(row["label"], bool):
-                raise DatasetError(f"{where}: label must be true or false, got {row['label']!r}")
-            image = _check_image(root, row["file_name"], where)
-            examples.append(Example(caption=str(row["text"]), image=image, desirable=row.get("label", True)))
+            image = _check_image(root, values["file_name"], row.where)
+            examples.append(Example(caption=str(values["text"]), image=image, desirable=values.get("label", True)))
     if not examples:
         if objective == "dpo":
             raise DatasetError(
                 f"{root} has no preference pairs to learn from ({ties} tie(s) dropped); rate more images first"
             )
-        raise DatasetError(f"{root} is empty: {METADATA} lists no images")
+        raise DatasetError(f"{root} is empty: {METADATA_FILE} lists no images")
     if objective == "kto" and len({e.desirable for e in examples}) < 2:
         raise DatasetError(f"{root}: KTO needs both liked and disliked images (label true and false)")
-    # The same hash curation records (training/curate.py), so a run and its curated dataset match.
-    from training.curate import dataset_hash
-
+    # The same hash import and curation record, so a run and the dataset it learned from match.
     return Dataset(root=root, objective=objective, examples=tuple(examples),
                    content_hash=dataset_hash(root), ties_dropped=ties)
 
@@ -148,8 +116,8 @@ def load_image_tensor(path: Path, resolution: int, flip: bool):
     import torch
     from PIL import ImageOps
 
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
         image = ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC)
         if flip:
             image = ImageOps.mirror(image)

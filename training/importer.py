@@ -4,15 +4,15 @@
     loraloop dataset import captions.csv data/datasets/fox --image-column path --caption-column text
     loraloop dataset import urls.txt data/datasets/fox --resolution 768
 
-This module owns reading every source shape (`FORMATS`), downloading URLs, normalising pixels
+This module owns reading every source shape (`SOURCE_FORMATS`), downloading URLs, normalising pixels
 (EXIF orientation, RGB, resize and centre-crop to the training resolution) and dropping what
-would hurt training, with the reason written down. Its output is the image-folder format that
-curation also writes and training reads:
+would hurt training, with the reason written down. Its output is an sft dataset in the layout
+`training/dataset.py` owns (which curation also writes and training reads):
 
     OUT/<sha256[:16]>.png        one square RGB image per picture kept
     OUT/metadata.jsonl           {"file_name": ..., "text": ...} per line ("" when uncaptioned)
     OUT/report.json              what was kept and what was dropped, and why
-    OUT/dataset_hash             the content hash training records (as curation writes it)
+    OUT/dataset_hash             the content hash training records
 
 The folder is built beside OUT and renamed into place at the end, so an interrupted import
 never leaves a half-written dataset where training would find it.
@@ -33,23 +33,36 @@ import re
 import shutil
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
-import imagehash
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from loraloop import __version__
-from training.curate import HASH_FILE, METADATA_FILE, REPORT_FILE, dataset_hash
+from loraloop.config import DatasetConfig, TrainingConfig
+from training.dataset import (
+    METADATA_FILE,
+    REPORT_FILE,
+    SFT,
+    DatasetError,
+    NearDuplicateIndex,
+    check_output_folder,
+    image_file_name,
+    perceptual_hash,
+    read_metadata,
+    record_dataset_hash,
+    staged_folder,
+    write_metadata,
+)
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("folder", "metadata", "json", "csv", "dreambooth", "urls")
+SOURCE_FORMATS = ("folder", "metadata", "json", "csv", "dreambooth", "urls")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # Sidecar caption files: `.txt` is the common one, kohya's scripts also write `.caption`.
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -69,13 +82,9 @@ CAPTION_TOO_SHORT = "caption_too_short"
 AUTO_IMAGES_PER_WORKER = 24
 
 
-class DatasetError(Exception):
-    """Bad input a person can fix (missing source, unknown format, missing column); the CLI shows it."""
-
-
 @dataclass(frozen=True)
-class Candidate:
-    """One picture a source names: a local file or a URL, and its caption if the source has one."""
+class SourceImage:
+    """One picture a source offers: a local file or a URL, and its caption if the source has one."""
 
     origin: str  # what the report calls it: the path as the source wrote it, or the URL
     caption: str | None
@@ -83,18 +92,40 @@ class Candidate:
     url: str | None = None
 
 
+# One source of truth for the defaults: the [dataset] and [training] sections of the config.
+_DATASET = DatasetConfig()
+
+
 @dataclass(frozen=True)
 class ImportSettings:
-    resolution: int = 512
-    min_image_size: int = 256
-    min_caption_chars: int = 3
-    near_duplicate_distance: int = 4
-    max_download_bytes: int = 20_000_000
-    download_concurrency: int = 8
-    download_timeout_s: float = 30.0
-    csv_image_column: str = "image"
-    csv_caption_column: str = "caption"
-    workers: int = 0  # processes decoding and resizing; 0: one per CPU core (big imports)
+    """How to import; defaults come from `[dataset]` (and the resolution from `[training]`)."""
+
+    resolution: int = TrainingConfig().resolution
+    min_image_size: int = _DATASET.min_image_size
+    min_caption_chars: int = _DATASET.min_caption_chars
+    near_duplicate_distance: int = _DATASET.near_duplicate_distance
+    max_download_bytes: int = _DATASET.max_download_bytes
+    download_concurrency: int = _DATASET.download_concurrency
+    download_timeout_s: float = _DATASET.download_timeout_s
+    csv_image_column: str = _DATASET.csv_image_column
+    csv_caption_column: str = _DATASET.csv_caption_column
+    workers: int = _DATASET.import_workers  # processes decoding and resizing; 0: one per CPU core
+
+    @classmethod
+    def from_config(cls, dataset_config: DatasetConfig, resolution: int) -> ImportSettings:
+        """ImportSettings from the [dataset] section plus the training resolution."""
+        return cls(
+            resolution=resolution,
+            min_image_size=dataset_config.min_image_size,
+            min_caption_chars=dataset_config.min_caption_chars,
+            near_duplicate_distance=dataset_config.near_duplicate_distance,
+            max_download_bytes=dataset_config.max_download_bytes,
+            download_concurrency=dataset_config.download_concurrency,
+            download_timeout_s=dataset_config.download_timeout_s,
+            csv_image_column=dataset_config.csv_image_column,
+            csv_caption_column=dataset_config.csv_caption_column,
+            workers=dataset_config.import_workers,
+        )
 
 
 @dataclass
@@ -103,17 +134,17 @@ class ImportReport:
     format: str
     resolution: int
     dataset_hash: str = ""
-    kept: list[dict] = field(default_factory=list)  # {"file_name", "text", "source"}
-    dropped: list[dict] = field(default_factory=list)  # {"source", "reason", "detail"}
+    kept: list[dict[str, str]] = field(default_factory=list)  # {"file_name", "text", "source"}
+    dropped: list[dict[str, str]] = field(default_factory=list)  # {"source", "reason", "detail"}
 
-    def drop(self, candidate: Candidate, reason: str, detail: str) -> None:
+    def drop(self, candidate: SourceImage, reason: str, detail: str) -> None:
         log.debug("dropped %s: %s (%s)", candidate.origin, reason, detail)
         self.dropped.append({"source": candidate.origin, "reason": reason, "detail": detail})
 
     def dropped_by_reason(self) -> dict[str, int]:
         return dict(Counter(entry["reason"] for entry in self.dropped).most_common())
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "format": self.format,
@@ -134,7 +165,7 @@ class ImportReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading sources: each reader returns candidates, or raises DatasetError before any slow work.
+# Reading sources: each reader returns the pictures it names, or raises DatasetError before any slow work.
 
 
 def clean_caption(text: str | None) -> str | None:
@@ -168,17 +199,17 @@ def _images_under(folder: Path) -> list[Path]:
     )
 
 
-def _local_or_url(link: str, base: Path, caption: str | None) -> Candidate:
+def _local_or_url(link: str, base: Path, caption: str | None) -> SourceImage:
     if is_url(link):
-        return Candidate(origin=link, caption=caption, url=link)
+        return SourceImage(origin=link, caption=caption, url=link)
     path = Path(link).expanduser()
-    return Candidate(origin=link, caption=caption, path=path if path.is_absolute() else base / path)
+    return SourceImage(origin=link, caption=caption, path=path if path.is_absolute() else base / path)
 
 
-def read_folder(src: Path) -> list[Candidate]:
+def read_folder(src: Path) -> list[SourceImage]:
     """Images anywhere under SRC, each captioned by the `.txt` beside it (if any)."""
     return [
-        Candidate(origin=str(p.relative_to(src)), caption=_sidecar_caption(p), path=p)
+        SourceImage(origin=str(p.relative_to(src)), caption=_sidecar_caption(p), path=p)
         for p in _images_under(src)
     ]
 
@@ -196,7 +227,7 @@ def _dreambooth_folders(src: Path) -> list[Path]:
     return sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith(".") and _images_under(d))
 
 
-def read_dreambooth(src: Path) -> list[Candidate]:
+def read_dreambooth(src: Path) -> list[SourceImage]:
     """Folders named `<trigger>_<class>`; a `.txt` beside an image beats the folder's caption."""
     folders = _dreambooth_folders(src)
     bad = [d.name for d in folders if dreambooth_caption(d.name) is None]
@@ -211,29 +242,20 @@ def read_dreambooth(src: Path) -> list[Candidate]:
         for image in _images_under(folder):
             caption = _sidecar_caption(image)
             candidates.append(
-                Candidate(origin=str(image.relative_to(src)), caption=caption or folder_caption, path=image)
+                SourceImage(origin=str(image.relative_to(src)), caption=caption or folder_caption, path=image)
             )
     return candidates
 
 
-def read_metadata(src: Path) -> list[Candidate]:
+def read_image_folder_metadata(src: Path) -> list[SourceImage]:
     """`metadata.jsonl` (Hugging Face imagefolder): one {"file_name", "text"} object per line."""
     path = src / METADATA_FILE if src.is_dir() else src
-    candidates = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            raise DatasetError(f'{path}:{number}: each line needs a "file_name" (and usually a "text")')
-        candidates.append(_local_or_url(row["file_name"], path.parent, clean_caption(row.get("text"))))
-    return candidates
+    rows = read_metadata(path, without_file_name='each line needs a "file_name" (and usually a "text")')
+    return [_local_or_url(row.values["file_name"], path.parent, clean_caption(row.values.get("text")))
+            for row in rows]
 
 
-def read_json_list(src: Path) -> list[Candidate]:
+def read_json_list(src: Path) -> list[SourceImage]:
     """A JSON list of {"link", "caption"}; a link is a path (relative to the file) or a URL."""
     try:
         rows = json.loads(src.read_text(encoding="utf-8"))
@@ -249,7 +271,7 @@ def read_json_list(src: Path) -> list[Candidate]:
     return candidates
 
 
-def read_csv(src: Path, image_column: str, caption_column: str) -> list[Candidate]:
+def read_csv(src: Path, image_column: str, caption_column: str) -> list[SourceImage]:
     """A CSV with a header row; the image column holds a path (relative to the file) or a URL."""
     with src.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
@@ -267,7 +289,7 @@ def read_csv(src: Path, image_column: str, caption_column: str) -> list[Candidat
         ]
 
 
-def read_url_list(src: Path) -> list[Candidate]:
+def read_url_list(src: Path) -> list[SourceImage]:
     """One image URL per line, optionally followed by a caption; blank lines and `#` comments skipped."""
     candidates = []
     for number, line in enumerate(src.read_text(encoding="utf-8").splitlines(), start=1):
@@ -277,7 +299,7 @@ def read_url_list(src: Path) -> list[Candidate]:
         url, *caption = line.split(maxsplit=1)
         if not is_url(url):
             raise DatasetError(f"{src}:{number}: not an http(s) URL: {url[:80]}")
-        candidates.append(Candidate(origin=url, caption=clean_caption(caption[0]) if caption else None, url=url))
+        candidates.append(SourceImage(origin=url, caption=clean_caption(caption[0]) if caption else None, url=url))
     return candidates
 
 
@@ -300,7 +322,7 @@ def detect_format(src: Path) -> str:
     return "folder"
 
 
-def read_source(src: Path, source_format: str, settings: ImportSettings) -> tuple[str, list[Candidate]]:
+def read_source(src: Path, source_format: str, settings: ImportSettings) -> tuple[str, list[SourceImage]]:
     """The format SRC was read as (resolving "auto") and the pictures it names."""
     if not src.exists():
         raise DatasetError(f"{src}: no such file or folder")
@@ -314,7 +336,7 @@ def read_source(src: Path, source_format: str, settings: ImportSettings) -> tupl
         raise DatasetError(f"{exc.filename or src}: cannot read: {exc.strerror or exc}") from None
 
 
-def _read(src: Path, source_format: str, settings: ImportSettings) -> list[Candidate]:
+def _read(src: Path, source_format: str, settings: ImportSettings) -> list[SourceImage]:
     if source_format in {"folder", "dreambooth"} and not src.is_dir():
         raise DatasetError(f"{src}: the {source_format} format reads a folder, not a file")
     if source_format in {"json", "csv", "urls"} and not src.is_file():
@@ -326,14 +348,14 @@ def _read(src: Path, source_format: str, settings: ImportSettings) -> list[Candi
     if source_format == "metadata":
         if src.is_dir() and not (src / METADATA_FILE).is_file():
             raise DatasetError(f"{src}: no {METADATA_FILE} in this folder")
-        return read_metadata(src)
+        return read_image_folder_metadata(src)
     if source_format == "json":
         return read_json_list(src)
     if source_format == "csv":
         return read_csv(src, settings.csv_image_column, settings.csv_caption_column)
     if source_format == "urls":
         return read_url_list(src)
-    raise DatasetError(f"unknown format {source_format!r}; expected one of: auto, {', '.join(FORMATS)}")
+    raise DatasetError(f"unknown format {source_format!r}; expected one of: auto, {', '.join(SOURCE_FORMATS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,12 +430,12 @@ def open_normalised(data: bytes, resolution: int) -> tuple[Image.Image, tuple[in
         # PIL warns from ~90 MP, which today's 108 MP phone photos pass; draft() keeps their
         # decode small, so only PIL's hard limit (an error, twice as far) drops a picture.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
-        stored_size = image.size  # before draft() shrinks it; its shorter side survives rotation
+        opened = Image.open(io.BytesIO(data))
+        stored_size = opened.size  # before draft() shrinks it; its shorter side survives rotation
         # JPEG can decode at 1/2, 1/4 or 1/8 scale for free; draft keeps both sides >= resolution.
-        image.draft("RGB", (resolution, resolution))
-        image.load()
-    image = _to_rgb(ImageOps.exif_transpose(image))
+        opened.draft("RGB", (resolution, resolution))
+        opened.load()
+    image = _to_rgb(ImageOps.exif_transpose(opened))
     return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS), stored_size
 
 
@@ -428,44 +450,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def perceptual_hash(image: Image.Image) -> np.uint64:
-    """A 64-bit pHash: near-identical pictures (re-encoded, resized) differ in only a few bits."""
-    bits = imagehash.phash(image).hash.flatten()  # 64 booleans
-    return np.packbits(bits).view(">u8")[0].astype(np.uint64)
-
-
-class NearDuplicateIndex:
-    """Perceptual hashes of the images kept so far; one vectorised XOR + popcount per lookup."""
-
-    def __init__(self, max_distance: int) -> None:
-        self.max_distance = max_distance
-        self._hashes = np.zeros(64, dtype=np.uint64)
-        self._names: list[str] = []
-
-    def closest(self, value: np.uint64) -> tuple[str, int] | None:
-        """The kept image this one duplicates and their distance, if any is close enough."""
-        if not self._names:
-            return None
-        distances = np.bitwise_count(self._hashes[: len(self._names)] ^ value)
-        best = int(distances.argmin())
-        if distances[best] <= self.max_distance:
-            return self._names[best], int(distances[best])
-        return None
-
-    def add(self, value: np.uint64, name: str) -> None:
-        if len(self._names) == len(self._hashes):
-            self._hashes = np.concatenate([self._hashes, np.zeros_like(self._hashes)])
-        self._hashes[len(self._names)] = value
-        self._names.append(name)
-
-
 # ---------------------------------------------------------------------------------------------
 # The import itself.
-
-
-def check_output_folder(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DatasetError(f"{out}: already exists and is not empty; choose a new output folder")
 
 
 def import_dataset(
@@ -483,72 +469,61 @@ def import_dataset(
         raise DatasetError(f"{src}: no images found (read as {source_format})")
 
     report = ImportReport(source=str(src), format=source_format, resolution=settings.resolution)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.importing-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    with staged_folder(out, f"importing-{os.getpid()}") as staging:
         _build(candidates, staging, settings, report, progress)
         if not report.kept:
             raise DatasetError(f"{src}: nothing left to import: {report.summary()}")
-        _write_json_lines(staging / METADATA_FILE,
-                          ({"file_name": k["file_name"], "text": k["text"]} for k in report.kept))
-        # The content hash curation records and training computes, so a run names what it learned from.
-        report.dataset_hash = dataset_hash(staging)
-        (staging / HASH_FILE).write_text(report.dataset_hash + "\n", encoding="utf-8")
+        write_metadata(staging, [SFT.row(file_name=k["file_name"], text=k["text"]) for k in report.kept])
+        # The content hash training computes, so a run names what it learned from.
+        report.dataset_hash = record_dataset_hash(staging)
         (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # checked empty above
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     log.debug("imported %s into %s: %s", src, out, report.summary())
     return report
 
 
-def _write_json_lines(path: Path, rows: Iterable[dict]) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+@dataclass(frozen=True)
+class Normalised:
+    """A file a worker read, hashed and normalised: the PNG to keep unless it duplicates another."""
+
+    sha256: str
+    fingerprint: int  # its perceptual hash
+    png: bytes
 
 
 @dataclass(frozen=True)
-class Processed:
-    """What a worker learned about one file: its hash, and either a drop reason or the PNG to keep."""
+class Unusable:
+    """A file a worker could not use, and why; no sha256 when it could not even be read."""
 
-    sha256: str | None = None
-    drop: tuple[str, str] | None = None  # (reason, detail)
-    fingerprint: int = 0
-    png: bytes = b""
+    sha256: str | None
+    reason: str
+    detail: str
 
 
-def process_file(path: Path, resolution: int, min_image_size: int) -> Processed:
+def process_file(path: Path, resolution: int, min_image_size: int) -> Normalised | Unusable:
     """Read, hash and normalise one file; pure, so it runs the same inline or in a worker process."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return Processed(drop=(UNREADABLE, exc.strerror or str(exc)))
+        return Unusable(None, UNREADABLE, exc.strerror or str(exc))
     sha256 = hashlib.sha256(data).hexdigest()
     try:
         image, (width, height) = open_normalised(data, resolution)
     except UnidentifiedImageError:
-        return Processed(sha256=sha256, drop=(UNREADABLE, "not in an image format PIL knows"))
+        return Unusable(sha256, UNREADABLE, "not in an image format PIL knows")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # PIL signals damaged files with any of these, depending on the codec.
         detail = f"damaged or too large ({type(exc).__name__}: {exc})"[:200]
-        return Processed(sha256=sha256, drop=(UNREADABLE, detail))
+        return Unusable(sha256, UNREADABLE, detail)
     if min(width, height) < min_image_size:
-        return Processed(sha256=sha256, drop=(TOO_SMALL, f"{width}x{height}, shorter side under {min_image_size}"))
+        return Unusable(sha256, TOO_SMALL, f"{width}x{height}, shorter side under {min_image_size}")
     buffer = io.BytesIO()
     # zlib level 1: about 3x faster to write than the default 6 for ~20% more disk; training
     # reads each file once into its latent cache, so speed wins here.
     image.save(buffer, format="PNG", compress_level=1)
-    return Processed(sha256=sha256, fingerprint=int(perceptual_hash(image)), png=buffer.getvalue())
+    return Normalised(sha256, perceptual_hash(image), buffer.getvalue())
 
 
-def _process_all(files: list[Path], settings: ImportSettings) -> Iterator[Processed]:
+def _process_all(files: list[Path], settings: ImportSettings) -> Iterator[Normalised | Unusable]:
     """process_file over `files`, in order; on several processes when there is enough work."""
     work = functools.partial(process_file, resolution=settings.resolution, min_image_size=settings.min_image_size)
     if settings.workers:
@@ -567,7 +542,7 @@ def _process_all(files: list[Path], settings: ImportSettings) -> Iterator[Proces
         yield from pool.map(work, files, chunksize=4)
 
 
-def _build(candidates: list[Candidate], staging: Path, settings: ImportSettings, report: ImportReport,
+def _build(candidates: list[SourceImage], staging: Path, settings: ImportSettings, report: ImportReport,
            progress: bool) -> None:
     # Captions are checked first: a junk caption is dropped before its image is downloaded.
     wanted = []
@@ -588,18 +563,18 @@ def _build(candidates: list[Candidate], staging: Path, settings: ImportSettings,
         downloads_dir.mkdir()
         downloaded = asyncio.run(download_all(urls, downloads_dir, settings, progress))
 
-    files: list[tuple[Candidate, Path]] = []
+    files: list[tuple[SourceImage, Path]] = []
     for candidate in wanted:
         fetched = downloaded[candidate.url] if candidate.url is not None else candidate.path
         if isinstance(fetched, str):
             report.drop(candidate, DOWNLOAD_FAILED, fetched)
-        else:
+        elif fetched is not None:  # every source gives a picture a path or a URL
             files.append((candidate, fetched))
 
     # Decoding and resizing run in parallel; keeping or dropping is decided here, in source
     # order, so the result does not depend on the number of workers.
     seen_sha256: dict[str, str] = {}
-    near_duplicates = NearDuplicateIndex(settings.near_duplicate_distance)
+    near_duplicates: NearDuplicateIndex[str] = NearDuplicateIndex(settings.near_duplicate_distance)
     results = _process_all([file for _, file in files], settings)
     for (candidate, _), result in tqdm(
         zip(files, results, strict=True), total=len(files), desc="importing", unit="image", disable=not progress
@@ -609,33 +584,16 @@ def _build(candidates: list[Candidate], staging: Path, settings: ImportSettings,
             continue
         if result.sha256 is not None:
             seen_sha256[result.sha256] = candidate.origin
-        if result.drop is not None:
-            report.drop(candidate, *result.drop)
+        if isinstance(result, Unusable):
+            report.drop(candidate, result.reason, result.detail)
             continue
-        fingerprint = np.uint64(result.fingerprint)
-        match = near_duplicates.closest(fingerprint)
+        match = near_duplicates.closest(result.fingerprint)
         if match is not None:
             report.drop(candidate, NEAR_DUPLICATE, f"looks like {match[0]}, distance {match[1]}")
             continue
-        file_name = f"{result.sha256[:16]}.png"
+        file_name = image_file_name(result.sha256)
         (staging / file_name).write_bytes(result.png)
-        near_duplicates.add(fingerprint, candidate.origin)
+        near_duplicates.add(result.fingerprint, candidate.origin)
         report.kept.append({"file_name": file_name, "text": candidate.caption or "", "source": candidate.origin})
     if downloads_dir.exists():
         shutil.rmtree(downloads_dir)
-
-
-def settings_from_config(dataset_config, resolution: int) -> ImportSettings:
-    """ImportSettings from the [dataset] section plus the training resolution."""
-    return ImportSettings(
-        resolution=resolution,
-        min_image_size=dataset_config.min_image_size,
-        min_caption_chars=dataset_config.min_caption_chars,
-        near_duplicate_distance=dataset_config.near_duplicate_distance,
-        max_download_bytes=dataset_config.max_download_bytes,
-        download_concurrency=dataset_config.download_concurrency,
-        download_timeout_s=dataset_config.download_timeout_s,
-        csv_image_column=dataset_config.csv_image_column,
-        csv_caption_column=dataset_config.csv_caption_column,
-        workers=dataset_config.import_workers,
-    )
