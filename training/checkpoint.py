@@ -73,6 +73,14 @@ class Progress:
     stale_evaluations: int = 0
     kl_estimate: float = 0.0
 
+    @property
+    def final_train_loss(self) -> float | None:
+        return self.history[-1]["loss"] if self.history else None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.validation[-1]["val_loss"] if self.validation else None
+
 
 @dataclass(frozen=True)
 class RunIdentity:
@@ -113,8 +121,10 @@ def set_random_state(generator: torch.Generator, state: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class StepStart:
-    """Where an optimiser step began: Ctrl-C in the middle of it rolls back to here, so the
-    checkpoint it saves resumes exactly like the uninterrupted run."""
+    """Where an optimiser step began: what Ctrl-C in the middle of the step rolls back to.
+
+    So the checkpoint that Ctrl-C saves resumes exactly like the uninterrupted run.
+    """
 
     random: dict[str, Any]
     kl_estimate: float

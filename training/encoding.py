@@ -2,8 +2,8 @@
 
     encoder = Encoder(settings, model_path, data_dir / "cache" / "training", vae, text_encoder, tokenizer,
                       device, dtype)
-    encoder.warm(examples)                         # everything the run can ask for, encoded once
-    encoder.latent_stats(image, flip=False)        # {"mean": (4, R/f, R/f), "std": (4, R/f, R/f)}
+    encoder.warm(examples)                            # everything the run can ask for, encoded once
+    encoder.latent_stats(image, flip=False)           # {"mean": (4, R/f, R/f), "std": (4, R/f, R/f)}
     encoder.text_embedding(encoder.caption(example))  # {"embedding": (77, D)}
 
 With `cache_latents` on, every latent distribution and caption embedding is computed once and

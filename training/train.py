@@ -146,10 +146,6 @@ def batches_per_epoch(examples: int, batch_size: int, processes: int) -> int:
     return math.ceil(examples / (batch_size * processes))
 
 
-def settings_dict(settings: TrainingConfig) -> dict[str, Any]:
-    return dataclasses.asdict(settings)
-
-
 def _pick_trackers(log_with: str) -> list[str]:
     """accelerate tracker names for `log_with`, each checked the way accelerate checks it."""
     if log_with == "none":
@@ -198,8 +194,8 @@ def validate(job: Job, processes: int | None = None) -> Plan:
         total_steps = max(1, math.ceil(s.epochs * per_epoch / s.grad_accumulation))
     else:
         total_steps = s.max_steps
-    identity = checkpoint.RunIdentity(processes=processes, settings=settings_dict(s), dataset_hash=dataset.content_hash,
-                           base_model=job.model)
+    identity = checkpoint.RunIdentity(processes=processes, settings=dataclasses.asdict(s),
+                                      dataset_hash=dataset.content_hash, base_model=job.model)
     resume = None
     if job.resume is not None:
         try:
@@ -245,7 +241,7 @@ class Setup:
 def setup(plan: Plan) -> Setup:
     s = plan.job.settings
     accelerator = accelerate.Accelerator(mixed_precision=s.mixed_precision, log_with=plan.trackers or None,
-                              project_dir=str(plan.run_dir))
+                                         project_dir=str(plan.run_dir))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     try:
         tokenizer = transformers.CLIPTokenizer.from_pretrained(plan.model_path, subfolder="tokenizer")
@@ -321,7 +317,7 @@ def train(plan: Plan, on_step: Callable[[Progress], None] | None = None) -> dict
     generator = torch.Generator().manual_seed(s.seed)
     progress = _starting_progress(st, plan, generator)
     if plan.trackers:
-        accelerator.init_trackers("loraloop", config={k: v for k, v in settings_dict(s).items()
+        accelerator.init_trackers("loraloop", config={k: v for k, v in dataclasses.asdict(s).items()
                                                       if isinstance(v, (int, float, str, bool))})
     st.unet.train()
     bar = tqdm(total=plan.total_steps, initial=progress.step, disable=not is_main, desc=plan.job.name, unit="step")
@@ -353,7 +349,9 @@ def train(plan: Plan, on_step: Callable[[Progress], None] | None = None) -> dict
                 _save_checkpoint(st, plan, progress, generator)
             if on_step is not None:
                 on_step(progress)
-            if _patience_ran_out(s, progress):
+            if s.early_stopping_patience and progress.stale_evaluations >= s.early_stopping_patience:
+                log.info("validation loss has not improved for %d evaluations; stopping at step %d (best: step %s)",
+                         progress.stale_evaluations, progress.step, progress.best_step)
                 stopped_early = True
                 break
     except KeyboardInterrupt:
@@ -382,7 +380,7 @@ def _write_config_and_encode(st: Setup, plan: Plan) -> dict[str, int]:
     if is_main:
         (plan.run_dir / "config.json").write_text(json.dumps(
             {"dataset": str(plan.dataset.root), "name": plan.job.name, "base_model": plan.job.model,
-             "settings": settings_dict(s)}, indent=2))
+             "settings": dataclasses.asdict(s)}, indent=2))
     st.encoder.warm(plan.train + plan.validation, show_progress=is_main)
     log.info("%d training and %d validation examples; encoded %d, reused %d from the cache",
              len(plan.train), len(plan.validation), st.encoder.cache.encoded, st.encoder.cache.reused)
@@ -452,14 +450,6 @@ def _evaluate_and_keep_best(st: Setup, plan: Plan, progress: Progress) -> dict[s
     return {"val_loss": val_loss, **val_metrics}
 
 
-def _patience_ran_out(s: TrainingConfig, progress: Progress) -> bool:
-    if not (s.early_stopping_patience and progress.stale_evaluations >= s.early_stopping_patience):
-        return False
-    log.info("validation loss has not improved for %d evaluations; stopping at step %d (best: step %s)",
-             progress.stale_evaluations, progress.step, progress.best_step)
-    return True
-
-
 def _save_checkpoint(st: Setup, plan: Plan, progress: Progress, generator: torch.Generator) -> Path:
     return checkpoint.save(plan.run_dir, progress, plan.identity, unet=st.accelerator.unwrap_model(st.unet),
                            lora_config=st.lora_config, optimizer=st.optimizer, lr_scheduler=st.lr_scheduler,
@@ -483,29 +473,18 @@ def finish(st: Setup, plan: Plan, progress: Progress, stopped_early: bool, secon
         # Early stopping keeps the best checkpoint: the run's adapter is the one that validated best.
         shutil.copyfile(best, adapter)
     report = {
-        "name": plan.job.name,
-        "run_dir": str(plan.run_dir),
-        "adapter": str(adapter),
+        "name": plan.job.name, "run_dir": str(plan.run_dir), "adapter": str(adapter),
         "adapter_step": progress.best_step if use_best else progress.step,
-        "base_model": plan.job.model,
-        "dataset": str(plan.dataset.root),
-        "dataset_hash": plan.dataset.content_hash,
+        "base_model": plan.job.model, "dataset": str(plan.dataset.root), "dataset_hash": plan.dataset.content_hash,
         "objective": s.objective,
         "examples": {"train": len(plan.train), "validation": len(plan.validation),
                      "ties_dropped": plan.dataset.ties_dropped},
-        "steps": progress.step,
-        "total_steps": plan.total_steps,
-        "stopped_early": stopped_early,
-        "seconds": round(seconds, 2),
-        "encode_cache": encode_counts,
-        "final_train_loss": progress.history[-1]["loss"] if progress.history else None,
-        "final_val_loss": progress.validation[-1]["val_loss"] if progress.validation else None,
+        "steps": progress.step, "total_steps": plan.total_steps, "stopped_early": stopped_early,
+        "seconds": round(seconds, 2), "encode_cache": encode_counts,
+        "final_train_loss": progress.final_train_loss, "final_val_loss": progress.final_val_loss,
         "base_val_loss": progress.validation[0]["val_loss"] if progress.validation else None,
-        "best_val_loss": progress.best_val,
-        "best_step": progress.best_step,
-        "history": progress.history,
-        "validation": progress.validation,
-        "settings": settings_dict(s),
+        "best_val_loss": progress.best_val, "best_step": progress.best_step,
+        "history": progress.history, "validation": progress.validation, "settings": dataclasses.asdict(s),
     }
     (plan.run_dir / "report.json").write_text(json.dumps(report, indent=2))
     loss_curve([(int(r["step"]), r["loss"]) for r in progress.history],
@@ -516,21 +495,11 @@ def finish(st: Setup, plan: Plan, progress: Progress, stopped_early: bool, secon
 def provenance(plan: Plan, progress: Progress) -> dict[str, Any]:
     """What an adapter file records about the run that made it (training/adapter_files.py writes it)."""
     s = plan.job.settings
-    last = progress.history[-1] if progress.history else {}
     return {
-        "name": plan.job.name,
-        "base_model": plan.job.model,
-        "dataset": str(plan.dataset.root),
-        "dataset_hash": plan.dataset.content_hash,
-        "objective": s.objective,
-        "rank": s.rank,
-        "alpha": s.alpha,
-        "targets": s.targets,
-        "resolution": s.resolution,
-        "steps": progress.step,
-        "final_train_loss": last.get("loss"),
-        "final_val_loss": progress.validation[-1]["val_loss"] if progress.validation else None,
-        "best_val_loss": progress.best_val,
-        "best_step": progress.best_step,
+        "name": plan.job.name, "base_model": plan.job.model,
+        "dataset": str(plan.dataset.root), "dataset_hash": plan.dataset.content_hash,
+        "objective": s.objective, "rank": s.rank, "alpha": s.alpha, "targets": s.targets, "resolution": s.resolution,
+        "steps": progress.step, "final_train_loss": progress.final_train_loss,
+        "final_val_loss": progress.final_val_loss, "best_val_loss": progress.best_val, "best_step": progress.best_step,
         "trigger_word": s.trigger_word,
     }
