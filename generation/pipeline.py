@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from loraloop.tiny import loadable_model
+
 log = logging.getLogger(__name__)
 
 PICKLE_CHECKPOINT_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -57,12 +59,8 @@ def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
 
     device = pick_device(device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    source: str | Path = model
-    if model == "tiny":
-        from loraloop.tiny import tiny_model_path
-
-        source = tiny_model_path(data_dir)
-    path = Path(str(source)).expanduser()
+    source = loadable_model(model, data_dir)
+    path = Path(source).expanduser()
     try:
         if path.suffix.lower() in PICKLE_CHECKPOINT_SUFFIXES:
             raise ModelLoadError(

@@ -1,16 +1,29 @@
-"""The tiny Stable Diffusion model: random weights, real architecture, built offline in seconds.
+"""The tiny models and the model name "tiny": random weights, real architectures, built offline in seconds.
 
-Tests, benchmarks and a newcomer's first `loraloop serve --model tiny` all use it, so the
-whole service runs with no hub access. It is saved with `save_pretrained` and loaded back
-through the same loader that real model ids and paths go through.
+    loadable_model("tiny", data_dir)                  # -> DATA_DIR/models/tiny (SD 1.x shaped), built once
+    loadable_model("tiny", data_dir, "captioner")     # -> DATA_DIR/models/tiny-blip
+    loadable_model("org/some-model", data_dir)        # -> "org/some-model", unchanged
+
+Tests, benchmarks and a newcomer's first `loraloop serve --model tiny` all use them, so the
+whole service runs with no hub access. They are saved with `save_pretrained` and loaded back
+through the same loaders that real model ids and paths go through; `loadable_model` is the one
+place the name "tiny" turns into a path (the trainer, the captioner and the service call it).
+
+Floor: imports only the standard library at module level (torch, diffusers and transformers only
+when a model is built), and nothing from bot/, generation/ or training/.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal
 
 TINY_MODEL_NAME = "tiny"
+# Written into a built model's folder; a folder whose marker holds another version is rebuilt.
+MARKER_FILE = "LORALOOP_TINY"
 # Bumped whenever the architecture below changes, so a stale cached copy is rebuilt.
 TINY_MODEL_VERSION = "1"
 # The tiny VAE halves the resolution once (2 blocks), so latents are (B, 4, H/2, W/2).
@@ -34,6 +47,7 @@ def _byte_level_vocab() -> dict[str, int]:
 
 def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     """Build a tiny SD-1.x-shaped pipeline with random weights and save it at `path`."""
+    # Imported here, not at the top: the floor must stay importable without torch (bot/ never loads it).
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -91,7 +105,8 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
         num_train_timesteps=1000,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
+    # Any: mypy reads diffusers' lazy top-level names as its dummy placeholder classes.
+    pipe: Any = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -102,26 +117,7 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path, safe_serialization=True)
-    (path / "LORALOOP_TINY").write_text(TINY_MODEL_VERSION)
-    return path
-
-
-def tiny_model_path(data_dir: str | os.PathLike) -> Path:
-    """Where the tiny model lives under a data directory, building it on first use."""
-    path = Path(data_dir) / "models" / "tiny"
-    marker = path / "LORALOOP_TINY"
-    if not marker.exists() or marker.read_text() != TINY_MODEL_VERSION:
-        tmp = path.with_name("tiny.building")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        build_tiny_model(tmp)
-        if path.exists():
-            import shutil
-
-            shutil.rmtree(path)
-        tmp.rename(path)
+    (path / MARKER_FILE).write_text(TINY_MODEL_VERSION)
     return path
 
 
@@ -140,7 +136,7 @@ def build_tiny_blip(path: str | os.PathLike, seed: int = 0) -> Path:
     It loads through `BlipProcessor`/`BlipForConditionalGeneration.from_pretrained` exactly like
     "Salesforce/blip-image-captioning-large" does; its captions are gibberish.
     """
-    import torch
+    import torch  # when building only, as in build_tiny_model
     from transformers import (
         BertTokenizer,
         BlipConfig,
@@ -176,22 +172,51 @@ def build_tiny_blip(path: str | os.PathLike, seed: int = 0) -> Path:
     )
     BlipForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
-    (path / "LORALOOP_TINY").write_text(TINY_BLIP_VERSION)
+    (path / MARKER_FILE).write_text(TINY_BLIP_VERSION)
     return path
 
 
-def tiny_blip_path(data_dir: str | os.PathLike) -> Path:
-    """Where the tiny BLIP lives under a data directory, building it on first use."""
-    import shutil
+def _built(path: Path, version: str, build: Callable[[Path], Path]) -> Path:
+    """`path`, built with `build` unless its marker already says `version`.
 
-    path = Path(data_dir) / "models" / "tiny-blip"
-    marker = path / "LORALOOP_TINY"
-    if not marker.exists() or marker.read_text() != TINY_BLIP_VERSION:
-        tmp = path.with_name("tiny-blip.building")
+    Built in a sibling folder and renamed into place, so an interrupted build never leaves a
+    half-written model where a loader would find it.
+    """
+    marker = path / MARKER_FILE
+    if not marker.exists() or marker.read_text() != version:
+        tmp = path.with_name(f"{path.name}.building")
         if tmp.exists():
             shutil.rmtree(tmp)
-        build_tiny_blip(tmp)
+        build(tmp)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
     return path
+
+
+def tiny_model_path(data_dir: str | os.PathLike) -> Path:
+    """Where the tiny SD model lives under a data directory, building it on first use."""
+    return _built(Path(data_dir) / "models" / "tiny", TINY_MODEL_VERSION, build_tiny_model)
+
+
+def tiny_blip_path(data_dir: str | os.PathLike) -> Path:
+    """Where the tiny BLIP lives under a data directory, building it on first use."""
+    return _built(Path(data_dir) / "models" / "tiny-blip", TINY_BLIP_VERSION, build_tiny_blip)
+
+
+# Which tiny model the name "tiny" means, by what the caller loads.
+TINY_MODELS: dict[str, Callable[[str | os.PathLike], Path]] = {
+    "diffusion": tiny_model_path,
+    "captioner": tiny_blip_path,
+}
+
+
+def loadable_model(name: str, data_dir: str | os.PathLike,
+                   kind: Literal["diffusion", "captioner"] = "diffusion") -> str:
+    """A configured model name as something to load: the name itself, unless it is "tiny".
+
+    "tiny" becomes the path of the tiny model of `kind` under `data_dir`, built on first use.
+    """
+    if name != TINY_MODEL_NAME:
+        return name
+    return str(TINY_MODELS[kind](data_dir))

@@ -13,8 +13,10 @@ from PIL import Image, ImageDraw
 
 from loraloop.cli import cli
 from loraloop.config import TrainingConfig
+from training.adapter_files import ADAPTER_FILE, read_provenance
+from training.checkpoint import Interrupted
 from training.dataset import dataset_hash
-from training.train import ADAPTER_FILE, Interrupted, Job, TrainError, read_provenance, train, validate
+from training.train import Job, TrainError, train, validate
 
 # Small and fast: 32 px images (16x16 latents), high learning rate so a few dozen steps show.
 FAST = TrainingConfig(resolution=32, rank=4, alpha=8.0, learning_rate=1e-3, max_steps=6, validation_split=0.25,

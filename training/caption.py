@@ -26,8 +26,6 @@ from training.dataset import HASH_FILE, METADATA_FILE, DatasetError, read_metada
 
 log = logging.getLogger(__name__)
 
-TINY = "tiny"
-
 
 class CaptionError(DatasetError):
     """A captioning problem a person can fix (no dataset, an unreadable image, a model that will not load)."""
@@ -93,13 +91,13 @@ def with_prefix(prefix: str, caption: str) -> str:
 
 def resolve_model(model: str, data_dir: Path | None) -> str:
     """A model id or local path as given; "tiny" becomes the offline tiny BLIP under the data dir."""
-    if model == TINY:
-        from loraloop.tiny import tiny_blip_path
+    from loraloop.tiny import TINY_MODEL_NAME, loadable_model
 
-        if data_dir is None:
+    if data_dir is None:
+        if model == TINY_MODEL_NAME:
             raise CaptionError('the "tiny" captioner needs a data directory to live in')
-        return str(tiny_blip_path(data_dir))
-    return model
+        return model
+    return loadable_model(model, data_dir, "captioner")
 
 
 class Captioner:

@@ -7,7 +7,7 @@ One row per prompt, one column per adapter, labelled. Every cell of a row uses t
 (the prompt's), so the only difference along a row is the adapter. Adapters are named as the
 service names them (generation/adapters.py resolves NAME and NAME@N in the adapters
 directory); "base" means no adapter, and a path to a run directory or a .safetensors file
-compares an adapter before it is published.
+compares an adapter before it is published. The command itself is in training/cli.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
+
+from generation.adapters import AdapterDirectory
+from generation.contract import AdapterRef, InvalidRequest
+from training.images import labelled_grid
+from training.publish import PublishError, find_adapter
 
 BASE = "base"
 
@@ -44,10 +50,6 @@ def read_prompts(path: Path) -> list[str]:
 
 def resolve_columns(spec: str, adapters_dir: Path) -> list[Column]:
     """Parse "base,NAME@2,PATH" into columns, each adapter resolved now so a typo fails before any model loads."""
-    from generation.adapters import AdapterDirectory
-    from generation.contract import AdapterRef, InvalidRequest
-    from training.publish import PublishError, find_adapter
-
     names = [part.strip() for part in spec.split(",") if part.strip()]
     if not names:
         raise CompareError("--adapters is empty: give e.g. base,NAME@1,NAME@2")
@@ -77,10 +79,6 @@ def resolve_columns(spec: str, adapters_dir: Path) -> list[Column]:
 def render_grid(pipe, columns: list[Column], prompts: list[str], seed: int, steps: int, size: int,
                 guidance: float) -> Image.Image:
     """prompts x columns, the seed of row i being seed + i in every column."""
-    import torch
-
-    from training.images import labelled_grid
-
     rows: list[list[Image.Image]] = [[] for _ in prompts]
     for column in columns:
         pipe.unload_lora_weights()
@@ -93,51 +91,3 @@ def render_grid(pipe, columns: list[Column], prompts: list[str], seed: int, step
             rows[index].append(image)
     pipe.unload_lora_weights()
     return labelled_grid(rows, prompts, [column.label for column in columns])
-
-
-def _compare_command():
-    import click
-
-    @click.command("compare")
-    @click.option("--adapters", "spec", required=True,
-                  help="Comma-separated columns: base, NAME (latest), NAME@N, or a run directory / .safetensors.")
-    @click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
-                  help="Text file, one prompt a line (# comments allowed).")
-    @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, dir_okay=False),
-                  help="Where to write the grid PNG.")
-    @click.option("--seed", default=0, show_default=True, help="Seed of the first prompt; row i uses seed + i.")
-    @click.option("--steps", default=25, show_default=True, type=click.IntRange(min=1), help="Inference steps.")
-    @click.option("--size", type=click.IntRange(min=8), help="Image side in pixels (default: the model's native).")
-    @click.option("--guidance", default=7.0, show_default=True, help="Classifier-free guidance scale.")
-    @click.option("--model", help="Base model (default: [service] model).")
-    @click.pass_obj
-    def compare_command(app, spec, prompts_file, output, seed, steps, size, guidance, model):
-        """Render a prompts file with each adapter side by side: a labelled row per prompt, one seed per row.
-
-        \b
-        Examples:
-          loraloop compare --adapters base,foxes@1,foxes@2 --prompts prompts.txt -o grid.png
-          loraloop compare --adapters foxes,data/runs/foxes-20260101-120000 --prompts prompts.txt -o new.png
-        """
-        config = app.config
-        try:
-            prompts = read_prompts(prompts_file)
-            columns = resolve_columns(spec, config.adapters_dir)
-        except CompareError as exc:
-            raise click.ClickException(str(exc)) from None
-        from generation.pipeline import ModelLoadError, load_model
-
-        try:
-            loaded = load_model(model or config.service.model, config.service.device, config.data_dir)
-        except ModelLoadError as exc:
-            raise click.ClickException(str(exc)) from None
-        click.echo(f"rendering {len(prompts)} prompt(s) x {len(columns)} adapter(s)", err=True)
-        grid = render_grid(loaded.txt2img, columns, prompts, seed, steps, size or loaded.native_size, guidance)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(output)
-        click.echo(f"wrote {output}")
-
-    return compare_command
-
-
-compare_command = _compare_command()

@@ -16,10 +16,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from training.dataset import FORMATS, METADATA_FILE, DatasetError, dataset_hash, file_sha256, read_metadata
-
-# The trainer keys an image's cached latents by the same sha256 the dataset hash is made of.
-file_hash = file_sha256
+from training.dataset import FORMATS, METADATA_FILE, DatasetError, dataset_hash, read_metadata
 
 
 @dataclass(frozen=True)

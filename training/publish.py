@@ -8,7 +8,7 @@ Publishing copies the run's adapter to ADAPTERS_DIR/NAME/v{N+1}.safetensors, rec
 training run and the version in the store, then asks the running service to rescan its
 adapters. The copy is written to a hidden temp file and linked into place, so the service
 never sees a half-written file and two publishes can never take the same version; if the
-store refuses the record, the file is removed again.
+store refuses the record, the file is removed again. The commands themselves are in training/cli.py.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from generation.adapters import VERSION_FILE_RE, AdapterDirectory
+from generation.client import UNAVAILABLE, ServiceClient, ServiceError
 from generation.contract import ADAPTER_NAME_RE
-from loraloop.store import Store, StoreError
-from training.train import ADAPTER_FILE, read_provenance
+from loraloop.store import AdapterVersion, Store, StoreError
+from training.adapter_files import ADAPTER_FILE, read_provenance
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,6 @@ async def tell_service(base_url: str, token: str | None, published: Published) -
     Raises ServiceError when the service answers with an error (a wrong token, say); a service
     that is not running is not an error: it scans the directory when it starts.
     """
-    from generation.client import UNAVAILABLE, ServiceClient, ServiceError
-
     label = f"{published.name}@{published.version}"
     try:
         async with ServiceClient(base_url, token=token) as client:
@@ -184,7 +183,9 @@ class ListedAdapter:
 
 def list_adapters(adapters_dir: Path, store: Store | None) -> list[ListedAdapter]:
     """Every usable adapter in the directory, with its store record (when there is one)."""
-    records = {(a.name, a.version): a for a in store.adapters()} if store is not None else {}
+    # Keyed as the directory names versions: an unversioned file (version None) has no record.
+    records: dict[tuple[str, int | None], AdapterVersion] = (
+        {(a.name, a.version): a for a in store.adapters()} if store is not None else {})
     out = []
     for file in AdapterDirectory(adapters_dir).scan().files():
         record = records.get((file.name, file.version))
@@ -197,87 +198,3 @@ def list_adapters(adapters_dir: Path, store: Store | None) -> list[ListedAdapter
             training_run_id=record.training_run_id if record else None, metrics=metrics,
         ))
     return out
-
-
-def _adapters_group():
-    import click
-
-    @click.group("adapters")
-    def adapters() -> None:
-        """Publish trained adapters to the generation service and list them."""
-
-    @adapters.command("publish")
-    @click.argument("run", type=click.Path(path_type=Path))
-    @click.option("--name", required=True, help="Adapter name; the run becomes its next version (NAME@N).")
-    @click.option("--service-url", help="The running service to reload (default: [service] host and port).")
-    @click.pass_obj
-    def publish_command(app, run: Path, name: str, service_url: str | None) -> None:
-        """Publish a training RUN as the next version of adapter NAME.
-
-        \b
-        Examples:
-          loraloop adapters publish data/runs/foxes-20260101-120000 --name foxes
-          loraloop adapters publish data/runs/foxes-20260101-120000/checkpoints/step-000400 --name foxes
-        """
-        config = app.config
-        try:
-            with Store.from_config(config) as store:
-                published = publish(run, name, config.adapters_dir, store)
-        except (PublishError, StoreError) as exc:
-            raise click.ClickException(str(exc)) from None
-        click.echo(f"published {published.name}@{published.version} -> {published.path} "
-                   f"(sha256 {published.sha256[:12]}, training run {published.training_run_id})")
-        if published.base_model and published.base_model != config.service.model:
-            # A LoRA only means something on the model it was trained on; say so, but it may be deliberate.
-            click.echo(f"warning: {published.name}@{published.version} was trained on {published.base_model}, "
-                       f"but [service] model is {config.service.model}", err=True)
-        import asyncio
-
-        from generation.client import ServiceError
-        from loraloop.config import Secrets
-
-        url = service_url or f"http://{config.service.host}:{config.service.port}"
-        try:
-            click.echo(asyncio.run(tell_service(url, Secrets.from_env().service_token, published)))
-        except ServiceError as exc:
-            raise click.ClickException(f"published, but the service at {url} refused to reload ({exc}); "
-                                       "restart it to load the new version") from None
-
-    @adapters.command("list")
-    @click.option("--json", "as_json", is_flag=True, help="One JSON object per adapter version.")
-    @click.pass_obj
-    def list_command(app, as_json: bool) -> None:
-        """List the adapters in the service's adapters directory, with how they were trained.
-
-        \b
-        Example:
-          loraloop adapters list
-        """
-        config = app.config
-        try:
-            store = Store.from_config(config) if config.database_path.exists() else None
-        except StoreError as exc:
-            raise click.ClickException(str(exc)) from None
-        try:
-            rows = list_adapters(config.adapters_dir, store)
-        finally:
-            if store is not None:
-                store.close()
-        if as_json:
-            for row in rows:
-                click.echo(json.dumps(row.__dict__))
-            return
-        if not rows:
-            click.echo(f"no adapters in {config.adapters_dir}; publish one with `loraloop adapters publish`")
-            return
-        for row in rows:
-            loss = row.metrics.get("final_val_loss") or row.metrics.get("final_train_loss")
-            click.echo(f"{row.label:<24} {'latest' if row.latest else '':<6} {row.sha256[:12]}  "
-                       f"{row.published_at or 'not recorded':<25} "
-                       f"{'run ' + str(row.training_run_id) if row.training_run_id else '':<8} "
-                       f"{f'loss {loss:.4g}' if isinstance(loss, float) else ''}  {row.description}")
-
-    return adapters
-
-
-adapters_command = _adapters_group()

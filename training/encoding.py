@@ -1,0 +1,95 @@
+"""Encoding: training examples through the frozen VAE and text encoder, by way of the encode cache.
+
+    encoder = Encoder(settings, model_path, data_dir / "cache" / "training", vae, text_encoder, tokenizer,
+                      device, dtype)
+    encoder.warm(examples)                            # everything the run can ask for, encoded once
+    encoder.latent_stats(image, flip=False)           # {"mean": (4, R/f, R/f), "std": (4, R/f, R/f)}
+    encoder.text_embedding(encoder.caption(example))  # {"embedding": (77, D)}
+
+With `cache_latents` on, every latent distribution and caption embedding is computed once and
+kept in training.data's EncodeCache (on disk, keyed by content hash), so the loop only reads it
+and a retrain encodes only what is new; with it off, they are computed on every use.
+
+Why a module of its own, not in training/data.py beside EncodeCache: data.py is what runs before
+any weights load (reading and checking a dataset, the cache's files); the Encoder is handed the
+loaded VAE and text encoder by the trainer's setup, so it belongs to the part that has them.
+
+Floor: part of training/; imports torch, tqdm, loraloop.config and training.data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from loraloop.config import TrainingConfig
+from training.data import EncodeCache, Example, load_image_tensor
+from training.dataset import file_sha256
+
+
+class Encoder:
+    """Turns examples into latent distributions and text embeddings, through the on-disk cache or not."""
+
+    def __init__(self, settings: TrainingConfig, model_path: str, cache_dir: Path, vae: Any, text_encoder: Any,
+                 tokenizer: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.settings = settings
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.device, self.dtype = device, dtype
+        self.scaling = vae.config.scaling_factor
+        # What produced an entry: a different base model or resolution must never share entries.
+        self.cache = EncodeCache(cache_dir, f"{model_path}|{settings.resolution}")
+        self.image_hashes: dict[Path, str] = {}
+
+    def caption(self, example: Example) -> str:
+        trigger = self.settings.trigger_word.strip()
+        return f"{trigger}, {example.caption}" if trigger and example.caption else trigger or example.caption
+
+    def _image_hash(self, path: Path) -> str:
+        if path not in self.image_hashes:
+            # The same sha256 the dataset hash is made of keys an image's cached latents.
+            self.image_hashes[path] = file_sha256(path)
+        return self.image_hashes[path]
+
+    def latent_stats(self, path: Path, flip: bool) -> dict[str, torch.Tensor]:
+        """(mean, std) of the VAE's latent distribution for an image: (4, R/f, R/f) each."""
+
+        def compute() -> dict[str, torch.Tensor]:
+            pixels = load_image_tensor(path, self.settings.resolution, flip)[None]
+            with torch.no_grad():
+                dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+            return {"mean": dist.mean[0].float(), "std": dist.std[0].float()}
+
+        if not self.settings.cache_latents:
+            return compute()
+        key = self.cache.key("latent", self._image_hash(path), str(flip))
+        return self.cache.get_or_compute(key, compute)
+
+    def text_embedding(self, caption: str) -> dict[str, torch.Tensor]:
+        """CLIP hidden states for a caption: (77, D)."""
+
+        def compute() -> dict[str, torch.Tensor]:
+            ids = self.tokenizer(caption, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            with torch.no_grad():
+                return {"embedding": self.text_encoder(ids.to(self.device))[0][0].float()}
+
+        if not self.settings.cache_latents:
+            return compute()
+        return self.cache.get_or_compute(self.cache.key("text", caption), compute)
+
+    def warm(self, examples: list[Example], show_progress: bool = True) -> None:
+        """Encode everything the run can ask for up front, so the loop only reads the cache."""
+        if not self.settings.cache_latents:
+            return
+        flips = (False, True) if self.settings.random_flip else (False,)
+        for example in tqdm(examples, desc="encoding", unit="example", disable=not show_progress, leave=False):
+            for path in (example.image, example.rejected):
+                if path is not None:
+                    for flip in flips:
+                        self.latent_stats(path, flip)
+            self.text_embedding(self.caption(example))
+        if self.settings.caption_dropout > 0:
+            self.text_embedding("")
