@@ -38,6 +38,10 @@ class PathsConfig:
     data_dir: str = "data"
 
 
+SERVICE_DTYPES = ("auto", "fp16", "bf16", "fp32")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     # Loopback by default: the service has no auth unless LORALOOP_SERVICE_TOKEN is set, so
@@ -78,6 +82,26 @@ class ServiceConfig:
     preview_every: int = 5
     # Finished jobs (and their PNGs) kept in memory for clients to fetch; more costs memory.
     keep_finished: int = 256
+    # --- The GPU fast path (generation/pipeline.py, generation/hotswap.py); all off by default ---
+    # Weights and activations: "auto" (fp16 on CUDA, fp32 on the CPU), "fp16", "bf16" or "fp32".
+    dtype: str = "auto"
+    # UNet and VAE in channels-last memory layout: faster convolutions on tensor-core GPUs, often slower on CPUs.
+    channels_last: bool = False
+    # Decode (and encode) images larger than the VAE's own size in overlapping tiles: far less memory, faint seams.
+    vae_tiling: bool = False
+    # torch.compile the UNet: much faster steps on a GPU, each new shape compiles first (a minute). Needs lora_hotswap.
+    compile: bool = False
+    # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
+    compile_mode: str = "default"
+    # One LoRA slot swapped in place (never a recompile): one adapter file per image, rank <= lora_hotswap_rank,
+    # on lora_hotswap_targets only; other jobs fail with the reason. The slot's padding costs a little speed.
+    lora_hotswap: bool = False
+    lora_hotswap_rank: int = 64
+    lora_hotswap_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # [width, height] pairs run once at start at each of warmup_batch_sizes (empty: 1 and max_batch), so
+    # torch.compile compiles them before the first job; each costs start-up time.
+    warmup_sizes: list[list[int]] = field(default_factory=list)
+    warmup_batch_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "port", "must be between 1 and 65535")
@@ -99,6 +123,19 @@ class ServiceConfig:
         _require(self.model.strip() != "", "model", "must name a model id, a path or 'tiny'")
         _require(self.device in {"auto", "cpu", "cuda"} or self.device.startswith("cuda:"),
                  "device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        _require(self.dtype in SERVICE_DTYPES, "dtype", "must be one of " + ", ".join(SERVICE_DTYPES))
+        _require(self.compile_mode in COMPILE_MODES, "compile_mode", "must be one of " + ", ".join(COMPILE_MODES))
+        _require(self.lora_hotswap or not self.compile, "compile",
+                 "needs lora_hotswap = true (without the slot every adapter or weight change recompiles the UNet)")
+        _require(self.lora_hotswap_rank >= 1, "lora_hotswap_rank", "must be at least 1")
+        _require(bool(self.lora_hotswap_targets) and all(t.strip() for t in self.lora_hotswap_targets),
+                 "lora_hotswap_targets", 'must name some UNet modules, e.g. ["to_q", "to_k", "to_v", "to_out.0"]')
+        for size in self.warmup_sizes:
+            _require(len(size) == 2 and all(side >= 8 and side % 8 == 0 for side in size), "warmup_sizes",
+                     f"{size} must be [width, height], each a positive multiple of 8")
+            _require(size[0] * size[1] <= self.max_pixels, "warmup_sizes", f"{size} is over max_pixels")
+        _require(all(1 <= batch <= self.max_batch for batch in self.warmup_batch_sizes), "warmup_batch_sizes",
+                 "must each be between 1 and max_batch")
 
 
 @dataclass(frozen=True)

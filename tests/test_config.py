@@ -79,3 +79,30 @@ def test_the_data_dir_environment_variable_wins(tmp_path, monkeypatch):
 def test_secrets_are_not_accepted_in_the_file(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'token'"):
         load_config(write(tmp_path, '[bot]\ntoken = "abc"\n'))
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ('dtype = "half"', r"\[service\]\.dtype: must be one of auto, fp16, bf16, fp32"),
+    ('compile_mode = "fast"', r"compile_mode: must be one of default, reduce-overhead"),
+    ("compile = true", r"\[service\]\.compile: needs lora_hotswap = true"),
+    ("lora_hotswap_rank = 0", r"lora_hotswap_rank: must be at least 1"),
+    ("lora_hotswap_targets = []", r"lora_hotswap_targets: must name some UNet modules"),
+    ("warmup_sizes = [[500, 512]]", r"warmup_sizes: \[500, 512\] must be \[width, height\], each a positive multiple"),
+    ("warmup_sizes = [[512]]", r"warmup_sizes: \[512\] must be \[width, height\]"),
+    ("warmup_sizes = [[2048, 2048]]", r"warmup_sizes: \[2048, 2048\] is over max_pixels"),
+    ("warmup_sizes = [512, 512]", r"\[service\]\.warmup_sizes: expected list, got \[512, 512\]"),
+    ("max_batch = 4\nwarmup_batch_sizes = [1, 8]", r"warmup_batch_sizes: must each be between 1 and max_batch"),
+])
+def test_the_gpu_fast_path_keys_are_checked_at_start(tmp_path, keys, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, f"[service]\n{keys}\n"))
+
+
+def test_a_full_fast_path_configuration_loads(tmp_path):
+    service = load_config(write(tmp_path, "[service]\n" + "\n".join([
+        'dtype = "bf16"', "channels_last = true", "vae_tiling = true", "compile = true",
+        'compile_mode = "max-autotune-no-cudagraphs"', "lora_hotswap = true", "lora_hotswap_rank = 128",
+        'lora_hotswap_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"]',
+        "max_batch = 8", "warmup_sizes = [[512, 512], [768, 512]]", "warmup_batch_sizes = [1, 8]",
+    ]) + "\n")).service
+    assert service.compile and service.lora_hotswap and service.warmup_sizes == [[512, 512], [768, 512]]
