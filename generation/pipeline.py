@@ -5,13 +5,19 @@
     load_model("/models/sdxl.safetensors", "cuda", data_dir)     # a single-file checkpoint
 
 SD 1.x, 2.x and SDXL are supported. fp16 on CUDA, fp32 on the CPU (half precision on the CPU is
-slow and poorly supported). Only the worker thread imports this module and calls into what it
-returns, so the event loop never waits on torch.
+slow and poorly supported) unless `[service] dtype` says otherwise. Only the worker thread imports
+this module and calls into what it returns, so the event loop never waits on torch.
+
+The GPU fast path, all from `[service]` and off by default: `dtype`, SDPA attention (diffusers'
+default on torch 2, set explicitly), `channels_last`, `vae_tiling`, the LoRA hotswap slot
+(generation/hotswap.py) and `compile` (the UNet, in place, after the slot exists), and `warm_up`,
+which runs the configured shapes once at start so they compile before the first job.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from loraloop.config import ServiceConfig
 from loraloop.tiny import loadable_model
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,8 @@ class LoadedModel:
     device: str
     dtype: Any
     native_size: int  # the model's training resolution: 64 tiny, 512 SD 1.5, 768 SD 2.x, 1024 SDXL
+    slot: Any = None  # the HotswapSlot when [service] lora_hotswap is on
+    compiled: bool = False  # the UNet runs through torch.compile
 
 
 def pick_device(requested: str) -> str:
@@ -48,8 +57,23 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
-    """Load txt2img and img2img pipelines (sharing weights) onto the device."""
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    """`[service] dtype` as a torch dtype: "auto" is fp16 on CUDA and fp32 on the CPU."""
+    if requested == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[requested]
+    if dtype is torch.bfloat16 and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError("dtype = 'bf16' but this GPU has no bf16 support; use 'fp16'.")
+    if dtype is torch.float16 and not device.startswith("cuda"):
+        log.warning("dtype = 'fp16' on the CPU is slow and poorly supported; 'fp32' or 'bf16' run better there")
+    return dtype
+
+
+def load_model(model: str, device: str, data_dir: Path, settings: ServiceConfig | None = None) -> LoadedModel:
+    """Load txt2img and img2img pipelines (sharing weights) onto the device.
+
+    `settings` (the `[service]` section) brings the dtype and the fast path; None: the defaults.
+    """
     from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
 
     # Type checkers read diffusers' top-level names as the placeholders it offers when torch is
@@ -57,8 +81,9 @@ def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 
+    settings = settings or ServiceConfig()
     device = pick_device(device)
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    dtype = pick_dtype(settings.dtype, device)
     source = loadable_model(model, data_dir)
     path = Path(source).expanduser()
     try:
@@ -87,11 +112,83 @@ def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     make_batch_invariant(pipe)
+    slot = use_fast_path(pipe, settings)
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
     img2img.set_progress_bar_config(disable=True)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     log.info("model %s loaded on %s (%s), native size %d", model, device, dtype, native)
-    return LoadedModel(model, pipe, img2img, device, dtype, native)
+    return LoadedModel(model, pipe, img2img, device, dtype, native, slot, settings.compile)
+
+
+def use_fast_path(pipe: Any, settings: ServiceConfig) -> Any:
+    """Set the fast-path options on a loaded pipeline; returns the HotswapSlot, or None."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from generation.hotswap import HotswapSlot
+
+    # torch's scaled_dot_product_attention picks flash or memory-efficient kernels on a GPU.
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    pipe.vae.set_attn_processor(AttnProcessor2_0())
+    if settings.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if settings.vae_tiling:
+        pipe.vae.enable_tiling()  # diffusers tiles only inputs larger than the VAE's own sample size
+    slot = None
+    if settings.lora_hotswap:
+        try:
+            slot = HotswapSlot(pipe, rank=settings.lora_hotswap_rank, targets=settings.lora_hotswap_targets)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
+    if settings.compile:
+        compile_unet(pipe.unet, settings.compile_mode)
+    return slot
+
+
+def compile_unet(unet: Any, mode: str, backend: str = "inductor") -> None:
+    """torch.compile the UNet in place, so it keeps its class and diffusers' adapter methods still see it.
+
+    Shapes are torch's default: each batch size compiles its own graph (the batch-invariance wrappers
+    branch on it); after a second image size, torch recompiles with symbolic height and width, which
+    later sizes at that batch size reuse. A `backend` other than inductor (tests: "eager") traces and
+    guards the same way without generating kernels.
+    """
+    unet.compile(mode=mode if backend == "inductor" else None, backend=backend)
+
+
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has built in this process so far: a rise after warm-up is a recompile."""
+    from torch._dynamo.utils import counters  # private, but the counter torch's own tests read
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def warm_up(model: LoadedModel, settings: ServiceConfig) -> list[tuple[int, int, int]]:
+    """Run each `[service] warmup_sizes` at each warm-up batch size once, so a compiled UNet compiles
+    them now rather than on somebody's job; returns the (width, height, batch) run.
+
+    The call matches a job's: inference mode, the default scheduler (its timestep dtype is part of
+    the compiled graph's guards) and the default guidance (above 1 the UNet sees twice the batch).
+    Two steps: the UNet's shapes do not change after the first.
+    """
+    batches = settings.warmup_batch_sizes or sorted({1, settings.max_batch})
+    pipe = model.txt2img
+    scheduler = pipe.scheduler
+    pipe.scheduler = make_scheduler(settings.default_scheduler, scheduler.config)
+    done = []
+    try:
+        for width, height in settings.warmup_sizes:
+            for batch in batches:
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    pipe(prompt=["warm-up"] * batch, negative_prompt=[""] * batch, num_inference_steps=2,
+                         guidance_scale=settings.default_guidance, width=width, height=height,
+                         generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)], output_type="pil")
+                done.append((width, height, batch))
+                log.info("warm-up: %dx%d at batch %d in %.1f s", width, height, batch, time.perf_counter() - start)
+    finally:
+        pipe.scheduler = scheduler
+    return done
 
 
 def _is_sdxl_checkpoint(path: Path) -> bool:

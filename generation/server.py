@@ -118,6 +118,7 @@ class GenerationService:
             max_batch=self.settings.max_batch,
             batch_wait=self.settings.batch_wait_ms / 1000,
             preview_every=self.settings.preview_every,
+            settings=self.settings,
         )
         await self.worker.start()
 

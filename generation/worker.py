@@ -19,12 +19,15 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from generation.contract import ApiError, ErrorCode, ImageResult
 from generation.jobs import AppliedAdapter, Job
 from generation.pngmeta import ImageParameters, encode_png
 from generation.queue import FairQueue
+
+if TYPE_CHECKING:
+    from loraloop.config import ServiceConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class Worker:
         max_batch: int,
         batch_wait: float,
         preview_every: int,
+        settings: ServiceConfig | None = None,
     ) -> None:
         self.model_name = model
         self.requested_device = device
@@ -62,6 +66,8 @@ class Worker:
         self.max_batch = max_batch
         self.batch_wait = batch_wait
         self.preview_every = preview_every
+        self.settings = settings  # dtype, the fast path and warm-up; None: the defaults, no warm-up
+        self.warmed: list[tuple[int, int, int]] = []  # (width, height, batch) run at start
         self.model: Any = None
         self.device = "loading"
         self._loaded_adapters: dict[str, str] = {}  # sha256 -> peft adapter name
@@ -90,11 +96,18 @@ class Worker:
         self.loop.call_soon_threadsafe(callback, *args)
 
     def _run(self) -> None:
-        from generation.pipeline import load_model
+        from generation.pipeline import compiled_graph_count, load_model, warm_up
 
         try:
-            self.model = load_model(self.model_name, self.requested_device, self.data_dir)
+            self.model = load_model(self.model_name, self.requested_device, self.data_dir, self.settings)
             self.device = self.model.device
+            if self.settings is not None and self.settings.warmup_sizes:
+                self.warmed = warm_up(self.model, self.settings)
+            if self.model.compiled:
+                if not self.warmed:
+                    log.warning("compile is on with no [service] warmup_sizes: each job of a new shape "
+                                "waits for the UNet to compile")
+                log.info("torch.compile: %d graph(s) built at start", compiled_graph_count())
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, which raises it at start
             self._report(_settle, self._ready, exc)
             return
@@ -196,6 +209,9 @@ class Worker:
             return list(pipe(**arguments).images)
 
     def _apply_adapters(self, adapters: tuple[AppliedAdapter, ...]) -> None:
+        if self.model.slot is not None:  # [service] lora_hotswap: one slot, swapped in place
+            self.model.slot.apply(adapters)
+            return
         pipe = self.model.txt2img
         weights: dict[str, float] = {}  # peft name -> weight; one file under two names adds up
         for adapter in adapters:
@@ -223,6 +239,9 @@ class Worker:
     def _prune_adapters(self) -> None:
         wanted, self._wanted_shas = self._wanted_shas, None
         if wanted is None:
+            return
+        if self.model.slot is not None:
+            self.model.slot.forget_except(wanted)
             return
         stale = [sha for sha in self._loaded_adapters if sha not in wanted]
         if stale:
