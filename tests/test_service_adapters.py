@@ -24,6 +24,8 @@ def lora_files(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         "first": write_lora(tiny_model_dir, folder / "first.safetensors", seed=1, description="crisp lines"),
         "second": write_lora(tiny_model_dir, folder / "second.safetensors", seed=2),
         "kohya": write_lora(tiny_model_dir, folder / "kohya.safetensors", seed=3, kohya=True),
+        "text": write_lora(tiny_model_dir, folder / "text.safetensors", seed=4, text_encoder=True),
+        "rank8": write_lora(tiny_model_dir, folder / "rank8.safetensors", seed=5, rank=8),
     }
 
 
@@ -147,3 +149,68 @@ async def test_an_adapter_that_does_not_fit_the_model_fails_its_job_and_the_serv
         after, _ = await render(client)
     assert np.array_equal(base, after)
 
+
+
+# -- [service] lora_hotswap: one slot, swapped in place (generation/hotswap.py) ---------------------------------
+
+
+async def render_all(running, cases) -> list[np.ndarray]:
+    async with ServiceClient(running.url) as client:
+        await client.reload_adapters()
+        return [(await render(client, adapters))[0] for adapters in cases]
+
+
+async def test_hotswapped_adapters_give_the_same_pixels_as_adapters_loaded_normally(make_service, lora_files):
+    ordinary = await make_service()
+    swapping = await make_service(lora_hotswap=True, lora_hotswap_rank=4)  # the files' rank: no padding
+    install(lora_files["first"], ordinary.adapters_dir, "pixel/v1.safetensors")
+    install(lora_files["kohya"], ordinary.adapters_dir, "civitai.safetensors")
+    install(lora_files["text"], ordinary.adapters_dir, "clip.safetensors")  # UNet and text-encoder layers
+    install(lora_files["first"], ordinary.adapters_dir, "twin.safetensors")  # the same file under two names
+    cases = [(), [("pixel", 1.0)], [("civitai", 0.8)], [("clip", 1.0)], [("pixel", 0.5)],
+             [("pixel", 0.25), ("twin", 0.25)], [("pixel", 0.0)], ()]
+    expected = await render_all(ordinary, cases)
+    swapped = await render_all(swapping, cases)
+    for case, want, got in zip(cases, expected, swapped, strict=True):
+        assert np.array_equal(want, got), case
+    assert len({image.tobytes() for image in expected}) == 5  # base, pixel, civitai, clip, pixel at 0.5
+    unet = swapping.service.worker.model.txt2img.unet
+    assert set(unet.peft_config) == {"hotswap"}  # the UNet never held a second adapter
+    assert swapping.service.worker.model.slot.swap_seconds  # adapters really were swapped in
+
+
+async def test_with_hotswap_a_job_the_slot_cannot_run_fails_with_the_reason_and_the_slot_keeps_serving(
+    make_service, lora_files
+):
+    from safetensors.torch import load_file, save_file
+
+    running = await make_service(lora_hotswap=True, lora_hotswap_rank=4)
+    install(lora_files["first"], running.adapters_dir, "pixel/v1.safetensors")
+    install(lora_files["second"], running.adapters_dir, "ink.safetensors")
+    install(lora_files["rank8"], running.adapters_dir, "big.safetensors")
+    # One layer at rank 2, the rest at 4 and no alphas: diffusers derives per-layer alphas, which peft's
+    # hotswap refuses only after diffusers has removed the slot.
+    tensors = load_file(lora_files["first"])
+    first_a = sorted(key for key in tensors if "lora_A" in key)[0]
+    first_b = first_a.replace("lora_A", "lora_B")
+    tensors[first_a], tensors[first_b] = tensors[first_a][:2].contiguous(), tensors[first_b][:, :2].contiguous()
+    save_file(tensors, str(running.adapters_dir / "mixed.safetensors"))
+    refusals = {
+        "big": "rank 8 is over [service] lora_hotswap_rank 4",
+        "pixel+ink": "one adapter per image",
+        "mixed": "mixed cannot be hotswapped",
+    }
+    async with ServiceClient(running.url) as client:
+        await client.reload_adapters()
+        base, _ = await render(client)
+        pixel, _ = await render(client, [("pixel", 1.0)])
+        for names, reason in [*refusals.items(), ("mixed", "mixed cannot be hotswapped")]:  # mixed twice: remembered
+            request = JobRequest.from_dict({"prompt": "x", "steps": 2,
+                                            "adapters": [{"name": name} for name in names.split("+")]})
+            accepted = await client.submit(request)
+            final = [s async for s in client.events(accepted.id)][-1]
+            assert final.state is JobState.FAILED and reason in final.error.message, (names, final.error)
+        pixel_again, _ = await render(client, [("pixel", 1.0)])
+        base_again, _ = await render(client)
+    assert np.array_equal(pixel, pixel_again)
+    assert np.array_equal(base, base_again)
