@@ -142,6 +142,10 @@ def use_fast_path(pipe: Any, settings: ServiceConfig) -> Any:
             raise ModelLoadError(str(exc)) from exc
     if settings.compile:
         compile_unet(pipe.unet, settings.compile_mode)
+        # Past torch's limit of graphs per compiled function, new shapes quietly run uncompiled; leave
+        # room for every warmed shape and as many again that arrive later.
+        warmed = len(settings.warmup_sizes) * len(settings.warmup_batch_sizes or {1, settings.max_batch})
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * warmed)
     return slot
 
 
