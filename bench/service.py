@@ -1,7 +1,8 @@
 """Benchmark: what the generation service costs on top of the bare diffusers pipeline.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/service.py   # tiny model, CPU or GPU, ~4 minutes on 2 cores
-    .venv/bin/python bench/service.py --sd15          # + SD 1.5 architecture, 512x512, 25 steps, fp16 (GPU)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/service.py     # (a)-(c), tiny model, CPU or GPU, ~4 min on 2 cores
+    .venv/bin/python bench/service.py --sd15                # the GPU fast path, SD 1.5 architecture (a GPU)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/service.py --sd15 --tiny --device cpu   # the same, tiny, on a CPU
 
 Ratios, all measured in one run on the same machine (lower is better):
   (a) one job at a time through the service (HTTP submit, SSE progress, PNG fetch) vs the same
@@ -13,15 +14,24 @@ Ratios, all measured in one run on the same machine (lower is better):
 The direct baseline is a plain `StableDiffusionPipeline` (none of the service's batch-invariance
 changes), so (a) and (b) include their cost too.
 
---sd15 builds an SD 1.5-architecture pipeline from the configs in bench/sd15/ with random weights
-(random weights cost the same to run; no download) and reports images per second at
-512x512, 25 steps, fp16, batch 1 and batch 8 through the service; goal >= 3 images/s on an H100.
+--sd15: the GPU fast path ([service] dtype, channels_last, compile, lora_hotswap, warm-up) against
+raw diffusers set up the same way in the same run (`enable_lora_hotswap`, the first adapter loaded,
+`unet.compile`, later adapters loaded with `hotswap=True`), on an SD 1.5-architecture pipeline built
+from the configs in bench/sd15/ with random weights (the same work as the real weights; nothing to
+download), 512x512, 25 steps, guidance 7, fp16. It prints images/s at batch 1 and batch 8 for both
+(the service's through HTTP: one job of count 1 or 8, PNGs fetched), the adapter-swap time in ms
+(raw: `load_lora_weights(..., hotswap=True)`; service: the slot's own swap time) and the UNet graphs
+compiled after warm-up (a recompile shows there). Goals on an H100/H200: >= 3 images/s at batch 8,
+swap < 50 ms with no recompile, service >= 1.0x raw. --tiny swaps in the tiny model at 64x64 and
+4 steps, to check the whole command on a CPU (compiling on the CPU takes minutes; --no-compile
+skips it). --swaps-only times the swaps alone (no images), which at SD 1.5 scale a CPU can do.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -43,7 +53,7 @@ from generation.client import ServiceClient  # noqa: E402
 from generation.contract import AdapterRef, JobRequest, JobState  # noqa: E402
 from generation.server import start_service  # noqa: E402
 from generation.testing import write_lora  # noqa: E402
-from loraloop.config import Config, Secrets  # noqa: E402
+from loraloop.config import COMPILE_MODES, SERVICE_DTYPES, Config, Secrets  # noqa: E402
 from loraloop.tiny import tiny_model_path  # noqa: E402
 
 SD15_CONFIGS = Path(__file__).resolve().parent / "sd15"
@@ -175,50 +185,193 @@ def build_sd15(path: Path) -> Path:
     return path
 
 
-async def run_sd15(args: argparse.Namespace, data_dir: Path) -> dict:
-    model_dir = build_sd15(data_dir / "sd15")
-    config = Config().replace("service", model=str(model_dir), max_batch=8, max_per_requester=64, max_queue=256,
-                              preview_every=0, batch_wait_ms=50)
+def fast_raw_pipeline(model_dir: Path, device: str, dtype, args: argparse.Namespace, first_adapter: Path):
+    """Raw diffusers with the fast path done by hand, as diffusers' docs show it."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if args.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    pipe.enable_lora_hotswap(target_rank=args.hotswap_rank)
+    pipe.load_lora_weights(str(first_adapter), adapter_name="style")
+    if args.compile:
+        pipe.unet.compile(mode=args.compile_mode)
+    return pipe
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def raw_call(pipe, batch: int, size: int, steps: int) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        pipe(prompt=["a lighthouse at dusk"] * batch, num_inference_steps=steps, guidance_scale=7.0, width=size,
+             height=size, generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)], output_type="pil")
+    synchronize()
+    return time.perf_counter() - start
+
+
+def raw_swap(pipe, adapter: Path) -> float:
+    start = time.perf_counter()
+    pipe.load_lora_weights(str(adapter), adapter_name="style", hotswap=True)
+    synchronize()
+    return time.perf_counter() - start
+
+
+async def run_fast_path(args: argparse.Namespace, data_dir: Path) -> dict:
+    from generation.pipeline import compiled_graph_count, pick_dtype
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("--sd15 needs a CUDA GPU; `--sd15 --tiny --device cpu` checks the command on the CPU")
+    if args.tiny:
+        model_dir, size, steps = tiny_model_path(data_dir), 64, args.steps
+    else:
+        model_dir, size, steps = build_sd15(data_dir / "sd15"), 512, 25
+    dtype = pick_dtype(args.dtype, device)
+    adapters_dir = data_dir / "adapters"  # DATA_DIR/adapters: the service below serves the same two files
+    alpha = write_lora(model_dir, adapters_dir / "alpha.safetensors", seed=1, rank=args.adapter_rank)
+    beta = write_lora(model_dir, adapters_dir / "beta.safetensors", seed=2, rank=args.adapter_rank)
+    results: dict = {"fast_path_device": device, "model": "tiny" if args.tiny else "sd15 architecture",
+                     "size": size, "steps": steps, "dtype": str(dtype).removeprefix("torch."),
+                     "compile": args.compile, "compile_mode": args.compile_mode,
+                     "channels_last": args.channels_last, "hotswap_rank": args.hotswap_rank,
+                     "adapter_rank": args.adapter_rank}
+
+    # Raw diffusers first, then freed, so the two never share the GPU's memory or its clock.
+    pipe = fast_raw_pipeline(model_dir, device, dtype, args, alpha)
+    start = time.perf_counter()
+    raw_call(pipe, 1, size, steps)
+    raw_call(pipe, 8, size, steps)
+    results["raw_warmup_s"] = time.perf_counter() - start
+    graphs = compiled_graph_count()
+    batch1 = statistics.median(raw_call(pipe, 1, size, steps) for _ in range(args.repeats))
+    batch8 = statistics.median(raw_call(pipe, 8, size, steps) for _ in range(args.rounds))
+    swaps = []
+    for i in range(args.swaps):
+        swaps.append(raw_swap(pipe, beta if i % 2 == 0 else alpha))
+        raw_call(pipe, 1, size, steps)  # a recompile after a swap would happen here
+    results.update(raw_batch1_images_per_s=1 / batch1, raw_batch8_images_per_s=8 / batch8,
+                   raw_swap_ms=1000 * statistics.median(swaps),
+                   raw_recompiles_after_warmup=compiled_graph_count() - graphs)
+    del pipe
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    config = Config().replace(
+        "service", model=str(model_dir), device=device, dtype=args.dtype, channels_last=args.channels_last,
+        compile=args.compile, compile_mode=args.compile_mode, lora_hotswap=True,
+        lora_hotswap_rank=args.hotswap_rank, max_batch=8, max_count=8, max_per_requester=64, max_queue=256,
+        preview_every=0, default_steps=steps, warmup_sizes=[[size, size]], warmup_batch_sizes=[1, 8])
+    start = time.perf_counter()
     running = await start_service(config, Secrets(None, None))
-    results: dict = {}
+    results["service_start_s"] = time.perf_counter() - start  # loading, the slot, and compiling the warm-up shapes
     try:
         async with ServiceClient(running.url, timeout=3600) as client:
-            def request(seed: int) -> JobRequest:
-                return JobRequest(prompt="a lighthouse at dusk", seed=seed, steps=25, width=512, height=512,
-                                  requester=f"r{seed}")
+            def request(count: int, adapter: str) -> JobRequest:
+                return JobRequest(prompt="a lighthouse at dusk", seed=0, count=count, steps=steps, width=size,
+                                  height=size, guidance=7.0, adapters=(AdapterRef(adapter, 1.0),))
 
-            await service_job(client, request(0))
-            start = time.perf_counter()
-            for i in range(4):
-                await service_job(client, request(i))
-            results["sd15_sequential_images_per_s"] = 4 / (time.perf_counter() - start)
-            start = time.perf_counter()
-            await asyncio.gather(*(service_job(client, request(i)) for i in range(32)))
-            results["sd15_concurrent32_images_per_s"] = 32 / (time.perf_counter() - start)
+            await service_job(client, request(1, "alpha"))  # the first adapter's file is read here
+            await service_job(client, request(1, "beta"))
+            graphs = compiled_graph_count()
+            batch1 = statistics.median([await timed(service_job(client, request(1, "alpha")))
+                                        for _ in range(args.repeats)])
+            batch8 = statistics.median([await timed(service_job(client, request(8, "alpha")))
+                                        for _ in range(args.rounds)])
+            slot = running.service.worker.model.slot
+            slot.swap_seconds.clear()
+            for i in range(args.swaps):
+                await service_job(client, request(1, "beta" if i % 2 == 0 else "alpha"))
+            results.update(service_batch1_images_per_s=1 / batch1, service_batch8_images_per_s=8 / batch8,
+                           service_swap_ms=1000 * statistics.median(slot.swap_seconds),
+                           service_swaps=len(slot.swap_seconds),
+                           service_recompiles_after_warmup=compiled_graph_count() - graphs)
     finally:
         await running.stop()
+    results["batch1_service_vs_raw"] = results["service_batch1_images_per_s"] / results["raw_batch1_images_per_s"]
+    results["batch8_service_vs_raw"] = results["service_batch8_images_per_s"] / results["raw_batch8_images_per_s"]
+    results["goals_met"] = {
+        "batch8 >= 3 images/s": results["service_batch8_images_per_s"] >= 3,
+        "swap < 50 ms": results["service_swap_ms"] < 50,
+        "no recompile after warm-up": results["service_recompiles_after_warmup"] == 0,
+        "service >= 1.0x raw at batch 8": results["batch8_service_vs_raw"] >= 1.0,
+    }
     return results
+
+
+def run_swaps_only(args: argparse.Namespace, data_dir: Path) -> dict:
+    """--swaps-only: adapter swaps alone, no image made. At SD 1.5 scale most of a swap is host-side
+    Python (diffusers and peft walk the UNet's state dict), so even a CPU says something about it."""
+    import dataclasses
+    import hashlib
+
+    from generation.adapters import AdapterFile
+    from generation.jobs import AppliedAdapter
+    from generation.pipeline import load_model, pick_dtype
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model_dir = tiny_model_path(data_dir) if args.tiny else build_sd15(data_dir / "sd15")
+    files = [write_lora(model_dir, data_dir / f"{name}.safetensors", seed=seed, rank=args.adapter_rank)
+             for seed, name in enumerate(("alpha", "beta"), start=1)]
+    no_compile = argparse.Namespace(**{**vars(args), "compile": False})  # nothing runs the UNet here
+    pipe = fast_raw_pipeline(model_dir, device, pick_dtype(args.dtype, device), no_compile, files[0])
+    raw = [raw_swap(pipe, files[(i + 1) % 2]) for i in range(args.swaps)]
+    del pipe
+    gc.collect()
+    settings = dataclasses.replace(Config().service, dtype=args.dtype, lora_hotswap=True,
+                                   lora_hotswap_rank=args.hotswap_rank, channels_last=args.channels_last)
+    model = load_model(str(model_dir), device, data_dir, settings)
+    adapters = [AppliedAdapter(AdapterFile(path.stem, None, path, hashlib.sha256(path.read_bytes()).hexdigest()),
+                               path.stem, 1.0) for path in files]
+    for i in range(args.swaps + 2):  # the first two read and convert the files
+        model.slot.apply([adapters[i % 2]])
+    service = list(model.slot.swap_seconds)[2:]
+    return {"swaps_device": device, "model": "tiny" if args.tiny else "sd15 architecture",
+            "dtype": str(model.dtype).removeprefix("torch."), "hotswap_rank": args.hotswap_rank,
+            "adapter_rank": args.adapter_rank, "swaps": args.swaps,
+            "raw_swap_ms": 1000 * statistics.median(raw), "service_swap_ms": 1000 * statistics.median(service)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="denoising steps for the tiny model")
-    parser.add_argument("--repeats", type=int, default=5, help="sequential jobs timed for (a)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of (b), medians reported")
-    parser.add_argument("--sd15", action="store_true", help="also time an SD 1.5-architecture model (GPU)")
+    parser.add_argument("--repeats", type=int, default=5, help="jobs timed for (a), batch-1 calls (--sd15)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (b), batch-8 calls for --sd15; medians")
+    parser.add_argument("--sd15", action="store_true", help="the GPU fast path against raw compiled diffusers")
+    parser.add_argument("--tiny", action="store_true", help="--sd15 on the tiny model at 64x64 (a CPU check)")
+    parser.add_argument("--device", default="auto", help="--sd15: cuda, cuda:N or cpu (auto: cuda when present)")
+    parser.add_argument("--dtype", default="auto", choices=SERVICE_DTYPES, help="--sd15: auto is fp16 on CUDA")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="--sd15 without torch.compile")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--hotswap-rank", type=int, default=64, help="--sd15: the slot's (and raw target_rank)")
+    parser.add_argument("--adapter-rank", type=int, default=16, help="--sd15: rank of the two adapters swapped")
+    parser.add_argument("--swaps", type=int, default=8, help="--sd15: adapter swaps timed, alternating two")
+    parser.add_argument("--swaps-only", action="store_true", help="--sd15: time adapter swaps only (no images)")
     args = parser.parse_args()
+    if (args.tiny or args.swaps_only) and not args.sd15:
+        parser.error("--tiny and --swaps-only go with --sd15")
+    if args.tiny and args.steps == parser.get_default("steps"):
+        args.steps = 4
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
         os.environ["LORALOOP_DATA_DIR"] = str(data_dir)
-        results = asyncio.run(run_tiny(args, data_dir))
-        if args.sd15:
-            results.update(asyncio.run(run_sd15(args, data_dir)))
+        if args.sd15 and args.swaps_only:
+            results = run_swaps_only(args, data_dir)
+        else:
+            results = asyncio.run(run_fast_path(args, data_dir) if args.sd15 else run_tiny(args, data_dir))
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+    results["torch"] = torch.__version__
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name()
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}, indent=2))
-
 
 if __name__ == "__main__":
     main()
