@@ -6,6 +6,10 @@ Nothing else in the service imports torch, so an HTTP handler can never block on
 Per-image seeds: each image gets its own CPU `torch.Generator`, so image i of a batch starts from
 the same noise as it would alone; `pipeline.make_batch_invariant` takes care of the arithmetic.
 A job asking for more images than `max_batch` runs alone, in consecutive chunks.
+
+Adapters: loaded once per file and combined with `set_adapters`; with `[service] lora_hotswap`, the
+model's `HotswapSlot` (generation/hotswap.py) takes the job's one adapter instead. At start, after
+loading, `[service] warmup_sizes` run once (pipeline.warm_up) before the service reports ready.
 """
 
 from __future__ import annotations
