@@ -12,6 +12,7 @@ returns, so the event loop never waits on torch.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from loraloop.hashes import file_sha256
 from loraloop.tiny import loadable_model
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,14 @@ class LoadedModel:
     device: str
     dtype: Any
     native_size: int  # the model's training resolution: 64 tiny, 512 SD 1.5, 768 SD 2.x, 1024 SDXL
+    # The whole-file sha256 of a single-file checkpoint (A1111's "Model hash" is its start); "" otherwise.
+    checkpoint_sha256: str = ""
+
+    @property
+    def a1111_name(self) -> str:
+        """What A1111 writes as `Model`: a checkpoint file's stem, a model directory's or id's last part."""
+        path = Path(self.name)
+        return path.stem if path.suffix.lower() == ".safetensors" else path.name
 
 
 def pick_device(requested: str) -> str:
@@ -59,6 +69,7 @@ def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
 
     device = pick_device(device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    checkpoint_sha256 = ""
     source = loadable_model(model, data_dir)
     path = Path(source).expanduser()
     try:
@@ -71,6 +82,9 @@ def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
                 raise ModelLoadError(f"{path}: no such checkpoint file.")
             cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
             pipe = cls.from_single_file(str(path), torch_dtype=dtype)
+            started = time.monotonic()
+            checkpoint_sha256 = file_sha256(path)  # once per start: a few seconds a gigabyte
+            log.info("model %s: sha256 %s (%.1f s)", path.name, checkpoint_sha256[:12], time.monotonic() - started)
         else:
             pipe = DiffusionPipeline.from_pretrained(str(source), torch_dtype=dtype, use_safetensors=True)
     except ModelLoadError:
@@ -91,7 +105,7 @@ def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
     img2img.set_progress_bar_config(disable=True)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     log.info("model %s loaded on %s (%s), native size %d", model, device, dtype, native)
-    return LoadedModel(model, pipe, img2img, device, dtype, native)
+    return LoadedModel(model, pipe, img2img, device, dtype, native, checkpoint_sha256)
 
 
 def _is_sdxl_checkpoint(path: Path) -> bool:
@@ -102,7 +116,11 @@ def _is_sdxl_checkpoint(path: Path) -> bool:
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:
-    """A fresh scheduler of the named kind, from the model's own scheduler config."""
+    """A fresh scheduler of the named kind (`generation.contract.SAMPLERS`), from the model's own config.
+
+    The timestep spacing is set here, not left to the model's config (SD 2.1 and SDXL ship
+    "leading"), so each scheduler is the A1111 sampler and schedule type its PNGs say it is.
+    """
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
@@ -110,10 +128,13 @@ def make_scheduler(name: str, base_config: Any) -> Any:
         LCMScheduler,
     )
 
-    if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
+    if name in ("dpmpp_2m", "dpmpp_2m_karras"):
+        karras = name == "dpmpp_2m_karras"
+        return DPMSolverMultistepScheduler.from_config(
+            base_config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=karras,
+            timestep_spacing="linspace" if karras else "trailing")
     if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(base_config)
+        return EulerAncestralDiscreteScheduler.from_config(base_config, timestep_spacing="linspace")
     if name == "ddim":
         return DDIMScheduler.from_config(base_config)
     if name == "lcm":

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from generation.client import ServiceClient, ServiceError
-from generation.contract import SCHEDULERS, JobRequest, JobState
-from generation.pngmeta import SAMPLER_NAMES, read_parameters
+from generation.contract import SAMPLERS, JobRequest, JobState
+from generation.pngmeta import read_parameters
 from loraloop.cli import cli
 
 
@@ -125,11 +125,23 @@ async def test_img2img_starts_from_the_init_image_and_batches_like_txt2img(make_
     assert np.array_equal(pixels(batched[1]), pixels(from_red))
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-async def test_every_scheduler_renders_and_is_named_in_the_parameters(service, scheduler):
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.name)
+async def test_every_scheduler_renders_and_is_named_in_the_parameters(service, sampler):
     async with ServiceClient(service.url) as client:
-        _, (png,) = await run_job(client, seed=1, steps=2, scheduler=scheduler, guidance=1.0)
-    assert f"Sampler: {SAMPLER_NAMES[scheduler]}," in read_parameters(png)
+        _, (png,) = await run_job(client, seed=1, steps=2, scheduler=sampler.name, guidance=1.0)
+    schedule = f", Schedule type: {sampler.a1111_schedule}," if sampler.a1111_schedule else ","
+    assert f"Sampler: {sampler.a1111_sampler}{schedule}" in read_parameters(png)
+
+
+async def test_a1111_sampler_names_are_accepted_and_mean_what_they_mean_in_a1111(service):
+    async with ServiceClient(service.url) as client:
+        named = {}
+        for name in ("DPM++ 2M Karras", "DPM++ 2M", "dpm++ 2m sgm uniform", "Euler a"):
+            statuses, _ = await run_job(client, seed=1, steps=2, scheduler=name, guidance=1.0)
+            named[name] = statuses[-1].parameters["scheduler"]
+    # A1111 1.9+ reads "DPM++ 2M" alone as its default schedule, Karras.
+    assert named == {"DPM++ 2M Karras": "dpmpp_2m_karras", "DPM++ 2M": "dpmpp_2m_karras",
+                     "dpm++ 2m sgm uniform": "dpmpp_2m", "Euler a": "euler_a"}
 
 
 async def test_metrics_count_jobs_images_and_step_latency(service):
