@@ -72,7 +72,7 @@ class ServiceConfig:
     max_pixels: int = 1048576
     # Largest request body (an img2img init image travels in it, base64-encoded).
     max_body_bytes: int = 8388608
-    # Scheduler used when a request names none: dpmpp_2m, euler_a, ddim or lcm.
+    # Scheduler used when a request names none: dpmpp_2m, dpmpp_2m_karras, euler_a, ddim or lcm.
     default_scheduler: str = "dpmpp_2m"
     # Send a small preview image every N steps in the event stream; 0 turns previews off.
     preview_every: int = 5
@@ -94,8 +94,8 @@ class ServiceConfig:
         for key in ("default_width", "default_height"):
             _require(getattr(self, key) >= 0 and getattr(self, key) % 8 == 0, key,
                      "must be 0 (the model's size) or a positive multiple of 8")
-        _require(self.default_scheduler in ("dpmpp_2m", "euler_a", "ddim", "lcm"), "default_scheduler",
-                 "must be one of dpmpp_2m, euler_a, ddim, lcm")
+        _require(self.default_scheduler in ("dpmpp_2m", "dpmpp_2m_karras", "euler_a", "ddim", "lcm"),
+                 "default_scheduler", "must be one of dpmpp_2m, dpmpp_2m_karras, euler_a, ddim, lcm")
         _require(self.model.strip() != "", "model", "must name a model id, a path or 'tiny'")
         _require(self.device in {"auto", "cpu", "cuda"} or self.device.startswith("cuda:"),
                  "device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
