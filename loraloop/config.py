@@ -229,10 +229,8 @@ class TrainingConfig:
     dpo_beta: float = 2500.0
     # Diffusion-KTO strength, on the same error scale as dpo_beta.
     kto_beta: float = 2500.0
-    # Experiment tracking through accelerate: "auto" (tensorboard or wandb when installed), a name, or "none".
+    # Experiment tracking through accelerate: "auto" (tensorboard when installed), a name (wandb only so), or "none".
     log_with: str = "auto"
-    # Also write the adapter with kohya/A1111 keys (adapter.kohya.safetensors) for A1111 and ComfyUI.
-    kohya_copy: bool = False
 
     def __post_init__(self) -> None:
         _require(self.resolution >= 8 and self.resolution % 8 == 0, "resolution",
@@ -372,6 +370,12 @@ class Config:
         if self.service.adapters_dir:
             return self.resolve_path(self.service.adapters_dir)
         return self.data_dir / "adapters"
+
+    @property
+    def a1111_adapters_dir(self) -> Path:
+        """Published adapters as A1111, Forge and ComfyUI name them (NAME.safetensors, NAME@N.safetensors),
+        beside ADAPTERS_DIR: point their LoRA folder here."""
+        return self.adapters_dir.with_name(self.adapters_dir.name + "-a1111")
 
     def replace(self, section: str, **changes: typing.Any) -> Config:
         """A copy with some keys of one section changed (CLI flags override the file this way)."""

@@ -36,7 +36,6 @@ import logging
 import math
 import random
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ from generation.contract import ADAPTER_NAME_RE
 from loraloop.config import TrainingConfig
 from loraloop.tiny import loadable_model
 from training import checkpoint
-from training.adapter_files import ADAPTER_FILE, save_adapter
+from training.adapter_files import ADAPTER_FILE, copy_adapter, save_adapter
 from training.checkpoint import Progress
 from training.data import Dataset, DatasetError, Example, load_dataset, split_examples
 from training.denoising import evaluate, micro_batch_loss, render_samples
@@ -444,7 +443,7 @@ def _evaluate_and_keep_best(st: Setup, plan: Plan, progress: Progress) -> dict[s
         progress.best_val, progress.best_step, progress.stale_evaluations = val_loss, progress.step, 0
         if st.accelerator.is_main_process:
             save_adapter(st.accelerator.unwrap_model(st.unet), st.lora_config, plan.run_dir / "best",
-                         provenance(plan, progress), kohya=False)
+                         provenance(plan, progress))
     else:
         progress.stale_evaluations += 1
     return {"val_loss": val_loss, **val_metrics}
@@ -468,10 +467,11 @@ def finish(st: Setup, plan: Plan, progress: Progress, stopped_early: bool, secon
     unet = st.accelerator.unwrap_model(st.unet)
     best = plan.run_dir / "best" / ADAPTER_FILE
     use_best = bool(s.early_stopping_patience) and best.is_file()
-    adapter = save_adapter(unet, st.lora_config, plan.run_dir, provenance(plan, progress), kohya=s.kohya_copy)
     if use_best:
-        # Early stopping keeps the best checkpoint: the run's adapter is the one that validated best.
-        shutil.copyfile(best, adapter)
+        # Early stopping keeps the best checkpoint: the run's adapter files are the ones that validated best.
+        adapter = copy_adapter(best.parent, plan.run_dir)
+    else:
+        adapter = save_adapter(unet, st.lora_config, plan.run_dir, provenance(plan, progress))
     report = {
         "name": plan.job.name, "run_dir": str(plan.run_dir), "adapter": str(adapter),
         "adapter_step": progress.best_step if use_best else progress.step,
