@@ -16,7 +16,7 @@ from loraloop.cli import cli
 from loraloop.config import TrainingConfig
 from training.adapter_files import ADAPTER_FILE, KOHYA_FILE, base_model_family, read_provenance
 from training.checkpoint import Interrupted
-from training.dataset import dataset_hash
+from training.dataset import DPO, dataset_hash, read_parquet, write_parquet
 from training.train import Job, TrainError, train, validate
 
 # Small and fast: 32 px images (16x16 latents), high learning rate so a few dozen steps show.
@@ -44,14 +44,19 @@ def write_dataset(root: Path, count: int = 8, kind: str = "sft") -> Path:
         picture(root / f"{i}.png", 20 * i)
         if kind == "dpo":
             picture(root / f"{i}b.png", 255 - 20 * i)
-            rows.append({"caption": f"a yellow disc {i}", "jpg_0": f"{i}.png", "jpg_1": f"{i}b.png",
-                         "label_0": 1.0 if i % 2 else 0.0})
+            rows.append({"caption": f"a yellow disc {i}", "jpg_0": (root / f"{i}.png").read_bytes(),
+                         "jpg_1": (root / f"{i}b.png").read_bytes(), "label_0": 1.0 if i % 2 else 0.0})
         else:
             row = {"file_name": f"{i}.png", "text": f"a yellow disc {i}"}
             if kind == "kto":
                 row["label"] = i % 2 == 0
             rows.append(row)
-    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if kind == "dpo":
+        write_parquet(root, DPO, rows)
+        for image in root.glob("*.png"):  # the images live in the Parquet file, as curation writes them
+            image.unlink()
+    else:
+        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
 
@@ -365,8 +370,7 @@ def test_an_invalid_adapter_name_is_refused(tmp_path):
 
 def test_a_dpo_run_with_only_ties_is_refused(tmp_path):
     dataset = write_dataset(tmp_path / "ds", count=2, kind="dpo")
-    lines = [dict(json.loads(line), label_0=0.5) for line in (dataset / "metadata.jsonl").read_text().splitlines()]
-    (dataset / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_parquet(dataset, DPO, [dict(row.values, label_0=0.5) for row in list(read_parquet(dataset, DPO))])
     result = invoke_train(tmp_path, str(dataset), "--name", "x", "--objective", "dpo")
     assert result.exit_code == 1 and "no preference pairs" in result.output and "2 tie(s) dropped" in result.output
 

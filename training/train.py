@@ -175,7 +175,7 @@ def validate(job: Job, processes: int | None = None) -> Plan:
         raise TrainError(f"adapter name {job.name!r} is not valid: use letters, digits, '-', '_' or '.', "
                          "starting with a letter or digit, at most 64 characters")
     try:
-        dataset = load_dataset(job.dataset, s.objective)
+        dataset = load_dataset(job.dataset, s.objective, image_cache=job.data_dir / "cache" / "dataset-images")
     except DatasetError as exc:
         raise TrainError(str(exc)) from None
     train, validation = split_examples(dataset.examples, s.validation_split, s.seed)
