@@ -4,7 +4,8 @@
     running = await start_service(config, secrets)    # the same on an ephemeral port (tests, bench)
 
 Routes (all JSON; errors are `{"error": {"code", "message"}}`; bearer token when
-LORALOOP_SERVICE_TOKEN is set, on everything but /healthz):
+LORALOOP_SERVICE_TOKEN is set, on everything but /healthz; /metrics also takes
+LORALOOP_METRICS_TOKEN, and needs one of the two when either is set):
 
     POST   /v1/jobs                   -> 202 {"id", "position"} (jobs ahead of it; 0: next)
     GET    /v1/jobs/{id}              -> JobStatus
@@ -94,6 +95,7 @@ class GenerationService:
         self.config = config
         self.settings = config.service
         self.token = secrets.service_token
+        self.metrics_token = secrets.metrics_token
         self.queue: FairQueue[Job] = FairQueue(self.settings.max_queue, self.settings.max_per_requester)
         self.adapter_dir = AdapterDirectory(config.adapters_dir)
         self.catalog = AdapterCatalog({})
@@ -281,13 +283,18 @@ def _now() -> float:
 @web.middleware
 async def errors_and_auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
     service = request.app[SERVICE_KEY]
-    if service.token and request.path not in _OPEN_ENDPOINTS:
+    tokens = {} if request.path in _OPEN_ENDPOINTS else {"LORALOOP_SERVICE_TOKEN": service.token}
+    if request.path == "/metrics":
+        tokens["LORALOOP_METRICS_TOKEN"] = service.metrics_token
+    tokens = {name: token for name, token in tokens.items() if token}
+    if tokens:
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), service.token.encode()):
+        if scheme.lower() != "bearer" or not any(
+                hmac.compare_digest(given.strip().encode(), token.encode()) for token in tokens.values()):
             return error_response(
                 ErrorCode.UNAUTHORIZED,
-                "Missing or wrong token: send 'Authorization: Bearer <LORALOOP_SERVICE_TOKEN>'.",
+                f"Missing or wrong token: send 'Authorization: Bearer <{' or '.join(tokens)}>'.",
                 401,
             )
     try:

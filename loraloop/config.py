@@ -392,12 +392,15 @@ class Secrets:
 
     discord_token: str | None
     service_token: str | None
+    # Opens GET /metrics only, so a Prometheus server's config never holds the token that spends the GPU.
+    metrics_token: str | None = None
 
     @classmethod
     def from_env(cls) -> Secrets:
         return cls(
             discord_token=os.environ.get("DISCORD_TOKEN") or None,
             service_token=os.environ.get("LORALOOP_SERVICE_TOKEN") or None,
+            metrics_token=os.environ.get("LORALOOP_METRICS_TOKEN") or None,
         )
 
 

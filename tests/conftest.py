@@ -55,10 +55,11 @@ async def make_service(tiny_model_dir: Path, data_dir: Path):
 
     started = []
 
-    async def make(token: str | None = None, **service_keys):
+    async def make(token: str | None = None, metrics_token: str | None = None, **service_keys):
         keys = {"model": str(tiny_model_dir), "default_steps": 4, "batch_wait_ms": 20, **service_keys}
         config = Config().replace("service", **keys)
-        running = await start_service(config, Secrets(discord_token=None, service_token=token))
+        running = await start_service(config, Secrets(discord_token=None, service_token=token,
+                                                      metrics_token=metrics_token))
         started.append(running)
         return running
 

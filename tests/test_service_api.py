@@ -156,6 +156,27 @@ async def test_metrics_count_jobs_images_and_step_latency(service):
     assert "loraloop_step_seconds_count 3" in text
 
 
+async def test_prometheus_scrapes_metrics_with_its_own_token_which_opens_nothing_else(make_service):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    running = await make_service(token="gpu", metrics_token="scrape")
+    async with aiohttp.ClientSession() as http:
+        async def status(path: str, token: str | None) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async with http.get(f"{running.url}{path}", headers=headers) as response:
+                return response.status
+
+        assert (await status("/metrics", "gpu"), await status("/metrics", None)) == (200, 401)
+        assert await status("/v1/adapters", "scrape") == 401
+        async with http.get(f"{running.url}/metrics", headers={"Authorization": "Bearer scrape"}) as response:
+            assert response.status == 200
+            text = await response.text()
+    # Parsed by the Prometheus client's own parser, as a scrape would be.
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert {"loraloop_queue_depth", "loraloop_jobs", "loraloop_step_seconds"} <= set(families)
+    assert families["loraloop_step_seconds"].type == "histogram"
+
+
 async def test_imagine_saves_the_images_of_a_running_service(service, tmp_path):
     runner = CliRunner()
     output = tmp_path / "fox.png"
