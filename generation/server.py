@@ -283,10 +283,10 @@ def _now() -> float:
 @web.middleware
 async def errors_and_auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
     service = request.app[SERVICE_KEY]
-    tokens = {} if request.path in _OPEN_ENDPOINTS else {"LORALOOP_SERVICE_TOKEN": service.token}
+    named = {} if request.path in _OPEN_ENDPOINTS else {"LORALOOP_SERVICE_TOKEN": service.token}
     if request.path == "/metrics":
-        tokens["LORALOOP_METRICS_TOKEN"] = service.metrics_token
-    tokens = {name: token for name, token in tokens.items() if token}
+        named["LORALOOP_METRICS_TOKEN"] = service.metrics_token
+    tokens = {name: token for name, token in named.items() if token}
     if tokens:
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
