@@ -174,8 +174,9 @@ class BotConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    # Training resolution; imported images are resized and centre-cropped to it.
-    resolution: int = 512
+    # Training resolution; imported images are resized and centre-cropped to it. "auto": the base
+    # model's native size (64 tiny, 512 SD 1.5, 768 SD 2.1-v, 1024 SDXL).
+    resolution: int | typing.Literal["auto"] = "auto"
     # --- `loraloop train` (training/train.py); every key can be overridden with --set KEY=VALUE ---
     # sft: learn the dataset's images; dpo: prefer liked over disliked of a pair; kto: likes/dislikes.
     objective: typing.Literal["sft", "dpo", "kto"] = "sft"
@@ -233,8 +234,9 @@ class TrainingConfig:
     log_with: str = "auto"
 
     def __post_init__(self) -> None:
-        _require(self.resolution >= 8 and self.resolution % 8 == 0, "resolution",
-                 "must be a positive multiple of 8")
+        _require(self.resolution == "auto" or (isinstance(self.resolution, int) and self.resolution >= 8
+                                                and self.resolution % 8 == 0), "resolution",
+                 "must be \"auto\" or a positive multiple of 8")
         _require(self.rank >= 1, "rank", "must be at least 1")
         _require(self.alpha > 0, "alpha", "must be positive")
         _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
@@ -408,19 +410,19 @@ def _type_name(tp: typing.Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _check_type(value: typing.Any, tp: typing.Any) -> bool:
+def fits_type(value: typing.Any, tp: typing.Any) -> bool:
     """Whether a TOML value fits a dataclass field's declared type."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return any(_check_type(value, arg) for arg in typing.get_args(tp))
+        return any(fits_type(value, arg) for arg in typing.get_args(tp))
     if tp is type(None):
         return value is None
     if origin is list:
         (item,) = typing.get_args(tp) or (typing.Any,)
-        return isinstance(value, list) and all(_check_type(v, item) for v in value)
+        return isinstance(value, list) and all(fits_type(v, item) for v in value)
     if origin is dict:
         _key_tp, value_tp = typing.get_args(tp) or (typing.Any, typing.Any)
-        return isinstance(value, dict) and all(_check_type(v, value_tp) for v in value.values())
+        return isinstance(value, dict) and all(fits_type(v, value_tp) for v in value.values())
     if origin is typing.Literal:
         return value in typing.get_args(tp)
     if tp is typing.Any:
@@ -444,7 +446,7 @@ def _build_section(cls: type, table: typing.Any, where: str) -> typing.Any:
                 f"{where}: unknown key '{key}' (known keys: {', '.join(sorted(known))})"
             )
         tp = hints[key]
-        if not _check_type(value, tp):
+        if not fits_type(value, tp):
             shown = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else _type_name(tp)
             raise ConfigError(f"{where}.{key}: expected {shown}, got {value!r}")
         if tp is float and isinstance(value, int):

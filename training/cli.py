@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from loraloop.config import ConfigError, Secrets, TrainingConfig
+from loraloop.config import ConfigError, Secrets, TrainingConfig, fits_type
 from loraloop.context import AppContext, pass_app
 
 
@@ -71,7 +71,13 @@ def import_(app: AppContext, src: Path, out: Path, source_format: str, resolutio
             config = config.replace("training", resolution=resolution)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    settings = ImportSettings.from_config(config.dataset, config.training.resolution)
+    from training.base_model import BaseModelError, resolve_resolution
+
+    try:
+        size = resolve_resolution(config.training.resolution, config.service.model)
+    except BaseModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = ImportSettings.from_config(config.dataset, size)
     try:
         report = import_dataset(src, out, settings, source_format=source_format, progress=not no_progress)
     except DatasetError as exc:
@@ -215,7 +221,7 @@ def apply_overrides(settings: TrainingConfig, changes: dict[str, Any]) -> Traini
         default = getattr(TrainingConfig(), key)
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             changes[key] = float(value)
-        elif type(value) is not type(default):
+        elif not fits_type(value, hints[key]):
             raise click.ClickException(f"--set {key}: expected {type(default).__name__}, got {value!r}")
     try:
         return dataclasses.replace(settings, **changes)

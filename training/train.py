@@ -55,6 +55,7 @@ from loraloop.config import TrainingConfig
 from loraloop.tiny import loadable_model
 from training import checkpoint
 from training.adapter_files import ADAPTER_FILE, copy_adapter, save_adapter
+from training.base_model import AUTO, BaseModelError, native_resolution
 from training.checkpoint import Progress
 from training.data import Dataset, DatasetError, Example, load_dataset, split_examples
 from training.denoising import evaluate, micro_batch_loss, render_samples
@@ -188,6 +189,12 @@ def validate(job: Job, processes: int | None = None) -> Plan:
         raise TrainError("mixed_precision 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on the CPU")
     trackers = _pick_trackers(s.log_with)
     model_path = check_trainable_base_model(loadable_model(job.model, job.data_dir))
+    if s.resolution == AUTO:  # the base model's native size, recorded as a number in the run and its adapter
+        try:
+            s = dataclasses.replace(s, resolution=native_resolution(model_path))
+        except BaseModelError as exc:
+            raise TrainError(str(exc)) from None
+        job = dataclasses.replace(job, settings=s)
     if s.epochs:
         per_epoch = batches_per_epoch(len(train), s.batch_size, processes)
         total_steps = max(1, math.ceil(s.epochs * per_epoch / s.grad_accumulation))
