@@ -58,8 +58,22 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+def quiet_libraries() -> None:
+    """Keep what an operator cannot act on out of the service log: transformers' notes that
+    torchvision is missing (it falls back to PIL, which is all the pipelines need) and the
+    load-time progress bars of diffusers and transformers, which a log file shows as noise.
+    A terminal still sees a hub download's bar (huggingface_hub's own)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
     """Load txt2img and img2img pipelines (sharing weights) onto the device."""
+    quiet_libraries()  # before diffusers imports its pipelines, whose imports log the torchvision notes
     from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
 
     # Type checkers read diffusers' top-level names as the placeholders it offers when torch is
@@ -86,7 +100,7 @@ def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
             checkpoint_sha256 = file_sha256(path)  # once per start: a few seconds a gigabyte
             log.info("model %s: sha256 %s (%.1f s)", path.name, checkpoint_sha256[:12], time.monotonic() - started)
         else:
-            pipe = DiffusionPipeline.from_pretrained(str(source), torch_dtype=dtype, use_safetensors=True)
+            pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtype, use_safetensors=True)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:

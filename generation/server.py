@@ -25,6 +25,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -489,12 +490,27 @@ class RunningService:
         await self.runner.cleanup()
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (0: an ephemeral port), taken before the model loads, so a port
+    in use fails in a second rather than after a minute of loading. Raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
+
+
 async def start_service(config: Config, secrets: Secrets, host: str = "127.0.0.1", port: int = 0) -> RunningService:
-    """Start the service on host:port (0: an ephemeral port) and return once it serves."""
+    """Start the service on host:port (0: an ephemeral port) and return once it serves.
+
+    The port is taken first (OSError when it is in use), then the model loads, then it serves.
+    """
+    sock = listening_socket(host, port)
     app = create_app(config, secrets)
     runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    try:
+        await runner.setup()  # runs the startup hook: the model loads here
+    except BaseException:
+        sock.close()
+        raise
+    site = web.SockSite(runner, sock)
     await site.start()
     bound_host, bound_port = runner.addresses[0][:2]
     return RunningService(url=f"http://{bound_host}:{bound_port}", app=app, runner=runner)

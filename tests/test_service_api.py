@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import socket
 
 import aiohttp
 import numpy as np
@@ -189,6 +190,23 @@ async def test_imagine_saves_the_images_of_a_running_service(service, tmp_path):
     for path in (tmp_path / "fox-1.png", tmp_path / "fox-2.png"):
         assert "Seed: " in read_parameters(path.read_bytes())
     assert "Seed: 5," in read_parameters((tmp_path / "fox-2.png").read_bytes())
+    # Not a terminal: a line per change of state, never a progress bar's redraws.
+    assert "\r" not in result.output and "%|" not in result.output
+    assert len(result.output.splitlines()) <= 5, result.output
+    assert "generating (2 steps)" in result.output
+
+
+@pytest.mark.parametrize("command", ["serve", "run"])
+def test_a_port_in_use_is_reported_before_the_model_loads(tmp_path, monkeypatch, command):
+    monkeypatch.setenv("DISCORD_TOKEN", "not-used")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # A model that does not exist: reaching it would be a model error, not a port error.
+        result = CliRunner().invoke(cli, [command, "--port", str(port), "--model", str(tmp_path / "no-model")])
+    assert result.exit_code == 1
+    assert f"Cannot listen on 127.0.0.1:{port}" in result.output and "--port" in result.output
 
 
 async def test_imagine_says_when_the_service_is_not_running(tmp_path):
@@ -216,7 +234,6 @@ def test_serve_explains_a_model_it_cannot_load(data_dir, tmp_path, model, words)
 
 async def test_loraloop_serve_runs_the_service_until_interrupted(tiny_model_dir, data_dir):
     import signal
-    import socket
     import sys
 
     with socket.socket() as probe:
