@@ -20,6 +20,11 @@ from pathlib import Path
 
 CONFIG_ENV = "LORALOOP_CONFIG"
 DATA_DIR_ENV = "LORALOOP_DATA_DIR"
+CONFIG_FILE = "config.toml"
+# The config.toml of the source checkout loraloop runs from (`make install` installs it editable),
+# so its commands find the same settings and data from any folder; None for a plain install.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT_CONFIG: Path | None = _CHECKOUT / CONFIG_FILE if (_CHECKOUT / "pyproject.toml").is_file() else None
 
 
 class ConfigError(Exception):
@@ -379,6 +384,10 @@ class Config:
         beside ADAPTERS_DIR: point their LoRA folder here."""
         return self.adapters_dir.with_name(self.adapters_dir.name + "-a1111")
 
+    def whereabouts(self) -> str:
+        """Which config file and data directory are in use, for messages that find nothing there."""
+        return f"config {self.source or 'none found (defaults)'}, data dir {self.data_dir}"
+
     def replace(self, section: str, **changes: typing.Any) -> Config:
         """A copy with some keys of one section changed (CLI flags override the file this way)."""
         try:
@@ -473,14 +482,27 @@ def parse_config(data: dict[str, typing.Any], source: Path | None = None) -> Con
     return Config(**built, source=source)
 
 
+def config_search_path() -> list[Path]:
+    """Where settings are looked for when neither --config nor $LORALOOP_CONFIG names a file, in
+    order: ./config.toml, $XDG_CONFIG_HOME/loraloop/config.toml (~/.config/...), and the
+    config.toml of the checkout loraloop runs from. The first that exists wins."""
+    user = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "loraloop" / CONFIG_FILE
+    return [Path.cwd() / CONFIG_FILE, user, *([CHECKOUT_CONFIG] if CHECKOUT_CONFIG is not None else [])]
+
+
 def load_config(path: str | os.PathLike | None = None) -> Config:
-    """Load settings from `path`, else $LORALOOP_CONFIG, else ./config.toml, else defaults."""
-    explicit = path is not None or os.environ.get(CONFIG_ENV)
-    candidate = Path(path or os.environ.get(CONFIG_ENV) or "config.toml").expanduser()
-    if not candidate.exists():
-        if explicit:
+    """Load settings from `path`, else $LORALOOP_CONFIG, else the first file of `config_search_path()`,
+    else defaults (the data directory then is ./data)."""
+    named = path or os.environ.get(CONFIG_ENV)
+    if named:
+        candidate = Path(named).expanduser()
+        if not candidate.exists():
             raise ConfigError(f"{candidate}: config file not found")
-        return Config()
+    else:
+        found = [p for p in config_search_path() if p.is_file()]
+        if not found:
+            return Config()
+        candidate = found[0]
     try:
         data = tomllib.loads(candidate.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

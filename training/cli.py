@@ -188,7 +188,8 @@ def curate_(app: AppContext, out: Path, dataset_format: str | None, adapter: str
         max_pairs_per_prompt=max_pairs_per_prompt, link_images=link_images,
     )
     if not app.config.database_path.exists():
-        raise click.ClickException(f"No database at {app.config.database_path}: nothing has been rated yet.")
+        raise click.ClickException(f"No database at {app.config.database_path} ({app.config.whereabouts()}): "
+                                   "nothing has been rated yet; votes come from the Discord bot (`loraloop run`).")
     try:
         with Store.from_config(app.config) as store:
             report = curate(store, out, settings)
@@ -407,7 +408,8 @@ def list_command(app: AppContext, as_json: bool) -> None:
             click.echo(json.dumps(row.__dict__))
         return
     if not rows:
-        click.echo(f"no adapters in {config.adapters_dir}; publish one with `loraloop adapters publish`")
+        click.echo(f"no adapters in {config.adapters_dir} ({config.whereabouts()}); "
+                   "publish one with `loraloop adapters publish`")
         return
     for row in rows:
         loss = row.metrics.get("final_val_loss") or row.metrics.get("final_train_loss")
