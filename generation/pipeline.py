@@ -60,8 +60,9 @@ def pick_device(requested: str) -> str:
 
 def quiet_libraries() -> None:
     """Keep what an operator cannot act on out of the service log: transformers' notes that
-    torchvision is missing (it falls back to PIL, which is all the pipelines need) and the
-    load-time progress bars of diffusers and transformers, which a log file shows as noise.
+    torchvision is missing (it falls back to PIL, which is all the pipelines need), diffusers'
+    note on every UNet-only LoRA, and the load-time progress bars of diffusers and transformers,
+    which a log file shows as noise.
     A terminal still sees a hub download's bar (huggingface_hub's own)."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
@@ -69,6 +70,14 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
+    lora_loader = logging.getLogger("diffusers.loaders.lora_base")
+    if _unet_only_lora_note not in lora_loader.filters:
+        lora_loader.addFilter(_unet_only_lora_note)
+
+
+def _unet_only_lora_note(record: logging.LogRecord) -> bool:
+    """False for diffusers' note that a LoRA has no text-encoder part: ours are UNet-only by design."""
+    return not record.getMessage().startswith("No LoRA keys associated to")
 
 
 def load_model(model: str, device: str, data_dir: Path) -> LoadedModel:
