@@ -261,6 +261,8 @@ async def test_loraloop_serve_runs_the_service_until_interrupted(tiny_model_dir,
         process.send_signal(signal.SIGINT)
         output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode == 0, output.decode()[-2000:]
+    # Nothing an operator cannot act on: no torchvision notes, no load-time progress bars.
+    assert b"torchvision" not in output and b"it/s]" not in output and b"FutureWarning" not in output, output.decode()
 
 
 async def test_an_sdxl_model_serves_txt2img_and_img2img_and_batches_like_sd(make_service, tmp_path):
