@@ -18,8 +18,10 @@ training/data.py reads the dataset and training/encoding.py encodes it; training
 runs the UNet on a micro-batch and training/objectives.py scores it; training/checkpoint.py
 saves and resumes; training/adapter_files.py writes the adapter; training/cli.py is the command.
 
-A run directory holds: adapter.safetensors (diffusers LoRA format, provenance in its metadata),
-report.json, loss.png, samples/step-N.png, checkpoints/step-N/ (resumable) and best/.
+A run directory holds: adapter.safetensors (diffusers LoRA format, provenance in its metadata)
+and adapter.kohya.safetensors (the same weights for A1111), report.json, loss.png, and when they
+apply best/ (with a validation split), checkpoints/step-N/ (every checkpoint_every steps,
+resumable) and samples/step-N.png (with validation_prompts and sample_every).
 
 Determinism: every random draw in the loop (batch order, flips, caption dropout, latent
 sampling, noise, timesteps) comes from one seeded generator whose state is checkpointed; batch
