@@ -375,6 +375,19 @@ def test_a_dpo_run_with_only_ties_is_refused(tmp_path):
     assert result.exit_code == 1 and "no preference pairs" in result.output and "2 tie(s) dropped" in result.output
 
 
+def test_a_dpo_parquet_dataset_reads_into_preferred_and_rejected_image_files(tmp_path):
+    from training.data import load_dataset
+
+    dataset = write_dataset(tmp_path / "ds", count=3, kind="dpo")
+    loaded = load_dataset(dataset, "dpo", image_cache=tmp_path / "cache")
+    rows = [row.values for row in read_parquet(dataset, DPO)]
+    assert loaded.content_hash == dataset_hash(dataset)
+    for example, row in zip(loaded.examples, rows, strict=True):
+        preferred, rejected = (row["jpg_0"], row["jpg_1"]) if row["label_0"] > 0.5 else (row["jpg_1"], row["jpg_0"])
+        assert (example.image.read_bytes(), example.rejected.read_bytes()) == (preferred, rejected)
+        assert example.caption == row["caption"]
+
+
 def test_an_unknown_set_key_is_refused(tmp_path):
     dataset = write_dataset(tmp_path / "ds", count=2)
     result = invoke_train(tmp_path, str(dataset), "--name", "x", "--set", "rnak=3")

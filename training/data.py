@@ -27,6 +27,7 @@ from training.dataset import (
     METADATA_FILE,
     PARQUET_FILE,
     DatasetError,
+    RowsDigest,
     dataset_hash,
     parquet_shards,
     read_metadata,
@@ -75,19 +76,18 @@ def _check_image(root: Path, name: object, where: str) -> Path:
     return path
 
 
-def _cached_image(cache: Path, data: bytes, where: str) -> Path:
-    """An image's bytes as a file in `cache`, named by its sha256 (written once, atomically)."""
-    sha256 = hashlib.sha256(data).hexdigest()
-    existing = list((cache / sha256[:2]).glob(f"{sha256}.*"))
-    if existing:
-        return existing[0]
+def _cached_image(cache: Path, sha256: str, data: bytes, where: str) -> Path:
+    """An image's bytes as a file in `cache`, named by their sha256 (so one that is there was
+    checked when it was written): checked and written once, atomically. No suffix: PIL and the
+    encoder go by the content."""
+    path = cache / sha256[:2] / sha256
+    if path.is_file():
+        return path
     try:
         with Image.open(io.BytesIO(data)) as image:
-            suffix = f".{(image.format or 'img').lower()}"
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DatasetError(f"{where}: its image is unreadable ({exc}); curate the dataset again") from None
-    path = cache / sha256[:2] / f"{sha256}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
@@ -95,24 +95,31 @@ def _cached_image(cache: Path, data: bytes, where: str) -> Path:
     return path
 
 
-def _read_pairs(root: Path, image_cache: Path) -> tuple[list[Example], int]:
-    """A dpo dataset's preference pairs (preferred image first) and how many ties were dropped."""
+def _read_pairs(root: Path, image_cache: Path) -> tuple[list[Example], int, str]:
+    """A dpo dataset's preference pairs (preferred image first), how many ties were dropped, and
+    its dataset hash, all in one pass over the shards."""
     if not parquet_shards(root):
         old = (" (its metadata.jsonl is the layout before Parquet: curate it again)"
                if (root / METADATA_FILE).is_file() else "")
         raise DatasetError(f"{root} has no {PARQUET_FILE}{old}; build it with `loraloop dataset curate --format dpo`")
     examples, ties = [], 0
+    digest = RowsDigest(DPO)
+    files: dict[str, Path] = {}  # sha256 -> cached file: an image is in many pairs
     for row in read_parquet(root, DPO):
         values = row.values
-        first = _cached_image(image_cache, values["jpg_0"], row.where)
-        second = _cached_image(image_cache, values["jpg_1"], row.where)
+        shas = {column: hashlib.sha256(values[column]).hexdigest() for column in DPO.image_bytes_columns}
+        digest.add(values, shas)
+        for column, sha in shas.items():
+            if sha not in files:
+                files[sha] = _cached_image(image_cache, sha, values[column], row.where)
+        first, second = files[shas["jpg_0"]], files[shas["jpg_1"]]
         label = values["label_0"]
         if label == 0.5:
             ties += 1
             continue
         preferred, rejected = (first, second) if label > 0.5 else (second, first)
         examples.append(Example(caption=values["caption"], image=preferred, rejected=rejected))
-    return examples, ties
+    return examples, ties, digest.hexdigest()
 
 
 def load_dataset(root: str | Path, objective: str, image_cache: Path = DEFAULT_IMAGE_CACHE) -> Dataset:
@@ -124,7 +131,7 @@ def load_dataset(root: str | Path, objective: str, image_cache: Path = DEFAULT_I
     examples: list[Example] = []
     ties = 0
     if dataset_format.storage == "parquet":
-        examples, ties = _read_pairs(root, image_cache)
+        examples, ties, content_hash = _read_pairs(root, image_cache)
     else:
         metadata = root / METADATA_FILE
         if not metadata.is_file():
@@ -134,6 +141,7 @@ def load_dataset(root: str | Path, objective: str, image_cache: Path = DEFAULT_I
             values = row.values
             image = _check_image(root, values["file_name"], row.where)
             examples.append(Example(caption=str(values["text"]), image=image, desirable=values.get("label", True)))
+        content_hash = dataset_hash(root)  # reads every image the rows name, as import and curation hashed them
     if not examples:
         if objective == "dpo":
             raise DatasetError(
@@ -144,7 +152,7 @@ def load_dataset(root: str | Path, objective: str, image_cache: Path = DEFAULT_I
         raise DatasetError(f"{root}: KTO needs both liked and disliked images (label true and false)")
     # The same hash import and curation record, so a run and the dataset it learned from match.
     return Dataset(root=root, objective=objective, examples=tuple(examples),
-                   content_hash=dataset_hash(root), ties_dropped=ties)
+                   content_hash=content_hash, ties_dropped=ties)
 
 
 def split_examples(examples: tuple[Example, ...], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

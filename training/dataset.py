@@ -212,7 +212,7 @@ def write_parquet(folder: Path, dataset_format: DatasetFormat, rows: Iterable[di
     schema = pa.schema([(column, types[column]) for column in dataset_format.columns])
     path = folder / PARQUET_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    digest = _RowsDigest(dataset_format)
+    digest = RowsDigest(dataset_format)
     group: list[dict[str, Any]] = []
     with pq.ParquetWriter(path, schema) as writer:
         for row in rows:
@@ -253,15 +253,18 @@ def read_parquet(folder: Path, dataset_format: DatasetFormat) -> Iterator[Metada
                 yield row
 
 
-class _RowsDigest:
-    """The hash of a Parquet dataset, row by row: each row as JSON with its images by sha256."""
+class RowsDigest:
+    """The hash of a Parquet dataset, row by row: each row as JSON with its images by sha256
+    (`dataset_hash` of the folder, computed while the rows go by)."""
 
     def __init__(self, dataset_format: DatasetFormat) -> None:
         self.format = dataset_format
         self._digest = hashlib.sha256()
 
-    def add(self, values: Mapping[str, Any]) -> None:
-        line = {column: hashlib.sha256(values[column]).hexdigest()
+    def add(self, values: Mapping[str, Any], image_sha256: Mapping[str, str] | None = None) -> None:
+        """Add a row; `image_sha256` gives its images' digests by column when the caller has them."""
+        known = image_sha256 or {}
+        line = {column: known.get(column) or hashlib.sha256(values[column]).hexdigest()
                 if column in self.format.image_bytes_columns else values[column] for column in self.format.columns}
         self._digest.update(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
 
@@ -291,7 +294,7 @@ def dataset_hash(folder: Path) -> str:
     Reads every image, so it also verifies a dataset on disk against its recorded hash.
     """
     if parquet_shards(folder):
-        digest = _RowsDigest(DPO)
+        digest = RowsDigest(DPO)
         for row in read_parquet(folder, DPO):
             digest.add(row.values)
         return digest.hexdigest()
