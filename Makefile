@@ -1,6 +1,7 @@
 # Two commands for a fresh machine:
 #   make run    installs into .venv and starts the service on the tiny offline model
 #   make test   installs into .venv (CPU torch) and runs the test suite
+# Then `. .venv/bin/activate` puts `loraloop` on the PATH of your shell (make cannot change it for you).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch: plain `torch` would pull a multi-GB CUDA build. Override with
@@ -17,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+	@echo "loraloop is installed in $(VENV): run '. $(VENV)/bin/activate' to put the loraloop command on your PATH"
 
 run: install
 	$(VENV)/bin/loraloop serve

@@ -10,7 +10,10 @@ Figures printed:
   own committed transaction, as the bot records them;
 - curation time for --images images with --votes votes (goal: < 10 s), cold (perceptual hashes
   computed from the files) and warm (hashes cached in the store by the first run), for sft
-  and dpo. dpo's first run hashes the images sft dropped for their score.
+  and dpo. dpo's first run hashes the images sft dropped for their score; dpo writes its
+  Parquet file with the images inside, whose size is printed;
+- how long the trainer takes to read the dpo dataset back (training.data.load_dataset: every
+  row checked, each image written once to an empty image cache, the dataset hash).
 
 The database and images are built through the Store API in a temporary directory (not timed).
 Images are distinct 64x64 PNGs (the tiny model's size; real 512 px images cost more to decode
@@ -32,6 +35,8 @@ from PIL import Image
 
 from loraloop.store import AsyncStore, Store
 from training.curate import CurationSettings, curate
+from training.data import load_dataset
+from training.dataset import PARQUET_FILE
 
 
 def png(seed: int) -> bytes:
@@ -130,8 +135,16 @@ def main() -> None:
                                     ("dpo first", CurationSettings(format="dpo")),
                                     ("dpo warm", CurationSettings(format="dpo")),
                                     ("kto warm", CurationSettings(format="kto"))]:
-                seconds, cpu, summary = timed_curation(store, root / label.replace(" ", "-"), settings)
-                print(f"curate {label}: {seconds:.2f} s wall, {cpu:.2f} s CPU ({summary})")
+                out = root / label.replace(" ", "-")
+                seconds, cpu, summary = timed_curation(store, out, settings)
+                parquet = out / PARQUET_FILE
+                size = f", {parquet.stat().st_size / 1e6:.0f} MB Parquet" if parquet.is_file() else ""
+                print(f"curate {label}: {seconds:.2f} s wall, {cpu:.2f} s CPU ({summary}{size})")
+
+        started, cpu = time.perf_counter(), time.process_time()
+        pairs = load_dataset(root / "dpo-warm", "dpo", image_cache=root / "image-cache")
+        print(f"read dpo for training: {time.perf_counter() - started:.2f} s wall, "
+              f"{time.process_time() - cpu:.2f} s CPU ({len(pairs.examples):,} pairs)")
 
 
 if __name__ == "__main__":

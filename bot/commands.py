@@ -4,6 +4,11 @@ The commands are built inside `register()` because their ranges come from config
 (`app_commands.Range[int, 1, max_steps]`), and discord.py reads annotations when a command is
 defined. That is also why this module does not use `from __future__ import annotations`.
 Discord validates ranges and choices before our code runs; the bot checks the rest.
+
+What Discord shows is what the bot accepts: the prompt's length limit is `[bot] max_prompt_chars`,
+every command is offered in DMs only when `[bot] allow_dms` is on, and /admin is shown only to
+members who may manage the server (a server's admins can grant it to `admin_role_ids` roles
+under Server Settings > Integrations); the bot still checks each of these itself.
 """
 
 import asyncio
@@ -22,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Aspect = Literal["1:1", "2:3", "3:2", "16:9", "9:16"]
+# Discord's own ceiling on a string option's max_length.
+DISCORD_MAX_STRING = 6000
 
 
 def register(bot: "LoraloopBot") -> None:
@@ -29,6 +36,7 @@ def register(bot: "LoraloopBot") -> None:
     tree = bot.tree
     MaxSteps = app_commands.Range[int, 1, settings.max_steps]
     MaxCount = app_commands.Range[int, 1, settings.max_count]
+    Prompt = app_commands.Range[str, 1, min(settings.max_prompt_chars, DISCORD_MAX_STRING)]
 
     @tree.command()
     @app_commands.describe(
@@ -46,7 +54,7 @@ def register(bot: "LoraloopBot") -> None:
     )
     async def imagine(
         interaction: discord.Interaction,
-        prompt: app_commands.Range[str, 1, 2000],
+        prompt: Prompt,
         negative: str | None = None,
         style: str | None = None,
         style_weight: app_commands.Range[float, 0.0, 2.0] = 1.0,
@@ -136,6 +144,12 @@ def register(bot: "LoraloopBot") -> None:
                                         ephemeral=True)
 
     tree.add_command(admin_group(bot))
+    # Where Discord offers the commands: the server always, DMs and group DMs only with allow_dms.
+    for command in tree.get_commands():
+        in_dms = settings.allow_dms and command.name != "admin"
+        command.guild_only = not in_dms
+        command.allowed_contexts = app_commands.AppCommandContext(guild=True, dm_channel=in_dms,
+                                                                  private_channel=in_dms)
 
 
 def admin_group(bot: "LoraloopBot") -> app_commands.Group:
@@ -145,7 +159,7 @@ def admin_group(bot: "LoraloopBot") -> app_commands.Group:
         return True
 
     admin = app_commands.Group(name="admin", description="Run the image service (admins only)",
-                               guild_only=True)
+                               guild_only=True, default_permissions=discord.Permissions(manage_guild=True))
 
     async def service_call(interaction: discord.Interaction, action: Callable[[], Awaitable[object]],
                            done: str) -> None:

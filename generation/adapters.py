@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from generation.contract import ADAPTER_NAME_RE, AdapterInfo, AdapterRef, ErrorCode, InvalidRequest
+from loraloop.hashes import lora_hash
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class AdapterFile:
     description: str = ""
     base_model: str = ""
     latest: bool = True
+    # A1111's hash of the file (loraloop.hashes.lora_hash): what a PNG's `Lora hashes` names it by.
+    a1111_hash: str = ""
 
     @property
     def label(self) -> str:
@@ -95,7 +98,7 @@ class AdapterDirectory:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         # (path, size, mtime_ns) -> AdapterFile fields read from it, so a reload only reads new files.
-        self._seen: dict[tuple[str, int, int], tuple[str, str, str]] = {}
+        self._seen: dict[tuple[str, int, int], tuple[str, str, str, str]] = {}
 
     def scan(self) -> AdapterCatalog:
         found: dict[str, list[AdapterFile]] = {}
@@ -133,7 +136,7 @@ class AdapterDirectory:
             files.sort(key=lambda f: f.version or 0)
             last = len(files) - 1
             catalog[name] = tuple(
-                AdapterFile(f.name, f.version, f.path, f.sha256, f.description, f.base_model, i == last)
+                AdapterFile(f.name, f.version, f.path, f.sha256, f.description, f.base_model, i == last, f.a1111_hash)
                 for i, f in enumerate(files)
             )
         return AdapterCatalog(catalog)
@@ -144,14 +147,15 @@ class AdapterDirectory:
             key = (str(path), stat.st_size, stat.st_mtime_ns)
             if key not in self._seen:
                 self._seen[key] = _inspect(path)
-            sha256, description, base_model = self._seen[key]
+            sha256, description, base_model, a1111_hash = self._seen[key]
         except AdapterFileError as exc:
             log.error("adapters: skipping %s: %s", path, exc)
             return
         except OSError as exc:
             log.error("adapters: skipping %s: cannot read it (%s)", path, exc.strerror or exc)
             return
-        found.setdefault(name, []).append(AdapterFile(name, version, path, sha256, description, base_model))
+        found.setdefault(name, []).append(
+            AdapterFile(name, version, path, sha256, description, base_model, a1111_hash=a1111_hash))
 
 
 class AdapterFileError(Exception):
@@ -166,8 +170,8 @@ def _refused(path: Path) -> bool:
     return False
 
 
-def _inspect(path: Path) -> tuple[str, str, str]:
-    """(sha256, description, base_model) of a safetensors LoRA, or AdapterFileError."""
+def _inspect(path: Path) -> tuple[str, str, str, str]:
+    """(sha256, description, base_model, A1111 hash) of a safetensors LoRA, or AdapterFileError."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -185,4 +189,4 @@ def _inspect(path: Path) -> tuple[str, str, str]:
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest(), metadata.get("description", ""), metadata.get("base_model", "")
+    return digest.hexdigest(), metadata.get("description", ""), metadata.get("base_model", ""), lora_hash(path)

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import logging
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -38,7 +39,7 @@ def serve(app, host: str | None, port: int | None, model: str | None, device: st
     from aiohttp import web
 
     from generation.pipeline import ModelLoadError
-    from generation.server import create_app
+    from generation.server import create_app, listening_socket
 
     changes = {k: v for k, v in {"host": host, "port": port, "model": model, "device": device}.items() if v}
     try:
@@ -51,12 +52,16 @@ def serve(app, host: str | None, port: int | None, model: str | None, device: st
         log.warning("listening on %s without LORALOOP_SERVICE_TOKEN: anyone who can reach it can use it",
                     settings.host)
     try:
-        web.run_app(create_app(config, secrets), host=settings.host, port=settings.port,
-                    print=lambda message: log.info("%s", message.strip()))
+        sock = listening_socket(settings.host, settings.port)  # before the model loads: a busy port fails at once
+    except OSError as exc:
+        raise click.ClickException(f"Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}. "
+                                   "Stop whatever uses that port, or pick another with --port.") from None
+    try:
+        web.run_app(create_app(config, secrets), sock=sock, print=lambda message: log.info("%s", message.strip()))
     except ModelLoadError as exc:
         raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()  # run_app leaves a socket it was handed open when startup fails
 
 
 def _parse_adapter(value: str) -> AdapterRef:
@@ -134,19 +139,28 @@ async def _imagine(client, request: JobRequest, output: Path) -> list[Path]:
 
     from generation.client import ServiceError
 
+    # A terminal gets a live bar; a log or a pipe gets one line per change of state, not per redraw.
+    interactive = sys.stderr.isatty()
     async with client:
         accepted = await client.submit(request)
-        bar = tqdm(total=1, desc="queued", unit="step", leave=False)
+        bar = tqdm(total=1, desc="queued", unit="step", leave=False, disable=not interactive)
+        said = ""
         try:
             status = None
             async for status in client.events(accepted.id):
                 if status.state.value == "queued":
-                    bar.set_description(f"queued (position {status.position + 1})")
+                    state = f"queued (position {status.position + 1})"
+                    bar.set_description(state)
                 elif status.total_steps:
+                    state = f"generating ({status.total_steps} steps)"
                     bar.set_description("generating")
-                    bar.total = status.total_steps
-                    bar.n = status.step
+                    bar.total, bar.n = status.total_steps, status.step
                     bar.refresh()
+                else:
+                    continue
+                if not interactive and state != said:
+                    click.echo(f"job {accepted.id}: {state}", err=True)
+                    said = state
         except (KeyboardInterrupt, asyncio.CancelledError):
             await client.cancel(accepted.id)
             raise

@@ -19,8 +19,47 @@ from typing import Any
 # starting with '.', so no name can climb out of the adapters directory.
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-SCHEDULERS = ("dpmpp_2m", "euler_a", "ddim", "lcm")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A scheduler the service runs (generation/pipeline.py builds it) and how AUTOMATIC1111 names it.
+
+    A1111 1.9 and later split a sampler from its schedule type and read a PNG that names no
+    schedule as "Automatic", the sampler's own default (Karras for DPM++ 2M), so a PNG must say
+    both to render the same there. The schedules are diffusers' documented equivalents of A1111's:
+    "trailing" timesteps for "SGM Uniform", Karras sigmas for "Karras", and "linspace" timesteps
+    (t from 999 to 0, evenly) for k-diffusion's "Uniform". A1111 takes no schedule type for DDIM
+    and LCM.
+    """
+
+    name: str  # ours, in the API and config: "dpmpp_2m"
+    a1111_sampler: str  # "DPM++ 2M"
+    a1111_schedule: str = ""  # "SGM Uniform"; empty where A1111 has none
+
+
+SAMPLERS = (
+    Sampler("dpmpp_2m", "DPM++ 2M", "SGM Uniform"),
+    Sampler("dpmpp_2m_karras", "DPM++ 2M", "Karras"),
+    Sampler("euler_a", "Euler a", "Uniform"),
+    Sampler("ddim", "DDIM"),
+    Sampler("lcm", "LCM"),
+)
+SCHEDULERS = tuple(sampler.name for sampler in SAMPLERS)
 DEFAULT_SCHEDULER = "dpmpp_2m"
+# The schedule A1111 gives a sampler named alone (its "Automatic"): "DPM++ 2M" means Karras there.
+_A1111_AUTOMATIC = {"DPM++ 2M": "Karras", "Euler a": "Uniform"}
+_BY_NAME = {
+    **{sampler.name: sampler for sampler in SAMPLERS},
+    **{f"{s.a1111_sampler} {s.a1111_schedule}".strip().lower(): s for s in SAMPLERS},
+    **{s.a1111_sampler.lower(): s for s in SAMPLERS if s.a1111_schedule == _A1111_AUTOMATIC.get(s.a1111_sampler, "")},
+}
+
+
+def sampler_named(name: str) -> Sampler | None:
+    """The sampler a name means: ours ("dpmpp_2m_karras") or A1111's, as its API and PNGs write it
+    ("DPM++ 2M Karras", "Euler a"; "DPM++ 2M" alone is Karras, as A1111 reads it); None if unknown."""
+    return _BY_NAME.get(" ".join(name.split()).lower())
 
 
 class ErrorCode(enum.StrEnum):

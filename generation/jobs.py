@@ -33,6 +33,7 @@ from generation.contract import (
     JobState,
     JobStatus,
     ResolvedAdapter,
+    sampler_named,
 )
 from loraloop.config import ServiceConfig
 
@@ -129,12 +130,14 @@ def build_spec(request: JobRequest, config: ServiceConfig, catalog: AdapterCatal
     guidance = config.default_guidance if request.guidance is None else request.guidance
     _in_range("guidance", guidance, *GUIDANCE_RANGE)
     _in_range("count", request.count, 1, config.max_count)
-    scheduler = request.scheduler or config.default_scheduler
-    if scheduler not in SCHEDULERS:
+    sampler = sampler_named(request.scheduler or config.default_scheduler)
+    if sampler is None:
         raise InvalidRequest(
-            f"Unknown scheduler {scheduler!r}. Use one of: {', '.join(SCHEDULERS)}.",
+            f"Unknown scheduler {request.scheduler!r}. Use one of: {', '.join(SCHEDULERS)} "
+            "(or A1111's names: \"DPM++ 2M Karras\", \"Euler a\", ...).",
             ErrorCode.UNKNOWN_SCHEDULER,
         )
+    scheduler = sampler.name
     width = request.width or config.default_width or native_size
     height = request.height or config.default_height or native_size
     for name, value in (("width", width), ("height", height)):

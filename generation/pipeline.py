@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from loraloop.config import ServiceConfig
+from loraloop.hashes import file_sha256
 from loraloop.tiny import loadable_model
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,14 @@ class LoadedModel:
     native_size: int  # the model's training resolution: 64 tiny, 512 SD 1.5, 768 SD 2.x, 1024 SDXL
     slot: Any = None  # the HotswapSlot when [service] lora_hotswap is on
     compiled: bool = False  # the UNet runs through torch.compile
+    # The whole-file sha256 of a single-file checkpoint (A1111's "Model hash" is its start); "" otherwise.
+    checkpoint_sha256: str = ""
+
+    @property
+    def a1111_name(self) -> str:
+        """What A1111 writes as `Model`: a checkpoint file's stem, a model directory's or id's last part."""
+        path = Path(self.name)
+        return path.stem if path.suffix.lower() == ".safetensors" else path.name
 
 
 def pick_device(requested: str) -> str:
@@ -69,11 +78,34 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     return dtype
 
 
+def quiet_libraries() -> None:
+    """Keep what an operator cannot act on out of the service log: transformers' notes that
+    torchvision is missing (it falls back to PIL, which is all the pipelines need), diffusers'
+    note on every UNet-only LoRA, and the load-time progress bars of diffusers and transformers,
+    which a log file shows as noise.
+    A terminal still sees a hub download's bar (huggingface_hub's own)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    lora_loader = logging.getLogger("diffusers.loaders.lora_base")
+    if _unet_only_lora_note not in lora_loader.filters:
+        lora_loader.addFilter(_unet_only_lora_note)
+
+
+def _unet_only_lora_note(record: logging.LogRecord) -> bool:
+    """False for diffusers' note that a LoRA has no text-encoder part: ours are UNet-only by design."""
+    return not record.getMessage().startswith("No LoRA keys associated to")
+
+
 def load_model(model: str, device: str, data_dir: Path, settings: ServiceConfig | None = None) -> LoadedModel:
     """Load txt2img and img2img pipelines (sharing weights) onto the device.
 
     `settings` (the `[service]` section) brings the dtype and the fast path; None: the defaults.
     """
+    quiet_libraries()  # before diffusers imports its pipelines, whose imports log the torchvision notes
     from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
 
     # Type checkers read diffusers' top-level names as the placeholders it offers when torch is
@@ -84,6 +116,7 @@ def load_model(model: str, device: str, data_dir: Path, settings: ServiceConfig 
     settings = settings or ServiceConfig()
     device = pick_device(device)
     dtype = pick_dtype(settings.dtype, device)
+    checkpoint_sha256 = ""
     source = loadable_model(model, data_dir)
     path = Path(source).expanduser()
     try:
@@ -96,8 +129,11 @@ def load_model(model: str, device: str, data_dir: Path, settings: ServiceConfig 
                 raise ModelLoadError(f"{path}: no such checkpoint file.")
             cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
             pipe = cls.from_single_file(str(path), torch_dtype=dtype)
+            started = time.monotonic()
+            checkpoint_sha256 = file_sha256(path)  # once per start: a few seconds a gigabyte
+            log.info("model %s: sha256 %s (%.1f s)", path.name, checkpoint_sha256[:12], time.monotonic() - started)
         else:
-            pipe = DiffusionPipeline.from_pretrained(str(source), torch_dtype=dtype, use_safetensors=True)
+            pipe = DiffusionPipeline.from_pretrained(str(source), dtype=dtype, use_safetensors=True)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:
@@ -117,7 +153,7 @@ def load_model(model: str, device: str, data_dir: Path, settings: ServiceConfig 
     img2img.set_progress_bar_config(disable=True)
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     log.info("model %s loaded on %s (%s), native size %d", model, device, dtype, native)
-    return LoadedModel(model, pipe, img2img, device, dtype, native, slot, settings.compile)
+    return LoadedModel(model, pipe, img2img, device, dtype, native, slot, settings.compile, checkpoint_sha256)
 
 
 def use_fast_path(pipe: Any, settings: ServiceConfig) -> Any:
@@ -203,7 +239,11 @@ def _is_sdxl_checkpoint(path: Path) -> bool:
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:
-    """A fresh scheduler of the named kind, from the model's own scheduler config."""
+    """A fresh scheduler of the named kind (`generation.contract.SAMPLERS`), from the model's own config.
+
+    The timestep spacing is set here, not left to the model's config (SD 2.1 and SDXL ship
+    "leading"), so each scheduler is the A1111 sampler and schedule type its PNGs say it is.
+    """
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
@@ -211,10 +251,13 @@ def make_scheduler(name: str, base_config: Any) -> Any:
         LCMScheduler,
     )
 
-    if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
+    if name in ("dpmpp_2m", "dpmpp_2m_karras"):
+        karras = name == "dpmpp_2m_karras"
+        return DPMSolverMultistepScheduler.from_config(
+            base_config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=karras,
+            timestep_spacing="linspace" if karras else "trailing")
     if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(base_config)
+        return EulerAncestralDiscreteScheduler.from_config(base_config, timestep_spacing="linspace")
     if name == "ddim":
         return DDIMScheduler.from_config(base_config)
     if name == "lcm":

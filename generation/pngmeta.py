@@ -5,7 +5,12 @@ person can drop one of our images on those tools and get the prompt, seed and se
 
     a red fox <lora:pixel:0.8>
     Negative prompt: blurry
-    Steps: 25, Sampler: DPM++ 2M, CFG scale: 7, Seed: 42, Size: 512x512, Model: tiny, Lora hashes: "pixel: 0123456789ab"
+    Steps: 25, Sampler: DPM++ 2M, Schedule type: SGM Uniform, CFG scale: 7, Seed: 42, Size: 512x512,
+    Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Lora hashes: "pixel: 0123456789ab"
+
+(one line in the file). The sampler and schedule type are A1111's names for the scheduler that ran
+(`generation.contract.SAMPLERS`); `Model hash` is there when the model is a single checkpoint file,
+and each LoRA's hash is A1111's (`loraloop.hashes.lora_hash`), so A1111 and Civitai find the same file.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-# Our scheduler names as A1111 spells its samplers.
-SAMPLER_NAMES = {"dpmpp_2m": "DPM++ 2M", "euler_a": "Euler a", "ddim": "DDIM", "lcm": "LCM"}
+from generation.contract import sampler_named
+from loraloop.hashes import LORA_SHORT_HASH
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,9 @@ class ImageParameters:
     height: int
     scheduler: str
     model: str
-    adapters: tuple[tuple[str, float, str], ...] = ()  # (name as requested, weight, sha256)
+    adapters: tuple[tuple[str, float, str], ...] = ()  # (name as requested, weight, A1111 hash)
     strength: float | None = None  # img2img only
+    model_hash: str = ""  # A1111's short hash of a single-file checkpoint; empty for other models
 
     def to_a1111(self) -> str:
         """The text A1111 writes in the `parameters` chunk."""
@@ -42,18 +48,25 @@ class ImageParameters:
         lines = [self.prompt + lora_tags]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
+        sampler = sampler_named(self.scheduler)
         fields: list[tuple[str, Any]] = [
             ("Steps", self.steps),
-            ("Sampler", SAMPLER_NAMES.get(self.scheduler, self.scheduler)),
+            ("Sampler", sampler.a1111_sampler if sampler else self.scheduler),
+        ]
+        if sampler and sampler.a1111_schedule:
+            fields.append(("Schedule type", sampler.a1111_schedule))
+        fields += [
             ("CFG scale", _number(self.guidance)),
             ("Seed", self.seed),
             ("Size", f"{self.width}x{self.height}"),
-            ("Model", self.model),
         ]
+        if self.model_hash:
+            fields.append(("Model hash", self.model_hash))
+        fields.append(("Model", self.model))
         if self.strength is not None:
             fields.append(("Denoising strength", _number(self.strength)))
         if self.adapters:
-            hashes = ", ".join(f"{name}: {sha[:12]}" for name, _, sha in self.adapters)
+            hashes = ", ".join(f"{name}: {sha[:LORA_SHORT_HASH]}" for name, _, sha in self.adapters)
             fields.append(("Lora hashes", f'"{hashes}"'))
         lines.append(", ".join(f"{key}: {value}" for key, value in fields))
         return "\n".join(lines)

@@ -4,7 +4,8 @@
     running = await start_service(config, secrets)    # the same on an ephemeral port (tests, bench)
 
 Routes (all JSON; errors are `{"error": {"code", "message"}}`; bearer token when
-LORALOOP_SERVICE_TOKEN is set, on everything but /healthz):
+LORALOOP_SERVICE_TOKEN is set, on everything but /healthz; /metrics also takes
+LORALOOP_METRICS_TOKEN, and needs one of the two when either is set):
 
     POST   /v1/jobs                   -> 202 {"id", "position"} (jobs ahead of it; 0: next)
     GET    /v1/jobs/{id}              -> JobStatus
@@ -24,6 +25,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -94,6 +96,7 @@ class GenerationService:
         self.config = config
         self.settings = config.service
         self.token = secrets.service_token
+        self.metrics_token = secrets.metrics_token
         self.queue: FairQueue[Job] = FairQueue(self.settings.max_queue, self.settings.max_per_requester)
         self.adapter_dir = AdapterDirectory(config.adapters_dir)
         self.catalog = AdapterCatalog({})
@@ -282,13 +285,18 @@ def _now() -> float:
 @web.middleware
 async def errors_and_auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
     service = request.app[SERVICE_KEY]
-    if service.token and request.path not in _OPEN_ENDPOINTS:
+    named = {} if request.path in _OPEN_ENDPOINTS else {"LORALOOP_SERVICE_TOKEN": service.token}
+    if request.path == "/metrics":
+        named["LORALOOP_METRICS_TOKEN"] = service.metrics_token
+    tokens = {name: token for name, token in named.items() if token}
+    if tokens:
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), service.token.encode()):
+        if scheme.lower() != "bearer" or not any(
+                hmac.compare_digest(given.strip().encode(), token.encode()) for token in tokens.values()):
             return error_response(
                 ErrorCode.UNAUTHORIZED,
-                "Missing or wrong token: send 'Authorization: Bearer <LORALOOP_SERVICE_TOKEN>'.",
+                f"Missing or wrong token: send 'Authorization: Bearer <{' or '.join(tokens)}>'.",
                 401,
             )
     try:
@@ -483,12 +491,27 @@ class RunningService:
         await self.runner.cleanup()
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (0: an ephemeral port), taken before the model loads, so a port
+    in use fails in a second rather than after a minute of loading. Raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
+
+
 async def start_service(config: Config, secrets: Secrets, host: str = "127.0.0.1", port: int = 0) -> RunningService:
-    """Start the service on host:port (0: an ephemeral port) and return once it serves."""
+    """Start the service on host:port (0: an ephemeral port) and return once it serves.
+
+    The port is taken first (OSError when it is in use), then the model loads, then it serves.
+    """
+    sock = listening_socket(host, port)
     app = create_app(config, secrets)
     runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    try:
+        await runner.setup()  # runs the startup hook: the model loads here
+    except BaseException:
+        sock.close()
+        raise
+    site = web.SockSite(runner, sock)
     await site.start()
     bound_host, bound_port = runner.addresses[0][:2]
     return RunningService(url=f"http://{bound_host}:{bound_port}", app=app, runner=runner)

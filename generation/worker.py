@@ -29,6 +29,7 @@ from generation.contract import ApiError, ErrorCode, ImageResult
 from generation.jobs import AppliedAdapter, Job
 from generation.pngmeta import ImageParameters, encode_png
 from generation.queue import FairQueue
+from loraloop.hashes import checkpoint_short_hash
 
 if TYPE_CHECKING:
     from loraloop.config import ServiceConfig
@@ -263,8 +264,9 @@ class Worker:
             width=spec.width,
             height=spec.height,
             scheduler=spec.scheduler,
-            model=self.model_name if self.model_name == "tiny" else Path(self.model_name).name,
-            adapters=tuple((a.requested_name, a.weight, a.file.sha256) for a in spec.adapters),
+            model=self.model.a1111_name,
+            model_hash=checkpoint_short_hash(self.model.checkpoint_sha256) if self.model.checkpoint_sha256 else "",
+            adapters=tuple((a.requested_name, a.weight, a.file.a1111_hash) for a in spec.adapters),
             strength=spec.strength,
         )
 

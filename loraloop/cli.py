@@ -30,7 +30,8 @@ from training.cli import commands as training_commands
     "config_path",
     envvar="LORALOOP_CONFIG",
     type=click.Path(dir_okay=False),
-    help="Settings file (default: ./config.toml, or $LORALOOP_CONFIG).",
+    help="Settings file (default: $LORALOOP_CONFIG, else ./config.toml, ~/.config/loraloop/config.toml, "
+         "then the checkout's config.toml).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details.")
 @click.pass_context

@@ -20,6 +20,11 @@ from pathlib import Path
 
 CONFIG_ENV = "LORALOOP_CONFIG"
 DATA_DIR_ENV = "LORALOOP_DATA_DIR"
+CONFIG_FILE = "config.toml"
+# The config.toml of the source checkout loraloop runs from (`make install` installs it editable),
+# so its commands find the same settings and data from any folder; None for a plain install.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT_CONFIG: Path | None = _CHECKOUT / CONFIG_FILE if (_CHECKOUT / "pyproject.toml").is_file() else None
 
 
 class ConfigError(Exception):
@@ -76,7 +81,7 @@ class ServiceConfig:
     max_pixels: int = 1048576
     # Largest request body (an img2img init image travels in it, base64-encoded).
     max_body_bytes: int = 8388608
-    # Scheduler used when a request names none: dpmpp_2m, euler_a, ddim or lcm.
+    # Scheduler used when a request names none: dpmpp_2m, dpmpp_2m_karras, euler_a, ddim or lcm.
     default_scheduler: str = "dpmpp_2m"
     # Send a small preview image every N steps in the event stream; 0 turns previews off.
     preview_every: int = 5
@@ -118,8 +123,8 @@ class ServiceConfig:
         for key in ("default_width", "default_height"):
             _require(getattr(self, key) >= 0 and getattr(self, key) % 8 == 0, key,
                      "must be 0 (the model's size) or a positive multiple of 8")
-        _require(self.default_scheduler in ("dpmpp_2m", "euler_a", "ddim", "lcm"), "default_scheduler",
-                 "must be one of dpmpp_2m, euler_a, ddim, lcm")
+        _require(self.default_scheduler in ("dpmpp_2m", "dpmpp_2m_karras", "euler_a", "ddim", "lcm"),
+                 "default_scheduler", "must be one of dpmpp_2m, dpmpp_2m_karras, euler_a, ddim, lcm")
         _require(self.model.strip() != "", "model", "must name a model id, a path or 'tiny'")
         _require(self.device in {"auto", "cpu", "cuda"} or self.device.startswith("cuda:"),
                  "device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -211,8 +216,9 @@ class BotConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    # Training resolution; imported images are resized and centre-cropped to it.
-    resolution: int = 512
+    # Training resolution; imported images are resized and centre-cropped to it. "auto": the base
+    # model's native size (64 tiny, 512 SD 1.5, 768 SD 2.1-v, 1024 SDXL).
+    resolution: int | typing.Literal["auto"] = "auto"
     # --- `loraloop train` (training/train.py); every key can be overridden with --set KEY=VALUE ---
     # sft: learn the dataset's images; dpo: prefer liked over disliked of a pair; kto: likes/dislikes.
     objective: typing.Literal["sft", "dpo", "kto"] = "sft"
@@ -266,14 +272,13 @@ class TrainingConfig:
     dpo_beta: float = 2500.0
     # Diffusion-KTO strength, on the same error scale as dpo_beta.
     kto_beta: float = 2500.0
-    # Experiment tracking through accelerate: "auto" (tensorboard or wandb when installed), a name, or "none".
+    # Experiment tracking through accelerate: "auto" (tensorboard when installed), a name (wandb only so), or "none".
     log_with: str = "auto"
-    # Also write the adapter with kohya/A1111 keys (adapter.kohya.safetensors) for A1111 and ComfyUI.
-    kohya_copy: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.resolution >= 8 and self.resolution % 8 == 0, "resolution",
-                 "must be a positive multiple of 8")
+        _require(self.resolution == "auto" or (isinstance(self.resolution, int) and self.resolution >= 8
+                                                and self.resolution % 8 == 0), "resolution",
+                 "must be \"auto\" or a positive multiple of 8")
         _require(self.rank >= 1, "rank", "must be at least 1")
         _require(self.alpha > 0, "alpha", "must be positive")
         _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
@@ -410,6 +415,16 @@ class Config:
             return self.resolve_path(self.service.adapters_dir)
         return self.data_dir / "adapters"
 
+    @property
+    def a1111_adapters_dir(self) -> Path:
+        """Published adapters as A1111, Forge and ComfyUI name them (NAME.safetensors, NAME@N.safetensors),
+        beside ADAPTERS_DIR: point their LoRA folder here."""
+        return self.adapters_dir.with_name(self.adapters_dir.name + "-a1111")
+
+    def whereabouts(self) -> str:
+        """Which config file and data directory are in use, for messages that find nothing there."""
+        return f"config {self.source or 'none found (defaults)'}, data dir {self.data_dir}"
+
     def replace(self, section: str, **changes: typing.Any) -> Config:
         """A copy with some keys of one section changed (CLI flags override the file this way)."""
         try:
@@ -425,12 +440,15 @@ class Secrets:
 
     discord_token: str | None
     service_token: str | None
+    # Opens GET /metrics only, so a Prometheus server's config never holds the token that spends the GPU.
+    metrics_token: str | None = None
 
     @classmethod
     def from_env(cls) -> Secrets:
         return cls(
             discord_token=os.environ.get("DISCORD_TOKEN") or None,
             service_token=os.environ.get("LORALOOP_SERVICE_TOKEN") or None,
+            metrics_token=os.environ.get("LORALOOP_METRICS_TOKEN") or None,
         )
 
 
@@ -438,19 +456,19 @@ def _type_name(tp: typing.Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _check_type(value: typing.Any, tp: typing.Any) -> bool:
+def fits_type(value: typing.Any, tp: typing.Any) -> bool:
     """Whether a TOML value fits a dataclass field's declared type."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return any(_check_type(value, arg) for arg in typing.get_args(tp))
+        return any(fits_type(value, arg) for arg in typing.get_args(tp))
     if tp is type(None):
         return value is None
     if origin is list:
         (item,) = typing.get_args(tp) or (typing.Any,)
-        return isinstance(value, list) and all(_check_type(v, item) for v in value)
+        return isinstance(value, list) and all(fits_type(v, item) for v in value)
     if origin is dict:
         _key_tp, value_tp = typing.get_args(tp) or (typing.Any, typing.Any)
-        return isinstance(value, dict) and all(_check_type(v, value_tp) for v in value.values())
+        return isinstance(value, dict) and all(fits_type(v, value_tp) for v in value.values())
     if origin is typing.Literal:
         return value in typing.get_args(tp)
     if tp is typing.Any:
@@ -474,7 +492,7 @@ def _build_section(cls: type, table: typing.Any, where: str) -> typing.Any:
                 f"{where}: unknown key '{key}' (known keys: {', '.join(sorted(known))})"
             )
         tp = hints[key]
-        if not _check_type(value, tp):
+        if not fits_type(value, tp):
             shown = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else _type_name(tp)
             raise ConfigError(f"{where}.{key}: expected {shown}, got {value!r}")
         if tp is float and isinstance(value, int):
@@ -501,14 +519,27 @@ def parse_config(data: dict[str, typing.Any], source: Path | None = None) -> Con
     return Config(**built, source=source)
 
 
+def config_search_path() -> list[Path]:
+    """Where settings are looked for when neither --config nor $LORALOOP_CONFIG names a file, in
+    order: ./config.toml, $XDG_CONFIG_HOME/loraloop/config.toml (~/.config/...), and the
+    config.toml of the checkout loraloop runs from. The first that exists wins."""
+    user = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "loraloop" / CONFIG_FILE
+    return [Path.cwd() / CONFIG_FILE, user, *([CHECKOUT_CONFIG] if CHECKOUT_CONFIG is not None else [])]
+
+
 def load_config(path: str | os.PathLike | None = None) -> Config:
-    """Load settings from `path`, else $LORALOOP_CONFIG, else ./config.toml, else defaults."""
-    explicit = path is not None or os.environ.get(CONFIG_ENV)
-    candidate = Path(path or os.environ.get(CONFIG_ENV) or "config.toml").expanduser()
-    if not candidate.exists():
-        if explicit:
+    """Load settings from `path`, else $LORALOOP_CONFIG, else the first file of `config_search_path()`,
+    else defaults (the data directory then is ./data)."""
+    named = path or os.environ.get(CONFIG_ENV)
+    if named:
+        candidate = Path(named).expanduser()
+        if not candidate.exists():
             raise ConfigError(f"{candidate}: config file not found")
-        return Config()
+    else:
+        found = [p for p in config_search_path() if p.is_file()]
+        if not found:
+            return Config()
+        candidate = found[0]
     try:
         data = tomllib.loads(candidate.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

@@ -35,6 +35,7 @@ def path(app: AppContext) -> None:
         sqlite-utils tables "$(loraloop db path)" --counts
     """
     click.echo(str(app.config.database_path))
+    click.echo(f"({app.config.whereabouts()})", err=True)  # stderr: "$(loraloop db path)" stays the path
 
 
 @db.command()
@@ -49,8 +50,8 @@ def stats(app: AppContext, as_json: bool) -> None:
     """
     if not app.config.database_path.exists():
         raise click.ClickException(
-            f"No database at {app.config.database_path} yet: the bot creates it on first use "
-            "(check --config and $LORALOOP_DATA_DIR if you expected one)."
+            f"No database at {app.config.database_path} yet ({app.config.whereabouts()}): the bot creates it "
+            "on first use (check --config and $LORALOOP_DATA_DIR if you expected one)."
         )
     with open_store(app) as store:
         report: dict[str, Any] = {

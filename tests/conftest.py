@@ -17,6 +17,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+@pytest.fixture(autouse=True)
+def no_config_but_the_tests_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test sees ./config.toml (or the one it names), never the developer's ~/.config/loraloop
+    nor the checkout's config.toml, which the search falls back to from any other folder."""
+    import loraloop.config
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setattr(loraloop.config, "CHECKOUT_CONFIG", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny SD model directory, shared by every test in the run (read-only by convention)."""
@@ -55,10 +65,11 @@ async def make_service(tiny_model_dir: Path, data_dir: Path):
 
     started = []
 
-    async def make(token: str | None = None, **service_keys):
+    async def make(token: str | None = None, metrics_token: str | None = None, **service_keys):
         keys = {"model": str(tiny_model_dir), "default_steps": 4, "batch_wait_ms": 20, **service_keys}
         config = Config().replace("service", **keys)
-        running = await start_service(config, Secrets(discord_token=None, service_token=token))
+        running = await start_service(config, Secrets(discord_token=None, service_token=token,
+                                                      metrics_token=metrics_token))
         started.append(running)
         return running
 

@@ -651,7 +651,8 @@ class FakeDiscord:
                 if method == "PUT":
                     body, _files = await self._body(request)
                     self.commands = [{**c, "id": str(self.snowflake()), "application_id": str(self.application_id),
-                                      "version": str(self.snowflake()), "default_member_permissions": None,
+                                      "version": str(self.snowflake()),
+                                      "default_member_permissions": c.get("default_member_permissions"),
                                       "type": c.get("type", 1)} for c in body]
                 return _json(self.commands)
             case ["interactions", iid, token, "callback"] if method == "POST":

@@ -117,6 +117,26 @@ async def test_the_bot_logs_in_and_syncs_its_slash_commands(fake, bots):
     assert options["count"]["max_value"] == 4
 
 
+async def test_what_discord_shows_matches_what_the_bot_accepts(fake, bots):
+    await bots.start(max_prompt_chars=300)
+    synced = {c["name"]: c for c in fake.commands}
+    prompt = next(o for o in synced["imagine"]["options"] if o["name"] == "prompt")
+    assert (prompt["min_length"], prompt["max_length"]) == (1, 300)
+    # allow_dms is off by default: no command is offered outside the server.
+    for command in synced.values():
+        assert command["dm_permission"] is False and command["contexts"] == [0], command["name"]
+    # Members see /admin only with Manage Server (0x20); the bot's own role check still applies.
+    assert int(synced["admin"]["default_member_permissions"]) == 0x20
+    assert all(c["default_member_permissions"] is None for name, c in synced.items() if name != "admin")
+
+
+async def test_with_allow_dms_the_commands_but_admin_are_offered_in_dms(fake, bots):
+    await bots.start(allow_dms=True)
+    synced = {c["name"]: c for c in fake.commands}
+    assert synced["imagine"]["dm_permission"] is True and sorted(synced["imagine"]["contexts"]) == [0, 1, 2]
+    assert synced["admin"]["dm_permission"] is False and synced["admin"]["contexts"] == [0]
+
+
 # ---- reactions --------------------------------------------------------------------------------
 
 

@@ -106,3 +106,25 @@ def test_a_full_fast_path_configuration_loads(tmp_path):
         "max_batch = 8", "warmup_sizes = [[512, 512], [768, 512]]", "warmup_batch_sizes = [1, 8]",
     ]) + "\n")).service
     assert service.compile and service.lora_hotswap and service.warmup_sizes == [[512, 512], [768, 512]]
+
+
+def test_from_another_folder_the_config_is_found_in_the_documented_order(tmp_path, monkeypatch):
+    import loraloop.config
+
+    monkeypatch.delenv("LORALOOP_CONFIG", raising=False)
+    elsewhere, checkout, user = tmp_path / "elsewhere", tmp_path / "checkout", tmp_path / "xdg" / "loraloop"
+    for folder in (elsewhere, checkout, user):
+        folder.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(loraloop.config, "CHECKOUT_CONFIG", checkout / "config.toml")
+    assert load_config().source is None  # nothing anywhere: the defaults, data in ./data
+
+    write(checkout, "[service]\nport = 1001\n")
+    assert load_config().service.port == 1001 and load_config().data_dir == checkout / "data"
+    write(user, "[service]\nport = 1002\n")
+    assert load_config().service.port == 1002
+    write(elsewhere, "[service]\nport = 1003\n")
+    assert load_config().service.port == 1003
+    monkeypatch.setenv("LORALOOP_CONFIG", str(checkout / "config.toml"))
+    assert load_config().service.port == 1001

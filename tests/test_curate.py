@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -68,6 +69,13 @@ def world(tmp_path):
 
 def read_lines(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+def load_with_hugging_face(folder: Path) -> list[dict]:
+    """The dataset as `datasets.load_dataset(folder)` reads it, no arguments: what other tools see."""
+    import datasets
+
+    return list(datasets.load_dataset(str(folder), split="train", cache_dir=str(folder.parent / ".hf-cache")))
 
 
 def kept_ids(folder: Path) -> list[int]:
@@ -261,24 +269,36 @@ def test_dpo_pairs_images_of_one_prompt_and_drops_ties(world, tmp_path):
     out = tmp_path / "dpo"
     report = curate(world.store, out, CurationSettings(format="dpo"))
 
-    name = {i: world.store.image(i).sha256[:16] + ".png" for i in (good, bad, also_bad)}
-    rows = read_lines(out)
+    stored = {i: world.store.image_path(world.store.image(i)).read_bytes() for i in (good, bad, also_bad)}
+    rows = load_with_hugging_face(out)
+    # Pick-a-Pic's columns, the images as bytes (diffusers' DPO script opens them with Image.open(BytesIO)).
     assert sorted((r["jpg_0"], r["jpg_1"], r["label_0"]) for r in rows) == sorted([
-        (name[good], name[bad], 1.0), (name[good], name[also_bad], 1.0)])
+        (stored[good], stored[bad], 1.0), (stored[good], stored[also_bad], 1.0)])
     assert all(r["caption"] == "a castle" for r in rows)
+    assert all(Image.open(io.BytesIO(r["jpg_1"])).size == (64, 64) for r in rows)
     assert (report.pairs, report.tied_pairs_dropped) == (2, 1)
     assert dropped(out) == {alone: "no_pair_with_a_different_score"}
-    assert all((out / n).is_file() for n in name.values())
+    assert report.dataset_hash == dataset_hash(out) == (out / "dataset_hash").read_text().strip()
 
 
 def test_dpo_marks_the_second_image_when_it_is_preferred(world, tmp_path):
     worse = world.image([1, -1], prompt="a castle")
     better = world.image([1, 1], prompt="a castle")
     curate(world.store, tmp_path / "dpo", CurationSettings(format="dpo"))
-    (row,) = read_lines(tmp_path / "dpo")
-    assert row["jpg_0"].startswith(world.store.image(worse).sha256[:16])
-    assert row["jpg_1"].startswith(world.store.image(better).sha256[:16])
+    (row,) = load_with_hugging_face(tmp_path / "dpo")
+    assert hashlib.sha256(row["jpg_0"]).hexdigest() == world.store.image(worse).sha256
+    assert hashlib.sha256(row["jpg_1"]).hexdigest() == world.store.image(better).sha256
     assert row["label_0"] == 0.0
+
+
+def test_sft_and_kto_datasets_load_in_hugging_face_datasets_as_they_are(world, tmp_path):
+    world.image([1, 1, 1], prompt="a red fox", seed=1)
+    world.image([-1, -1], prompt="a grey fox", seed=2)
+    for dataset_format in ("sft", "kto"):
+        curate(world.store, tmp_path / dataset_format, CurationSettings(format=dataset_format))
+        rows = load_with_hugging_face(tmp_path / dataset_format)
+        assert {r["text"] for r in rows} == ({"a red fox"} if dataset_format == "sft" else {"a red fox", "a grey fox"})
+        assert all(r["image"].size == (64, 64) for r in rows)
 
 
 # --- faults ---------------------------------------------------------------------------------
@@ -338,7 +358,7 @@ def test_the_curate_command_builds_a_dpo_dataset_from_the_configured_database(da
                                       "--adapter", "pixel@3"])
     assert result.exit_code == 0, result.output
     assert "1 pairs" in result.output and "Dataset hash" in result.output
-    assert len(read_lines(out)) == 1
+    assert len(load_with_hugging_face(out)) == 1
     assert json.loads((out / "report.json").read_text())["settings"]["adapter_version"] == 3
 
 

@@ -23,15 +23,18 @@ from training.dataset import (
     KTO,
     SFT,
     DatasetError,
+    MetadataRow,
     NearDuplicateIndex,
     check_output_folder,
     content_hash,
     dataset_hash,
     perceptual_hash,
     read_metadata,
+    read_parquet,
     record_dataset_hash,
     staged_folder,
     write_metadata,
+    write_parquet,
 )
 
 
@@ -180,47 +183,55 @@ def test_a_caller_that_needs_file_names_says_so_in_its_own_words(tmp_path):
     [
         (SFT, {"file_name": "a.png"}, r"missing column\(s\) text \(a sft dataset needs file_name, text\)"),
         (KTO, {"file_name": "a.png", "text": "t", "label": "yes"}, "label must be true or false, got 'yes'"),
-        (DPO, {"caption": "c", "jpg_0": "a", "jpg_1": "b", "label_0": True},
+        (DPO, {"caption": "c", "jpg_0": b"a", "jpg_1": b"b", "label_0": True},
          "label_0 must be a number between 0 and 1, got True"),
-        (DPO, {"caption": "c", "jpg_0": "a", "jpg_1": "b", "label_0": 1.5},
+        (DPO, {"caption": "c", "jpg_0": b"a", "jpg_1": b"b", "label_0": 1.5},
          "label_0 must be a number between 0 and 1, got 1.5"),
+        (DPO, {"caption": "c", "jpg_0": "a.png", "jpg_1": b"b", "label_0": 1.0},
+         "jpg_0 must be an image file's bytes, got 'a.png'"),
     ],
-    ids=["sft-missing-text", "kto-label-not-bool", "dpo-label-bool", "dpo-label-above-one"],
+    ids=["sft-missing-text", "kto-label-not-bool", "dpo-label-bool", "dpo-label-above-one", "dpo-file-name"],
 )
-def test_a_format_rejects_a_row_that_lacks_a_column_or_holds_a_wrong_value(tmp_path, dataset_format, values,
-                                                                          message):
-    row = read_metadata(write_lines(tmp_path / "metadata.jsonl", json.dumps(values) + "\n"))[0]
-
-    with pytest.raises(DatasetError, match=rf"metadata.jsonl:1: {message}"):
-        dataset_format.check(row)
+def test_a_format_rejects_a_row_that_lacks_a_column_or_holds_a_wrong_value(dataset_format, values, message):
+    with pytest.raises(DatasetError, match=rf"where: {message}"):
+        dataset_format.check(MetadataRow("where", values))
 
 
 def test_rows_the_formats_write_pass_their_checks(tmp_path):
     for dataset_format, row in [
         (SFT, SFT.row(file_name="a.png", text="a fox")),
         (KTO, KTO.row(file_name="a.png", text="a fox", label=False)),
-        (DPO, DPO.row(caption="a fox", jpg_0="a.png", jpg_1="b.png", label_0=0.5)),
     ]:
         write_metadata(tmp_path, [row])
         dataset_format.check(read_metadata(tmp_path / "metadata.jsonl")[0])
+    write_parquet(tmp_path, DPO, [DPO.row(caption="a fox", jpg_0=b"a", jpg_1=b"b", label_0=0.5)])
+    assert [row.values for row in read_parquet(tmp_path, DPO)] == [
+        {"caption": "a fox", "jpg_0": b"a", "jpg_1": b"b", "label_0": 0.5}]
 
 
 # --- the hash and the output folder ---------------------------------------------------------
 
 
-def test_the_dataset_hash_covers_the_metadata_and_every_image_a_pair_names(tmp_path):
+def test_the_dataset_hash_covers_the_metadata_and_every_image_it_names(tmp_path):
     (tmp_path / "a.png").write_bytes(b"first image")
-    (tmp_path / "b.png").write_bytes(b"second image")
-    metadata = write_metadata(tmp_path, [DPO.row(caption="a caf\u00e9", jpg_0="a.png", jpg_1="b.png", label_0=1.0)])
-    digests = {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in ("a.png", "b.png")}
+    metadata = write_metadata(tmp_path, [SFT.row(file_name="a.png", text="a caf\u00e9")])
+    digests = {"a.png": hashlib.sha256(b"first image").hexdigest()}
 
-    assert metadata == '{"caption": "a caf\u00e9", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 1.0}\n'.encode()
+    assert metadata == '{"file_name": "a.png", "text": "a caf\u00e9"}\n'.encode()
     assert dataset_hash(tmp_path) == content_hash(metadata, digests)
     assert record_dataset_hash(tmp_path) == (tmp_path / "dataset_hash").read_text().strip() == dataset_hash(tmp_path)
     assert not (tmp_path / ".metadata.jsonl.partial").exists()
 
-    (tmp_path / "b.png").write_bytes(b"second image, edited")
+    (tmp_path / "a.png").write_bytes(b"first image, edited")
     assert dataset_hash(tmp_path) != content_hash(metadata, digests)
+
+
+def test_a_parquet_datasets_hash_covers_every_row_and_the_bytes_of_its_images(tmp_path):
+    rows = [DPO.row(caption="a caf\u00e9", jpg_0=b"first image", jpg_1=b"second image", label_0=1.0)]
+    written = write_parquet(tmp_path, DPO, rows)
+    assert written == dataset_hash(tmp_path)
+    write_parquet(tmp_path, DPO, [dict(rows[0], jpg_1=b"second image, edited")])
+    assert dataset_hash(tmp_path) != written
 
 
 def test_a_dataset_is_built_beside_its_folder_and_appears_only_when_complete(tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from test_train import write_dataset  # pytest puts tests/ on sys.path (no package)
 
@@ -94,6 +96,34 @@ def test_the_cli_publishes_and_lists_with_the_run_metrics(tmp_path, trained_run,
     assert row["metrics"]["steps"] == 2 and "sft LoRA" in row["description"]
     text = runner.invoke(cli, ["adapters", "list"])
     assert "disc@1" in text.output and "latest" in text.output
+
+
+def test_published_versions_are_laid_out_for_a1111_named_as_the_service_names_them(tmp_path, trained_run, data_dir):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    run = copy_run(trained_run, tmp_path / "run")
+    runner = CliRunner()
+    for _ in range(2):
+        result = runner.invoke(cli, ["adapters", "publish", str(run), "--name", "disc"])
+        assert result.exit_code == 0, result.output
+    folder = data_dir / "adapters-a1111"
+    assert str(folder / "disc@2.safetensors") in result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["disc.safetensors", "disc@1.safetensors", "disc@2.safetensors"]
+    kohya = load_file(run / "adapter.kohya.safetensors")
+    for file in folder.iterdir():
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata()
+        # A1111 lists a LoRA under its ss_output_name: each file's is its own stem, so <lora:disc@1:1> and
+        # <lora:disc:1> each resolve to one file.
+        assert metadata["ss_output_name"] == file.stem
+        assert metadata["ss_network_dim"] == "4" and metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+        # Only the header changed: A1111's hash of the file is still the one recorded in it.
+        data = file.read_bytes()
+        after_header = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+        assert metadata["sshs_model_hash"] == after_header
+        tensors = load_file(file)
+        assert tensors.keys() == kohya.keys() and all(torch.equal(tensors[k], kohya[k]) for k in kohya)
 
 
 def test_a_checkpoint_can_be_published_with_the_provenance_in_its_adapter(tmp_path, trained_run, data_dir):

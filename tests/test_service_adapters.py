@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
+from test_generation_pngmeta import lora_hashes, parse_a1111
 
 from generation.client import ServiceClient, ServiceError
 from generation.contract import AdapterRef, JobRequest, JobState
@@ -58,7 +61,25 @@ async def test_an_adapter_changes_the_image_and_weight_zero_equals_the_base(make
     assert not np.array_equal(base, styled)
     assert np.array_equal(base, zero)
     assert np.array_equal(base, again)
-    assert "<lora:pixel:1>" in read_parameters(png) and "Lora hashes:" in read_parameters(png)
+    assert "<lora:pixel:1>" in read_parameters(png)
+
+
+async def test_the_png_names_each_lora_by_a1111s_hash_of_its_file(make_service, lora_files):
+    running = await make_service()
+    plain = install(lora_files["first"], running.adapters_dir, "pixel/v1.safetensors")
+    # A Civitai-style file: its sshs_model_hash is what A1111 shows, so the PNG must say the same.
+    tensors = load_file(lora_files["kohya"])
+    save_file(tensors, running.adapters_dir / "civitai.safetensors",
+              metadata={"sshs_model_hash": "c0ffee" * 10 + "beef"})
+    async with ServiceClient(running.url) as client:
+        await client.reload_adapters()
+        _, png = await render(client, [("pixel", 1.0), ("civitai", 0.5)])
+    fields = parse_a1111(read_parameters(png) or "")
+    with plain.open("rb") as stream:  # A1111's own rule: the sha256 of what follows the header
+        header = int.from_bytes(stream.read(8), "little")
+        stream.seek(8 + header)
+        after_header = hashlib.sha256(stream.read()).hexdigest()
+    assert lora_hashes(fields) == {"pixel": after_header[:12], "civitai": "c0ffeec0ffee"}
 
 
 async def test_reload_picks_up_a_new_version_and_a_pinned_version_still_works(make_service, lora_files):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import socket
 
 import aiohttp
 import numpy as np
@@ -13,8 +14,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from generation.client import ServiceClient, ServiceError
-from generation.contract import SCHEDULERS, JobRequest, JobState
-from generation.pngmeta import SAMPLER_NAMES, read_parameters
+from generation.contract import SAMPLERS, JobRequest, JobState
+from generation.pngmeta import read_parameters
 from loraloop.cli import cli
 
 
@@ -125,11 +126,23 @@ async def test_img2img_starts_from_the_init_image_and_batches_like_txt2img(make_
     assert np.array_equal(pixels(batched[1]), pixels(from_red))
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-async def test_every_scheduler_renders_and_is_named_in_the_parameters(service, scheduler):
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.name)
+async def test_every_scheduler_renders_and_is_named_in_the_parameters(service, sampler):
     async with ServiceClient(service.url) as client:
-        _, (png,) = await run_job(client, seed=1, steps=2, scheduler=scheduler, guidance=1.0)
-    assert f"Sampler: {SAMPLER_NAMES[scheduler]}," in read_parameters(png)
+        _, (png,) = await run_job(client, seed=1, steps=2, scheduler=sampler.name, guidance=1.0)
+    schedule = f", Schedule type: {sampler.a1111_schedule}," if sampler.a1111_schedule else ","
+    assert f"Sampler: {sampler.a1111_sampler}{schedule}" in read_parameters(png)
+
+
+async def test_a1111_sampler_names_are_accepted_and_mean_what_they_mean_in_a1111(service):
+    async with ServiceClient(service.url) as client:
+        named = {}
+        for name in ("DPM++ 2M Karras", "DPM++ 2M", "dpm++ 2m sgm uniform", "Euler a"):
+            statuses, _ = await run_job(client, seed=1, steps=2, scheduler=name, guidance=1.0)
+            named[name] = statuses[-1].parameters["scheduler"]
+    # A1111 1.9+ reads "DPM++ 2M" alone as its default schedule, Karras.
+    assert named == {"DPM++ 2M Karras": "dpmpp_2m_karras", "DPM++ 2M": "dpmpp_2m_karras",
+                     "dpm++ 2m sgm uniform": "dpmpp_2m", "Euler a": "euler_a"}
 
 
 async def test_metrics_count_jobs_images_and_step_latency(service):
@@ -144,6 +157,27 @@ async def test_metrics_count_jobs_images_and_step_latency(service):
     assert "loraloop_step_seconds_count 3" in text
 
 
+async def test_prometheus_scrapes_metrics_with_its_own_token_which_opens_nothing_else(make_service):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    running = await make_service(token="gpu", metrics_token="scrape")
+    async with aiohttp.ClientSession() as http:
+        async def status(path: str, token: str | None) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async with http.get(f"{running.url}{path}", headers=headers) as response:
+                return response.status
+
+        assert (await status("/metrics", "gpu"), await status("/metrics", None)) == (200, 401)
+        assert await status("/v1/adapters", "scrape") == 401
+        async with http.get(f"{running.url}/metrics", headers={"Authorization": "Bearer scrape"}) as response:
+            assert response.status == 200
+            text = await response.text()
+    # Parsed by the Prometheus client's own parser, as a scrape would be.
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert {"loraloop_queue_depth", "loraloop_jobs", "loraloop_step_seconds"} <= set(families)
+    assert families["loraloop_step_seconds"].type == "histogram"
+
+
 async def test_imagine_saves_the_images_of_a_running_service(service, tmp_path):
     runner = CliRunner()
     output = tmp_path / "fox.png"
@@ -156,6 +190,23 @@ async def test_imagine_saves_the_images_of_a_running_service(service, tmp_path):
     for path in (tmp_path / "fox-1.png", tmp_path / "fox-2.png"):
         assert "Seed: " in read_parameters(path.read_bytes())
     assert "Seed: 5," in read_parameters((tmp_path / "fox-2.png").read_bytes())
+    # Not a terminal: a line per change of state, never a progress bar's redraws.
+    assert "\r" not in result.output and "%|" not in result.output
+    assert len(result.output.splitlines()) <= 5, result.output
+    assert "generating (2 steps)" in result.output
+
+
+@pytest.mark.parametrize("command", ["serve", "run"])
+def test_a_port_in_use_is_reported_before_the_model_loads(tmp_path, monkeypatch, command):
+    monkeypatch.setenv("DISCORD_TOKEN", "not-used")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # A model that does not exist: reaching it would be a model error, not a port error.
+        result = CliRunner().invoke(cli, [command, "--port", str(port), "--model", str(tmp_path / "no-model")])
+    assert result.exit_code == 1
+    assert f"Cannot listen on 127.0.0.1:{port}" in result.output and "--port" in result.output
 
 
 async def test_imagine_says_when_the_service_is_not_running(tmp_path):
@@ -183,7 +234,6 @@ def test_serve_explains_a_model_it_cannot_load(data_dir, tmp_path, model, words)
 
 async def test_loraloop_serve_runs_the_service_until_interrupted(tiny_model_dir, data_dir):
     import signal
-    import socket
     import sys
 
     with socket.socket() as probe:
@@ -211,6 +261,8 @@ async def test_loraloop_serve_runs_the_service_until_interrupted(tiny_model_dir,
         process.send_signal(signal.SIGINT)
         output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode == 0, output.decode()[-2000:]
+    # Nothing an operator cannot act on: no torchvision notes, no load-time progress bars.
+    assert b"torchvision" not in output and b"it/s]" not in output and b"FutureWarning" not in output, output.decode()
 
 
 async def test_an_sdxl_model_serves_txt2img_and_img2img_and_batches_like_sd(make_service, tmp_path):

@@ -10,10 +10,17 @@ from loraloop.cli import cli
 from loraloop.store import MIGRATION_NAMES, Store
 
 
-def test_db_path_prints_the_configured_database(data_dir):
+def test_db_path_prints_the_configured_database_and_says_where_it_looked(data_dir):
     result = CliRunner().invoke(cli, ["db", "path"])
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == str(data_dir.resolve() / "loraloop.db")
+    assert result.stdout.strip() == str(data_dir.resolve() / "loraloop.db")  # what "$(loraloop db path)" gets
+    assert f"data dir {data_dir.resolve()}" in result.stderr and "config " in result.stderr
+
+
+def test_every_nothing_here_message_names_the_config_and_data_dir_in_use(data_dir, tmp_path):
+    for command in (["db", "stats"], ["adapters", "list"], ["dataset", "curate", str(tmp_path / "out")]):
+        result = CliRunner().invoke(cli, command)
+        assert f"data dir {data_dir.resolve()}" in result.output, (command, result.output)
 
 
 def test_db_stats_counts_rows_and_reports_each_adapter_version(data_dir):

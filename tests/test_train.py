@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,9 +14,9 @@ from PIL import Image, ImageDraw
 
 from loraloop.cli import cli
 from loraloop.config import TrainingConfig
-from training.adapter_files import ADAPTER_FILE, read_provenance
+from training.adapter_files import ADAPTER_FILE, KOHYA_FILE, base_model_family, read_provenance
 from training.checkpoint import Interrupted
-from training.dataset import dataset_hash
+from training.dataset import DPO, dataset_hash, read_parquet, write_parquet
 from training.train import Job, TrainError, train, validate
 
 # Small and fast: 32 px images (16x16 latents), high learning rate so a few dozen steps show.
@@ -43,14 +44,19 @@ def write_dataset(root: Path, count: int = 8, kind: str = "sft") -> Path:
         picture(root / f"{i}.png", 20 * i)
         if kind == "dpo":
             picture(root / f"{i}b.png", 255 - 20 * i)
-            rows.append({"caption": f"a yellow disc {i}", "jpg_0": f"{i}.png", "jpg_1": f"{i}b.png",
-                         "label_0": 1.0 if i % 2 else 0.0})
+            rows.append({"caption": f"a yellow disc {i}", "jpg_0": (root / f"{i}.png").read_bytes(),
+                         "jpg_1": (root / f"{i}b.png").read_bytes(), "label_0": 1.0 if i % 2 else 0.0})
         else:
             row = {"file_name": f"{i}.png", "text": f"a yellow disc {i}"}
             if kind == "kto":
                 row["label"] = i % 2 == 0
             rows.append(row)
-    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if kind == "dpo":
+        write_parquet(root, DPO, rows)
+        for image in root.glob("*.png"):  # the images live in the Parquet file, as curation writes them
+            image.unlink()
+    else:
+        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
 
@@ -134,15 +140,27 @@ def test_an_adapter_on_attention_proj_and_resnet_layers_loads_whole_in_diffusers
     assert torch.allclose(render(by_hand), render(pipe), atol=1e-5)
 
 
-def test_the_kohya_copy_has_a1111_keys_and_the_real_alpha(tmp_path, tiny_model_dir):
+def a1111_data_hash(path: Path) -> str:
+    """A1111's hash of a LoRA file, by its rule: the sha256 of the bytes after the safetensors header."""
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+
+
+def test_the_kohya_copy_is_always_written_with_a1111_keys_the_real_alpha_and_kohya_metadata(tmp_path, tiny_model_dir):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    run(tmp_path, tiny_model_dir, write_dataset(tmp_path / "ds"), "run", max_steps=1, kohya_copy=True,
-        learning_rate=5e-2)
+    run(tmp_path, tiny_model_dir, write_dataset(tmp_path / "ds"), "run", max_steps=1, learning_rate=5e-2)
     kohya = load_file(tmp_path / "run" / "adapter.kohya.safetensors")
     assert kohya and all(key.startswith("lora_unet_") for key in kohya)
     alphas = [value.item() for key, value in kohya.items() if key.endswith(".alpha")]
     assert alphas and set(alphas) == {8.0}
+    with safe_open(str(tmp_path / "run" / "adapter.kohya.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_output_name"] == "disc"
+    assert (metadata["ss_network_dim"], float(metadata["ss_network_alpha"])) == ("4", 8.0)
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
 
     # What an A1111/ComfyUI user gets is what the diffusers file gives (alpha 8 on rank 4 included).
     from diffusers import StableDiffusionPipeline
@@ -268,9 +286,34 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path, tiny_model_dir):
                  validation_every=1, early_stopping_patience=2)
     assert report["stopped_early"] and report["steps"] < 30
     assert report["adapter_step"] == report["best_step"]
-    best = load_file(tmp_path / "run" / "best" / ADAPTER_FILE)
-    final = load_file(tmp_path / "run" / ADAPTER_FILE)
-    assert all(torch.equal(best[k], final[k]) for k in best)
+    for name in (ADAPTER_FILE, KOHYA_FILE):  # both files are the best step's, never one of each
+        best = load_file(tmp_path / "run" / "best" / name)
+        final = load_file(tmp_path / "run" / name)
+        assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+
+
+def test_every_adapter_file_a_run_writes_carries_a1111s_hash_of_itself(tmp_path, tiny_model_dir):
+    from safetensors import safe_open
+
+    run(tmp_path, tiny_model_dir, write_dataset(tmp_path / "ds"), "run", max_steps=3, validation_every=1)
+    files = [*(tmp_path / "run").rglob("*.safetensors")]
+    assert {f.parent.name for f in files} == {"run", "best", "step-000003"} and len(files) == 6
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            assert handle.metadata()["sshs_model_hash"] == a1111_data_hash(file), file
+
+
+@pytest.mark.parametrize(("unet_config", "version", "architecture"), [
+    ({"cross_attention_dim": 768, "sample_size": 64}, "sd_v1", "stable-diffusion-v1"),
+    ({"cross_attention_dim": 1024, "sample_size": 64}, "sd_v2", "stable-diffusion-v2-512"),
+    ({"cross_attention_dim": 1024, "sample_size": 96}, "sd_v2_v", "stable-diffusion-v2-768-v"),
+    ({"cross_attention_dim": 2048, "sample_size": 128, "addition_embed_type": "text_time"}, "sdxl_base_v1-0",
+     "stable-diffusion-xl-v1-base"),
+])
+def test_the_kohya_metadata_names_sd1_sd2_and_sdxl_as_kohya_does(unet_config, version, architecture):
+    family = base_model_family(unet_config)
+    assert (family.ss_base_model_version, family.architecture) == (version, architecture)
+    assert family.ss_v2 == version.startswith("sd_v2")
 
 
 def test_validation_prompts_are_rendered_to_a_grid(tmp_path, tiny_model_dir):
@@ -327,10 +370,22 @@ def test_an_invalid_adapter_name_is_refused(tmp_path):
 
 def test_a_dpo_run_with_only_ties_is_refused(tmp_path):
     dataset = write_dataset(tmp_path / "ds", count=2, kind="dpo")
-    lines = [dict(json.loads(line), label_0=0.5) for line in (dataset / "metadata.jsonl").read_text().splitlines()]
-    (dataset / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_parquet(dataset, DPO, [dict(row.values, label_0=0.5) for row in list(read_parquet(dataset, DPO))])
     result = invoke_train(tmp_path, str(dataset), "--name", "x", "--objective", "dpo")
     assert result.exit_code == 1 and "no preference pairs" in result.output and "2 tie(s) dropped" in result.output
+
+
+def test_a_dpo_parquet_dataset_reads_into_preferred_and_rejected_image_files(tmp_path):
+    from training.data import load_dataset
+
+    dataset = write_dataset(tmp_path / "ds", count=3, kind="dpo")
+    loaded = load_dataset(dataset, "dpo", image_cache=tmp_path / "cache")
+    rows = [row.values for row in read_parquet(dataset, DPO)]
+    assert loaded.content_hash == dataset_hash(dataset)
+    for example, row in zip(loaded.examples, rows, strict=True):
+        preferred, rejected = (row["jpg_0"], row["jpg_1"]) if row["label_0"] > 0.5 else (row["jpg_1"], row["jpg_0"])
+        assert (example.image.read_bytes(), example.rejected.read_bytes()) == (preferred, rejected)
+        assert example.caption == row["caption"]
 
 
 def test_an_unknown_set_key_is_refused(tmp_path):

@@ -1,32 +1,76 @@
 """Adapter files: the one place a trained LoRA is written to disk, and where its provenance is read back.
 
-    save_adapter(unet, lora_config, run_dir, provenance, kohya=True)  # adapter.safetensors (+ the kohya copy)
-    read_provenance(run_dir / ADAPTER_FILE)                           # {"dataset_hash": ..., "steps": 800, ...}
+    save_adapter(unet, lora_config, run_dir, provenance)     # adapter.safetensors and adapter.kohya.safetensors
+    copy_adapter(run_dir / "best", run_dir)                  # both files of another directory, into place
+    write_a1111_copy(run_dir / KOHYA_FILE, target, "fox@2")  # the kohya copy as A1111 names it
+    read_provenance(run_dir / ADAPTER_FILE)                  # {"dataset_hash": ..., "steps": 800, ...}
 
-adapter.safetensors is the diffusers LoRA format (`pipe.load_lora_weights` loads it): the PEFT
-state dict, the LoRA config (so diffusers rebuilds alpha), the run's provenance as `loraloop.*`
-keys and the plain `base_model`/`description` keys the service's adapter list shows
-(generation/adapters.py). adapter.kohya.safetensors is the same weights for A1111 and ComfyUI.
-Each file is written to a hidden temp file and renamed into place, so no reader sees half of one.
+A directory of adapter files always holds both, written from the same weights:
 
-Floor: part of training/; imports only safetensors at module level, so publishing and listing
-adapters (which only read) start in a fraction of a second. torch, diffusers and peft are imported
-when an adapter is written, during training, when they are loaded already.
+- adapter.safetensors, the diffusers LoRA format (`pipe.load_lora_weights` loads it): the PEFT
+  state dict, the LoRA config (so diffusers rebuilds alpha), the run's provenance as `loraloop.*`
+  keys and the plain `base_model`/`description` keys the service's adapter list shows
+  (generation/adapters.py);
+- adapter.kohya.safetensors, the same weights under kohya's `lora_unet_*` keys with the real
+  alpha, for AUTOMATIC1111, Forge and ComfyUI, with the metadata they read: `ss_output_name` (the
+  name A1111 lists it under), `ss_network_dim`/`ss_network_alpha`, `ss_base_model_version`/`ss_v2`
+  and `modelspec.architecture` (SD 1.x, SD 2.x 512 or 768-v, SDXL, from the UNet's config).
+
+Both carry `sshs_model_hash`, A1111's hash of the file (loraloop/hashes.py): the sha256 of the
+bytes after the header, so changing metadata later (as publishing does) keeps it true. Each file
+is written to a hidden temp file and renamed into place, so no reader sees half of one.
+
+Floor: part of training/; imports safetensors and loraloop.hashes at module level, so publishing
+and listing adapters (which only read, or rewrite a header) start in a fraction of a second.
+torch, diffusers and peft are imported when an adapter is written, during training, when they
+are loaded already.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
+from loraloop.hashes import MODEL_HASH_KEY, safetensors_data_sha256
+
 ADAPTER_FILE = "adapter.safetensors"
 KOHYA_FILE = "adapter.kohya.safetensors"
 # Provenance keys in an adapter's metadata start with this; values that are not strings are JSON.
 PROVENANCE_PREFIX = "loraloop."
+
+
+@dataclass(frozen=True)
+class BaseModelFamily:
+    """What kohya's metadata calls a base model: A1111 and ComfyUI sort and check LoRAs by it."""
+
+    ss_base_model_version: str  # "sd_v1", "sd_v2", "sd_v2_v", "sdxl_base_v1-0"
+    ss_v2: bool
+    architecture: str  # modelspec.architecture without "/lora"
+
+
+SD1 = BaseModelFamily("sd_v1", False, "stable-diffusion-v1")
+SD2_512 = BaseModelFamily("sd_v2", True, "stable-diffusion-v2-512")
+SD2_768_V = BaseModelFamily("sd_v2_v", True, "stable-diffusion-v2-768-v")
+SDXL = BaseModelFamily("sdxl_base_v1-0", False, "stable-diffusion-xl-v1-base")
+
+
+def base_model_family(unet_config: Any) -> BaseModelFamily:
+    """The family of a UNet, from its config: SDXL's size conditioning, SD 2.x's 1024-wide text
+    embeddings (96x96 latents: the 768 px v-prediction model), else SD 1.x (the tiny model too)."""
+    config = dict(unet_config)
+    if config.get("addition_embed_type") == "text_time":
+        return SDXL
+    if config.get("cross_attention_dim") == 1024:
+        return SD2_768_V if config.get("sample_size") == 96 else SD2_512
+    return SD1
 
 
 def lora_state_dict(unet: Any) -> dict[str, Any]:
@@ -36,14 +80,14 @@ def lora_state_dict(unet: Any) -> dict[str, Any]:
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
 
 
-def save_adapter(unet: Any, lora_config: Any, directory: Path, provenance: dict[str, Any], kohya: bool) -> Path:
-    """Write adapter.safetensors that `pipe.load_lora_weights` loads, provenance in its metadata (atomically)."""
+def save_adapter(unet: Any, lora_config: Any, directory: Path, provenance: dict[str, Any]) -> Path:
+    """Write adapter.safetensors (which `pipe.load_lora_weights` loads) and its kohya copy, provenance in both."""
     from diffusers import StableDiffusionPipeline  # written during training only, see the module docstring
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     directory.mkdir(parents=True, exist_ok=True)
     peft_state = lora_state_dict(unet)
-    tmp = directory / f".{ADAPTER_FILE}.tmp{os.getpid()}"
+    tmp = directory / f".{ADAPTER_FILE}.diffusers{os.getpid()}"
     # The adapter config travels in the metadata so diffusers rebuilds alpha (which need not equal rank).
     # Keys stay in PEFT's lora_A/lora_B form: convert_state_dict_to_diffusers renames only attention
     # layers (to the old lora.down form), and diffusers' loader, seeing a lora_A key first, then skips
@@ -59,30 +103,94 @@ def save_adapter(unet: Any, lora_config: Any, directory: Path, provenance: dict[
     metadata["base_model"] = str(provenance.get("base_model", ""))
     metadata["description"] = (f"{provenance.get('objective', '')} LoRA, rank {provenance.get('rank')}, "
                                f"{provenance.get('steps')} steps on {Path(str(provenance.get('dataset', ''))).name}")
-    save_file(load_file(tmp), tmp, metadata=metadata)
-    os.replace(tmp, directory / ADAPTER_FILE)
-    if kohya:
-        _save_kohya_copy(peft_state, lora_config, directory, provenance)
-    return directory / ADAPTER_FILE
+    tensors = load_file(tmp)
+    tmp.unlink()
+    adapter = _write(tensors, directory / ADAPTER_FILE, metadata)
+    _save_kohya_copy(peft_state, lora_config, base_model_family(unet.config), directory, provenance)
+    return adapter
 
 
-def _save_kohya_copy(peft_state: dict[str, Any], lora_config: Any, directory: Path,
+def _save_kohya_copy(peft_state: dict[str, Any], lora_config: Any, family: BaseModelFamily, directory: Path,
                      provenance: dict[str, Any]) -> Path:
     """adapter.kohya.safetensors: the same weights under A1111's lora_unet_* keys, with the real alpha."""
     from diffusers.utils import convert_state_dict_to_kohya
-    from safetensors.torch import save_file
 
     kohya_state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()})
     # diffusers writes alpha = rank here; ours may differ, and A1111 scales by alpha/rank.
     for key in kohya_state:
         if key.endswith(".alpha"):
             kohya_state[key] = kohya_state[key].new_tensor(float(lora_config.lora_alpha))
-    kohya_meta = {"ss_network_dim": str(lora_config.r), "ss_network_alpha": str(lora_config.lora_alpha),
-                  **_provenance_metadata(provenance)}
-    kohya_tmp = directory / f".{KOHYA_FILE}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in kohya_state.items()}, kohya_tmp, metadata=kohya_meta)
-    os.replace(kohya_tmp, directory / KOHYA_FILE)
-    return directory / KOHYA_FILE
+    name = str(provenance.get("name", ""))
+    resolution = provenance.get("resolution")
+    metadata = {
+        "ss_output_name": name,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(lora_config.r),
+        "ss_network_alpha": str(lora_config.lora_alpha),
+        "ss_base_model_version": family.ss_base_model_version,
+        "ss_v2": str(family.ss_v2),
+        "ss_sd_model_name": str(provenance.get("base_model", "")),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{family.architecture}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": name,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+        **({"ss_resolution": f"({resolution}, {resolution})",
+            "modelspec.resolution": f"{resolution}x{resolution}"} if isinstance(resolution, int) else {}),
+        **_provenance_metadata(provenance),
+    }
+    return _write({k: v.contiguous() for k, v in kohya_state.items()}, directory / KOHYA_FILE, metadata)
+
+
+def _write(tensors: dict[str, Any], path: Path, metadata: dict[str, str]) -> Path:
+    """Save `tensors` at `path` atomically, with `metadata` and the sshs_model_hash of what is written."""
+    from safetensors.torch import save, save_file
+
+    # The data after the header does not depend on the metadata, so one serialisation tells the hash.
+    metadata = {**metadata, MODEL_HASH_KEY: safetensors_data_sha256(io.BytesIO(save(tensors)))}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def copy_adapter(source: Path, target: Path) -> Path:
+    """Put the adapter files of directory `source` (best/, say) in place in `target`; the adapter's path.
+
+    Both files move together, so a run directory never holds the weights of one step in the
+    diffusers file and another's in the kohya copy.
+    """
+    for name in (ADAPTER_FILE, KOHYA_FILE):
+        tmp = target / f".{name}.copy{os.getpid()}"
+        shutil.copyfile(source / name, tmp)
+        os.replace(tmp, target / name)
+    return target / ADAPTER_FILE
+
+
+def kohya_copy_of(adapter: Path) -> Path:
+    """Where the kohya copy of an adapter file lives: adapter.safetensors -> adapter.kohya.safetensors."""
+    return adapter.with_name(adapter.name.removesuffix(".safetensors") + ".kohya.safetensors")
+
+
+def write_a1111_copy(kohya_file: Path, target: Path, output_name: str) -> Path:
+    """The kohya copy at `target`, listed by A1111 as `output_name` (its ss_output_name and title).
+
+    Only the header is rewritten; the tensors' bytes are copied as they are, so the file's
+    sshs_model_hash (the hash of those bytes) stays true without loading torch.
+    """
+    with kohya_file.open("rb") as source:
+        length = int.from_bytes(source.read(8), "little")
+        header = json.loads(source.read(length))
+        metadata = {**header.get("__metadata__", {}), "ss_output_name": output_name, "modelspec.title": output_name}
+        encoded = json.dumps({**header, "__metadata__": metadata}, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the header is padded to 8 bytes, as safetensors writes it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        with tmp.open("wb") as out:
+            out.write(len(encoded).to_bytes(8, "little") + encoded)
+            shutil.copyfileobj(source, out)
+    os.replace(tmp, target)
+    return target
 
 
 def _provenance_metadata(provenance: dict[str, Any]) -> dict[str, str]:

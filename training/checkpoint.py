@@ -45,7 +45,7 @@ from training.adapter_files import lora_state_dict, save_adapter
 STATE_FILE = "state.pt"
 # Settings that can change on --resume without changing what the run computes; anything else must match.
 RESUME_MAY_CHANGE = {"checkpoint_every", "checkpoints_keep", "validation_prompts", "sample_every", "sample_steps",
-                     "log_with", "kohya_copy", "validation_every", "early_stopping_patience",
+                     "log_with", "validation_every", "early_stopping_patience",
                      "early_stopping_min_delta"}
 
 
@@ -181,7 +181,7 @@ def save(run_dir: Path, progress: Progress, identity: RunIdentity, *, unet: Any,
         **dataclasses.asdict(identity),
     }
     torch.save(state, tmp / STATE_FILE)
-    save_adapter(unet, lora_config, tmp, provenance, kohya=False)
+    save_adapter(unet, lora_config, tmp, provenance)
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)

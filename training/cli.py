@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from loraloop.config import ConfigError, Secrets, TrainingConfig
+from loraloop.config import ConfigError, Secrets, TrainingConfig, fits_type
 from loraloop.context import AppContext, pass_app
 
 
@@ -71,7 +71,13 @@ def import_(app: AppContext, src: Path, out: Path, source_format: str, resolutio
             config = config.replace("training", resolution=resolution)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    settings = ImportSettings.from_config(config.dataset, config.training.resolution)
+    from training.base_model import BaseModelError, resolve_resolution
+
+    try:
+        size = resolve_resolution(config.training.resolution, config.service.model)
+    except BaseModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = ImportSettings.from_config(config.dataset, size)
     try:
         report = import_dataset(src, out, settings, source_format=source_format, progress=not no_progress)
     except DatasetError as exc:
@@ -182,7 +188,8 @@ def curate_(app: AppContext, out: Path, dataset_format: str | None, adapter: str
         max_pairs_per_prompt=max_pairs_per_prompt, link_images=link_images,
     )
     if not app.config.database_path.exists():
-        raise click.ClickException(f"No database at {app.config.database_path}: nothing has been rated yet.")
+        raise click.ClickException(f"No database at {app.config.database_path} ({app.config.whereabouts()}): "
+                                   "nothing has been rated yet; votes come from the Discord bot (`loraloop run`).")
     try:
         with Store.from_config(app.config) as store:
             report = curate(store, out, settings)
@@ -215,7 +222,7 @@ def apply_overrides(settings: TrainingConfig, changes: dict[str, Any]) -> Traini
         default = getattr(TrainingConfig(), key)
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             changes[key] = float(value)
-        elif type(value) is not type(default):
+        elif not fits_type(value, hints[key]):
             raise click.ClickException(f"--set {key}: expected {type(default).__name__}, got {value!r}")
     try:
         return dataclasses.replace(settings, **changes)
@@ -238,13 +245,12 @@ def apply_overrides(settings: TrainingConfig, changes: dict[str, Any]) -> Traini
 @click.option("--alpha", type=float, help="Overrides [training] alpha.")
 @click.option("--lr", type=float, help="Overrides [training] learning_rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Overrides [training] batch_size.")
-@click.option("--kohya", is_flag=True, default=None, help="Also write adapter.kohya.safetensors (A1111/ComfyUI).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any [training] key, VALUE in TOML syntax: --set targets='[\"attention\",\"proj\"]'.")
 @pass_app
 def train_command(app: AppContext, dataset: Path, name: str, objective: str | None, model: str | None,
                   output: Path | None, resume: Path | None, steps: int | None, epochs: int | None, rank: int | None,
-                  alpha: float | None, lr: float | None, batch_size: int | None, kohya: bool | None,
+                  alpha: float | None, lr: float | None, batch_size: int | None,
                   overrides: tuple[str, ...]) -> None:
     """Train a LoRA adapter on DATASET (sft, dpo or kto) and write a run directory.
 
@@ -259,7 +265,7 @@ def train_command(app: AppContext, dataset: Path, name: str, objective: str | No
 
     config = app.config
     flags = {"objective": objective, "max_steps": steps, "epochs": epochs, "rank": rank, "alpha": alpha,
-             "learning_rate": lr, "batch_size": batch_size, "kohya_copy": kohya}
+             "learning_rate": lr, "batch_size": batch_size}
     changes = parse_overrides(overrides)
     changes.update({k: v for k, v in flags.items() if v is not None})
     settings = apply_overrides(config.training, changes)
@@ -352,11 +358,16 @@ def publish_command(app: AppContext, run: Path, name: str, service_url: str | No
     config = app.config
     try:
         with Store.from_config(config) as store:
-            published = publish(run, name, config.adapters_dir, store)
+            published = publish(run, name, config.adapters_dir, store, config.a1111_adapters_dir)
     except (PublishError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"published {published.name}@{published.version} -> {published.path} "
                f"(sha256 {published.sha256[:12]}, training run {published.training_run_id})")
+    if published.a1111_files:
+        click.echo(f"for A1111, Forge and ComfyUI: {', '.join(str(p) for p in published.a1111_files)}")
+    else:
+        click.echo("no kohya copy beside the adapter (trained before loraloop wrote one), so no A1111 copy; "
+                   "retrain to get one", err=True)
     if published.base_model and published.base_model != config.service.model:
         # A LoRA only means something on the model it was trained on; say so, but it may be deliberate.
         click.echo(f"warning: {published.name}@{published.version} was trained on {published.base_model}, "
@@ -397,7 +408,8 @@ def list_command(app: AppContext, as_json: bool) -> None:
             click.echo(json.dumps(row.__dict__))
         return
     if not rows:
-        click.echo(f"no adapters in {config.adapters_dir}; publish one with `loraloop adapters publish`")
+        click.echo(f"no adapters in {config.adapters_dir} ({config.whereabouts()}); "
+                   "publish one with `loraloop adapters publish`")
         return
     for row in rows:
         loss = row.metrics.get("final_val_loss") or row.metrics.get("final_train_loss")

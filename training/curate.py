@@ -21,11 +21,12 @@ three formats, and the report. Every image in the selection is either kept or dr
 6. dpo pairs images of the same prompt whose net scores differ; ties are dropped, never counted
    as a win.
 
-The folder is a dataset in the layout `training/dataset.py` owns (what training/data.py reads):
+The folder is a dataset in the layout `training/dataset.py` owns (what training/data.py and
+`datasets.load_dataset(OUT)` read):
 
     sft  OUT/metadata.jsonl  {"file_name": "<sha256[:16]>.png", "text": prompt}
     kto  OUT/metadata.jsonl  {"file_name": ..., "text": prompt, "label": true | false}
-    dpo  OUT/metadata.jsonl  {"caption": prompt, "jpg_0": ..., "jpg_1": ..., "label_0": 1.0 | 0.0}
+    dpo  OUT/data/train-00000-of-00001.parquet  caption (prompt), jpg_0, jpg_1 (PNG bytes), label_0 (1.0 | 0.0)
 
 plus OUT/report.json (kept, dropped and why, the settings), OUT/score_histogram.png and
 OUT/dataset_hash, the content hash training computes, so a run names exactly what it learned from.
@@ -34,6 +35,7 @@ OUT/dataset_hash, the content hash training computes, so a run names exactly wha
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import io
 import itertools
@@ -43,6 +45,7 @@ import math
 import os
 import shutil
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -69,6 +72,7 @@ from training.dataset import (
     record_dataset_hash,
     staged_folder,
     write_metadata,
+    write_parquet,
 )
 
 log = logging.getLogger(__name__)
@@ -463,31 +467,28 @@ def _write_dataset(store: Store, folder: Path, survivors: list[CurationCandidate
                    report: CurationReport) -> None:
     for candidate in sorted(survivors, key=lambda c: c.image.id):
         image = candidate.image
-        _place_image(store.image_path(image), folder / file_name(image), settings.link_images)
-        kept = {"image_id": image.id, "file_name": file_name(image), "prompt": image.prompt,
+        kept = {"image_id": image.id, "sha256": image.sha256, "prompt": image.prompt,
                 "score": image.score, "likes": image.likes, "dislikes": image.dislikes,
                 "wilson": round(candidate.wilson, 4)}
+        if settings.format != "dpo":  # dpo keeps the images inside its Parquet file
+            _place_image(store.image_path(image), folder / file_name(image), settings.link_images)
+            kept["file_name"] = file_name(image)
         if candidate.label is not None:
             kept["label"] = candidate.label
         report.kept.append(kept)
 
     if settings.format == "dpo":
-        rows = [
-            DPO.row(caption=first.image.prompt, jpg_0=file_name(first.image), jpg_1=file_name(second.image),
-                    label_0=1.0 if first.image.score > second.image.score else 0.0)
-            for first, second in pairs
-        ]
+        report.dataset_hash = record_dataset_hash(folder, write_parquet(folder, DPO, _pair_rows(store, pairs)))
     else:
         rows = []
         for candidate in sorted(survivors, key=lambda c: file_name(c.image)):
             name, prompt = file_name(candidate.image), candidate.image.prompt
             rows.append(KTO.row(file_name=name, text=prompt, label=candidate.label) if settings.format == "kto"
                         else SFT.row(file_name=name, text=prompt))
-    metadata = write_metadata(folder, rows)
-
-    # Every file was checked against its sha256 above, so the hash needs no second read.
-    report.dataset_hash = record_dataset_hash(
-        folder, content_hash(metadata, {file_name(c.image): c.image.sha256 for c in survivors}))
+        metadata = write_metadata(folder, rows)
+        # Every file was checked against its sha256 above, so the hash needs no second read.
+        report.dataset_hash = record_dataset_hash(
+            folder, content_hash(metadata, {file_name(c.image): c.image.sha256 for c in survivors}))
     draw_histogram(
         folder / HISTOGRAM_FILE,
         [row["score"] for row in report.kept],
@@ -495,6 +496,17 @@ def _write_dataset(store: Store, folder: Path, survivors: list[CurationCandidate
         f"{settings.format}: {len(report.kept)} kept, {len(report.dropped)} dropped",
     )
     (folder / REPORT_FILE).write_text(_report_json(report.to_dict()), encoding="utf-8")
+
+
+def _pair_rows(store: Store, pairs: list[tuple[CurationCandidate, CurationCandidate]]) -> Iterator[dict[str, Any]]:
+    """dpo rows with the images' bytes, read as they are written. A prompt's pairs come together
+    (`_pairs` groups them), so the last few files read cover every repeat."""
+    read = functools.lru_cache(maxsize=64)(lambda image_id, path: path.read_bytes())
+    for first, second in pairs:
+        yield DPO.row(caption=first.image.prompt,
+                      jpg_0=read(first.image.id, store.image_path(first.image)),
+                      jpg_1=read(second.image.id, store.image_path(second.image)),
+                      label_0=1.0 if first.image.score > second.image.score else 0.0)
 
 
 def _report_json(data: dict[str, Any]) -> str:

@@ -2,8 +2,10 @@
 split, image tensors, and the encode cache.
 
 The dataset is one of the formats `training/dataset.py` owns (sft, kto, dpo), read through its
-metadata.jsonl reader and hashed the same way import and curation hash it. Everything here up
-to the tensors runs before any weights load, so a bad dataset fails in a second with the line
+readers and hashed the same way import and curation hash it. A dpo dataset's images are bytes
+inside its Parquet shards; each is written once to an image cache by its sha256, so the
+examples the trainer gets name image files whatever the format. Everything here up to the
+tensors runs before any weights load, so a bad dataset fails in a second with the line (or row)
 that is wrong. The encode cache keeps VAE latents and text embeddings on disk under a key made
 of the content hash and what produced it, so a retrain encodes only what is new.
 """
@@ -11,12 +13,30 @@ of the content hash and what produced it, so a retrain encodes only what is new.
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from training.dataset import FORMATS, METADATA_FILE, DatasetError, dataset_hash, read_metadata
+from training.dataset import (
+    DPO,
+    FORMATS,
+    METADATA_FILE,
+    PARQUET_FILE,
+    DatasetError,
+    RowsDigest,
+    dataset_hash,
+    parquet_shards,
+    read_metadata,
+    read_parquet,
+)
+
+# Where a dpo dataset's images are written when the caller names no cache (the trainer names
+# DATA_DIR/cache/dataset-images): content-addressed, so datasets and runs share them.
+DEFAULT_IMAGE_CACHE = Path(tempfile.gettempdir()) / "loraloop-dataset-images"
 
 
 @dataclass(frozen=True)
@@ -56,32 +76,72 @@ def _check_image(root: Path, name: object, where: str) -> Path:
     return path
 
 
-def load_dataset(root: str | Path, objective: str) -> Dataset:
+def _cached_image(cache: Path, sha256: str, data: bytes, where: str) -> Path:
+    """An image's bytes as a file in `cache`, named by their sha256 (so one that is there was
+    checked when it was written): checked and written once, atomically. No suffix: PIL and the
+    encoder go by the content."""
+    path = cache / sha256[:2] / sha256
+    if path.is_file():
+        return path
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DatasetError(f"{where}: its image is unreadable ({exc}); curate the dataset again") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def _read_pairs(root: Path, image_cache: Path) -> tuple[list[Example], int, str]:
+    """A dpo dataset's preference pairs (preferred image first), how many ties were dropped, and
+    its dataset hash, all in one pass over the shards."""
+    if not parquet_shards(root):
+        old = (" (its metadata.jsonl is the layout before Parquet: curate it again)"
+               if (root / METADATA_FILE).is_file() else "")
+        raise DatasetError(f"{root} has no {PARQUET_FILE}{old}; build it with `loraloop dataset curate --format dpo`")
+    examples, ties = [], 0
+    digest = RowsDigest(DPO)
+    files: dict[str, Path] = {}  # sha256 -> cached file: an image is in many pairs
+    for row in read_parquet(root, DPO):
+        values = row.values
+        shas = {column: hashlib.sha256(values[column]).hexdigest() for column in DPO.image_bytes_columns}
+        digest.add(values, shas)
+        for column, sha in shas.items():
+            if sha not in files:
+                files[sha] = _cached_image(image_cache, sha, values[column], row.where)
+        first, second = files[shas["jpg_0"]], files[shas["jpg_1"]]
+        label = values["label_0"]
+        if label == 0.5:
+            ties += 1
+            continue
+        preferred, rejected = (first, second) if label > 0.5 else (second, first)
+        examples.append(Example(caption=values["caption"], image=preferred, rejected=rejected))
+    return examples, ties, digest.hexdigest()
+
+
+def load_dataset(root: str | Path, objective: str, image_cache: Path = DEFAULT_IMAGE_CACHE) -> Dataset:
     """Read and check a dataset directory for `objective`, raising DatasetError on the first problem."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset {root} does not exist; build one with `loraloop dataset import` or `curate`")
-    metadata = root / METADATA_FILE
-    if not metadata.is_file():
-        raise DatasetError(f"{root} has no {METADATA_FILE}; build it with `loraloop dataset import` or `curate`")
     dataset_format = FORMATS[objective]
     examples: list[Example] = []
     ties = 0
-    for row in read_metadata(metadata):
-        dataset_format.check(row)
-        values = row.values
-        if objective == "dpo":
-            first = _check_image(root, values["jpg_0"], row.where)
-            second = _check_image(root, values["jpg_1"], row.where)
-            label = values["label_0"]
-            if label == 0.5:
-                ties += 1
-                continue
-            preferred, rejected = (first, second) if label > 0.5 else (second, first)
-            examples.append(Example(caption=str(values["caption"]), image=preferred, rejected=rejected))
-        else:
+    if dataset_format.storage == "parquet":
+        examples, ties, content_hash = _read_pairs(root, image_cache)
+    else:
+        metadata = root / METADATA_FILE
+        if not metadata.is_file():
+            raise DatasetError(f"{root} has no {METADATA_FILE}; build it with `loraloop dataset import` or `curate`")
+        for row in read_metadata(metadata):
+            dataset_format.check(row)
+            values = row.values
             image = _check_image(root, values["file_name"], row.where)
             examples.append(Example(caption=str(values["text"]), image=image, desirable=values.get("label", True)))
+        content_hash = dataset_hash(root)  # reads every image the rows name, as import and curation hashed them
     if not examples:
         if objective == "dpo":
             raise DatasetError(
@@ -92,7 +152,7 @@ def load_dataset(root: str | Path, objective: str) -> Dataset:
         raise DatasetError(f"{root}: KTO needs both liked and disliked images (label true and false)")
     # The same hash import and curation record, so a run and the dataset it learned from match.
     return Dataset(root=root, objective=objective, examples=tuple(examples),
-                   content_hash=dataset_hash(root), ties_dropped=ties)
+                   content_hash=content_hash, ties_dropped=ties)
 
 
 def split_examples(examples: tuple[Example, ...], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

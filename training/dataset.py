@@ -4,21 +4,30 @@ the perceptual hash and near-duplicate index that keep look-alike pictures out o
 Import, captioning and curation write datasets and training reads them; every one of them goes
 through here, so the folder below means the same thing to all of them:
 
-    OUT/<sha256[:16]>.png        the images (import and curation name them by content)
-    OUT/metadata.jsonl           one JSON object a line, in one of `FORMATS`:
+    OUT/<sha256[:16]>.png        sft, kto: the images (import and curation name them by content)
+    OUT/metadata.jsonl           sft, kto: one JSON object a line, in one of `FORMATS`:
                                    sft  {"file_name": ..., "text": ...}
                                    kto  {"file_name": ..., "text": ..., "label": true | false}
-                                   dpo  {"caption": ..., "jpg_0": ..., "jpg_1": ..., "label_0": 1.0 | 0.0}
+    OUT/data/train-00000-of-00001.parquet
+                                 dpo: Pick-a-Pic's columns, the images inside as bytes:
+                                   caption (string), jpg_0, jpg_1 (binary), label_0 (1.0 | 0.0 | 0.5)
     OUT/dataset_hash             sha256 over metadata.jsonl, then each image it names (name, NUL,
-                                 sha256) in name order: what a trained adapter records it learned from
+                                 sha256) in name order; for Parquet, over each row with its images
+                                 by sha256: what a trained adapter records it learned from
     OUT/report.json              what the step that wrote the folder kept and dropped, and why
     OUT/score_histogram.png      curation only: the net scores, kept and dropped
 
-A format is a `DatasetFormat`: its columns in the order they are written and which of them
-name image files. A new format (a DPO Parquet file, say) is one more of those, plus a reader
-for its file where that is not metadata.jsonl.
+Every layout is what `datasets.load_dataset(OUT)` reads with no arguments: imagefolder's
+metadata.jsonl for sft and kto, and for dpo the Hub's shard names, which it looks for before
+anything else in a folder, so the report and histogram beside them are not taken for data. The
+dpo shards are what diffusers' train_diffusion_dpo.py reads (`Image.open(io.BytesIO(jpg_0))`),
+and a Pick-a-Pic shard dropped into data/ trains as it is (its extra columns are ignored).
 
-Floor: part of `training/`; imports only the stdlib, numpy, PIL and `loraloop`'s floor.
+A format is a `DatasetFormat`: its columns in the order they are written, which of them name
+image files or hold image bytes, and where its rows live (metadata.jsonl or Parquet shards).
+
+Floor: part of `training/`; imports only the stdlib, numpy, PIL and `loraloop`'s floor (pyarrow
+when a Parquet dataset is read or written).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +46,11 @@ import numpy as np
 from PIL import Image
 
 METADATA_FILE = "metadata.jsonl"
+# The Hub's name for the one shard of a train split: `datasets.load_dataset(folder)` finds it first.
+PARQUET_FILE = "data/train-00000-of-00001.parquet"
+PARQUET_GLOB = "data/train-*.parquet"
+# Rows per Parquet row group: a group's images are in memory at once while writing or reading.
+PARQUET_ROWS_PER_GROUP = 256
 REPORT_FILE = "report.json"
 HASH_FILE = "dataset_hash"
 HISTOGRAM_FILE = "score_histogram.png"
@@ -68,8 +82,10 @@ class DatasetFormat:
 
     name: FormatName
     columns: tuple[str, ...]
-    image_columns: tuple[str, ...]
+    image_columns: tuple[str, ...]  # hold an image's file name, in the dataset folder
     value_checks: tuple[ValueCheck, ...] = ()
+    image_bytes_columns: tuple[str, ...] = ()  # hold an image file's bytes (Parquet only)
+    storage: Literal["jsonl", "parquet"] = "jsonl"
 
     def row(self, **values: Any) -> dict[str, Any]:
         """A row to write, its columns in this format's order."""
@@ -98,10 +114,18 @@ KTO = DatasetFormat(
     "kto", columns=("file_name", "text", "label"), image_columns=("file_name",),
     value_checks=(ValueCheck("label", lambda value: isinstance(value, bool), "true or false"),),
 )
+def _is_image_bytes(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) > 0
+
+
 # label_0 is the probability that jpg_0 is the preferred image: 1.0, 0.0, or 0.5 for a tie.
 DPO = DatasetFormat(
-    "dpo", columns=("caption", "jpg_0", "jpg_1", "label_0"), image_columns=("jpg_0", "jpg_1"),
-    value_checks=(ValueCheck("label_0", _is_probability, "a number between 0 and 1"),),
+    "dpo", columns=("caption", "jpg_0", "jpg_1", "label_0"), image_columns=(),
+    value_checks=(ValueCheck("caption", lambda value: isinstance(value, str), "a string"),
+                  ValueCheck("jpg_0", _is_image_bytes, "an image file's bytes"),
+                  ValueCheck("jpg_1", _is_image_bytes, "an image file's bytes"),
+                  ValueCheck("label_0", _is_probability, "a number between 0 and 1")),
+    image_bytes_columns=("jpg_0", "jpg_1"), storage="parquet",
 )
 FORMATS: dict[str, DatasetFormat] = {fmt.name: fmt for fmt in (SFT, KTO, DPO)}
 # Every column, in any format, that names an image: what the dataset hash covers.
@@ -170,6 +194,84 @@ def write_metadata(folder: Path, rows: list[dict[str, Any]]) -> bytes:
     return data
 
 
+# --- Parquet shards ---------------------------------------------------------------------------
+
+
+def parquet_shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob(PARQUET_GLOB))
+
+
+def write_parquet(folder: Path, dataset_format: DatasetFormat, rows: Iterable[dict[str, Any]]) -> str:
+    """Write `rows` as FOLDER/data/train-00000-of-00001.parquet, a row group at a time (so memory
+    holds one group's images, not the dataset's), and return the dataset hash of what was written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {"caption": pa.string(), "label_0": pa.float64(),
+             **{column: pa.binary() for column in dataset_format.image_bytes_columns}}
+    schema = pa.schema([(column, types[column]) for column in dataset_format.columns])
+    path = folder / PARQUET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = RowsDigest(dataset_format)
+    group: list[dict[str, Any]] = []
+    with pq.ParquetWriter(path, schema) as writer:
+        for row in rows:
+            digest.add(row)
+            group.append(row)
+            if len(group) == PARQUET_ROWS_PER_GROUP:
+                writer.write_table(pa.Table.from_pylist(group, schema=schema))
+                group = []
+        if group:
+            writer.write_table(pa.Table.from_pylist(group, schema=schema))
+    return digest.hexdigest()
+
+
+def read_parquet(folder: Path, dataset_format: DatasetFormat) -> Iterator[MetadataRow]:
+    """The rows of FOLDER's Parquet shards, a row group at a time, each checked against the format.
+
+    Raises DatasetError naming the file for a shard that is not Parquet or lacks a column, and
+    naming the row for a wrong value. Other columns (Pick-a-Pic has a dozen more) are not read.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in parquet_shards(folder):
+        try:
+            shard = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from None
+        missing = [c for c in dataset_format.columns if c not in shard.schema_arrow.names]
+        if missing:
+            raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} "
+                               f"(a {dataset_format.name} dataset needs {', '.join(dataset_format.columns)})")
+        number = 0
+        for batch in shard.iter_batches(batch_size=PARQUET_ROWS_PER_GROUP, columns=list(dataset_format.columns)):
+            for values in batch.to_pylist():
+                row = MetadataRow(f"{path}: row {number}", values)
+                dataset_format.check(row)
+                number += 1
+                yield row
+
+
+class RowsDigest:
+    """The hash of a Parquet dataset, row by row: each row as JSON with its images by sha256
+    (`dataset_hash` of the folder, computed while the rows go by)."""
+
+    def __init__(self, dataset_format: DatasetFormat) -> None:
+        self.format = dataset_format
+        self._digest = hashlib.sha256()
+
+    def add(self, values: Mapping[str, Any], image_sha256: Mapping[str, str] | None = None) -> None:
+        """Add a row; `image_sha256` gives its images' digests by column when the caller has them."""
+        known = image_sha256 or {}
+        line = {column: known.get(column) or hashlib.sha256(values[column]).hexdigest()
+                if column in self.format.image_bytes_columns else values[column] for column in self.format.columns}
+        self._digest.update(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 # --- the content hash -----------------------------------------------------------------------
 
 
@@ -186,10 +288,16 @@ def content_hash(metadata: bytes, file_digests: Mapping[str, str]) -> str:
 
 
 def dataset_hash(folder: Path) -> str:
-    """sha256 over metadata.jsonl, then each image it names (name, NUL, sha256) in name order.
+    """sha256 over metadata.jsonl, then each image it names (name, NUL, sha256) in name order; for
+    Parquet shards (dpo), over each row with its images by sha256.
 
     Reads every image, so it also verifies a dataset on disk against its recorded hash.
     """
+    if parquet_shards(folder):
+        digest = RowsDigest(DPO)
+        for row in read_parquet(folder, DPO):
+            digest.add(row.values)
+        return digest.hexdigest()
     path = folder / METADATA_FILE
     metadata = path.read_bytes()
     names = {row.values[column] for row in _parse_metadata(path, _decode(path, metadata), None)

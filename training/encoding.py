@@ -57,7 +57,7 @@ class Encoder:
         """(mean, std) of the VAE's latent distribution for an image: (4, R/f, R/f) each."""
 
         def compute() -> dict[str, torch.Tensor]:
-            pixels = load_image_tensor(path, self.settings.resolution, flip)[None]
+            pixels = load_image_tensor(path, int(self.settings.resolution), flip)[None]  # "auto" resolved in validate
             with torch.no_grad():
                 dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
             return {"mean": dist.mean[0].float(), "std": dist.std[0].float()}

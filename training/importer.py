@@ -44,7 +44,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from loraloop import __version__
-from loraloop.config import DatasetConfig, TrainingConfig
+from loraloop.config import DatasetConfig
 from training.dataset import (
     METADATA_FILE,
     REPORT_FILE,
@@ -100,7 +100,8 @@ _DATASET = DatasetConfig()
 class ImportSettings:
     """How to import; defaults come from `[dataset]` (and the resolution from `[training]`)."""
 
-    resolution: int = TrainingConfig().resolution
+    # SD 1.5's native size; `dataset import` passes [training] resolution, "auto" resolved for the base model.
+    resolution: int = 512
     min_image_size: int = _DATASET.min_image_size
     min_caption_chars: int = _DATASET.min_caption_chars
     near_duplicate_distance: int = _DATASET.near_duplicate_distance

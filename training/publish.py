@@ -9,6 +9,17 @@ training run and the version in the store, then asks the running service to resc
 adapters. The copy is written to a hidden temp file and linked into place, so the service
 never sees a half-written file and two publishes can never take the same version; if the
 store refuses the record, the file is removed again. The commands themselves are in training/cli.py.
+
+The run's kohya copy goes to the A1111 folder beside it (`Config.a1111_adapters_dir`), named as
+the service names the version, so a prompt from one of our PNGs works there as it is:
+
+    ADAPTERS_DIR/fox/v2.safetensors          the service's (diffusers format)
+    ADAPTERS_DIR-a1111/fox@2.safetensors     <lora:fox@2:0.8> in A1111, Forge, ComfyUI
+    ADAPTERS_DIR-a1111/fox.safetensors       <lora:fox:0.8>: the newest version, replaced at each publish
+
+Each file's `ss_output_name` is its own stem (A1111 lists a LoRA under it, and two files with one
+alias would make `fox` ambiguous); only the header differs from the run's copy, so the
+`sshs_model_hash` A1111 and Civitai go by is the same in all three.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from generation.adapters import VERSION_FILE_RE, AdapterDirectory
 from generation.client import UNAVAILABLE, ServiceClient, ServiceError
 from generation.contract import ADAPTER_NAME_RE
 from loraloop.store import AdapterVersion, Store, StoreError
-from training.adapter_files import ADAPTER_FILE, read_provenance
+from training.adapter_files import ADAPTER_FILE, kohya_copy_of, read_provenance, write_a1111_copy
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +56,8 @@ class Published:
     sha256: str
     training_run_id: int
     base_model: str = ""
+    # The A1111 copies written (pinned version, then newest); empty when the run has no kohya copy.
+    a1111_files: tuple[Path, ...] = ()
 
 
 def find_adapter(run: Path) -> Path:
@@ -94,8 +107,9 @@ def _run_record(adapter: Path) -> tuple[dict[str, Any], str, str, dict[str, Any]
     return config, str(provenance.get("dataset", "")), provenance["dataset_hash"], metrics
 
 
-def publish(run: Path, name: str, adapters_dir: Path, store: Store) -> Published:
-    """Copy a run's adapter in as NAME's next version and record it; raises PublishError."""
+def publish(run: Path, name: str, adapters_dir: Path, store: Store, a1111_dir: Path | None = None) -> Published:
+    """Copy a run's adapter in as NAME's next version and record it, and its kohya copy into
+    `a1111_dir` when given; raises PublishError."""
     if not ADAPTER_NAME_RE.match(name):
         raise PublishError(f"adapter name {name!r} is not valid: use letters, digits, '-', '_' or '.', "
                            "starting with a letter or digit, at most 64 characters")
@@ -146,8 +160,13 @@ def publish(run: Path, name: str, adapters_dir: Path, store: Store) -> Published
     finally:
         tmp.unlink(missing_ok=True)
     log.info("published %s as %s v%d (%s)", adapter, name, version, sha256[:12])
+    a1111_files: tuple[Path, ...] = ()
+    kohya = kohya_copy_of(adapter)
+    if a1111_dir is not None and kohya.is_file():
+        a1111_files = tuple(write_a1111_copy(kohya, a1111_dir / f"{label}.safetensors", label)
+                            for label in (f"{name}@{version}", name))
     return Published(name=name, version=version, path=final, sha256=sha256, training_run_id=run_id,
-                     base_model=str(config.get("base_model") or ""))
+                     base_model=str(config.get("base_model") or ""), a1111_files=a1111_files)
 
 
 async def tell_service(base_url: str, token: str | None, published: Published) -> str:

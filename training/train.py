@@ -18,8 +18,10 @@ training/data.py reads the dataset and training/encoding.py encodes it; training
 runs the UNet on a micro-batch and training/objectives.py scores it; training/checkpoint.py
 saves and resumes; training/adapter_files.py writes the adapter; training/cli.py is the command.
 
-A run directory holds: adapter.safetensors (diffusers LoRA format, provenance in its metadata),
-report.json, loss.png, samples/step-N.png, checkpoints/step-N/ (resumable) and best/.
+A run directory holds: adapter.safetensors (diffusers LoRA format, provenance in its metadata)
+and adapter.kohya.safetensors (the same weights for A1111), report.json, loss.png, and when they
+apply best/ (with a validation split), checkpoints/step-N/ (every checkpoint_every steps,
+resumable) and samples/step-N.png (with validation_prompts and sample_every).
 
 Determinism: every random draw in the loop (batch order, flips, caption dropout, latent
 sampling, noise, timesteps) comes from one seeded generator whose state is checkpointed; batch
@@ -36,7 +38,6 @@ import logging
 import math
 import random
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +56,8 @@ from generation.contract import ADAPTER_NAME_RE
 from loraloop.config import TrainingConfig
 from loraloop.tiny import loadable_model
 from training import checkpoint
-from training.adapter_files import ADAPTER_FILE, save_adapter
+from training.adapter_files import ADAPTER_FILE, copy_adapter, save_adapter
+from training.base_model import AUTO, BaseModelError, native_resolution
 from training.checkpoint import Progress
 from training.data import Dataset, DatasetError, Example, load_dataset, split_examples
 from training.denoising import evaluate, micro_batch_loss, render_samples
@@ -176,7 +178,7 @@ def validate(job: Job, processes: int | None = None) -> Plan:
         raise TrainError(f"adapter name {job.name!r} is not valid: use letters, digits, '-', '_' or '.', "
                          "starting with a letter or digit, at most 64 characters")
     try:
-        dataset = load_dataset(job.dataset, s.objective)
+        dataset = load_dataset(job.dataset, s.objective, image_cache=job.data_dir / "cache" / "dataset-images")
     except DatasetError as exc:
         raise TrainError(str(exc)) from None
     train, validation = split_examples(dataset.examples, s.validation_split, s.seed)
@@ -189,6 +191,12 @@ def validate(job: Job, processes: int | None = None) -> Plan:
         raise TrainError("mixed_precision 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on the CPU")
     trackers = _pick_trackers(s.log_with)
     model_path = check_trainable_base_model(loadable_model(job.model, job.data_dir))
+    if s.resolution == AUTO:  # the base model's native size, recorded as a number in the run and its adapter
+        try:
+            s = dataclasses.replace(s, resolution=native_resolution(model_path))
+        except BaseModelError as exc:
+            raise TrainError(str(exc)) from None
+        job = dataclasses.replace(job, settings=s)
     if s.epochs:
         per_epoch = batches_per_epoch(len(train), s.batch_size, processes)
         total_steps = max(1, math.ceil(s.epochs * per_epoch / s.grad_accumulation))
@@ -444,7 +452,7 @@ def _evaluate_and_keep_best(st: Setup, plan: Plan, progress: Progress) -> dict[s
         progress.best_val, progress.best_step, progress.stale_evaluations = val_loss, progress.step, 0
         if st.accelerator.is_main_process:
             save_adapter(st.accelerator.unwrap_model(st.unet), st.lora_config, plan.run_dir / "best",
-                         provenance(plan, progress), kohya=False)
+                         provenance(plan, progress))
     else:
         progress.stale_evaluations += 1
     return {"val_loss": val_loss, **val_metrics}
@@ -468,10 +476,11 @@ def finish(st: Setup, plan: Plan, progress: Progress, stopped_early: bool, secon
     unet = st.accelerator.unwrap_model(st.unet)
     best = plan.run_dir / "best" / ADAPTER_FILE
     use_best = bool(s.early_stopping_patience) and best.is_file()
-    adapter = save_adapter(unet, st.lora_config, plan.run_dir, provenance(plan, progress), kohya=s.kohya_copy)
     if use_best:
-        # Early stopping keeps the best checkpoint: the run's adapter is the one that validated best.
-        shutil.copyfile(best, adapter)
+        # Early stopping keeps the best checkpoint: the run's adapter files are the ones that validated best.
+        adapter = copy_adapter(best.parent, plan.run_dir)
+    else:
+        adapter = save_adapter(unet, st.lora_config, plan.run_dir, provenance(plan, progress))
     report = {
         "name": plan.job.name, "run_dir": str(plan.run_dir), "adapter": str(adapter),
         "adapter_step": progress.best_step if use_best else progress.step,
