@@ -16,8 +16,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # Adapter names travel in URLs and become file names: letters, digits, '-', '_' and '.', never
-# starting with '.', so no name can climb out of the adapters directory.
-ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# starting with '.', so no name can climb out of the adapters directory. \A and \Z, not ^ and $:
+# `$` also matches before a final newline, which would let "pixel\n" through.
+ADAPTER_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+ADAPTER_VERSION_RE = re.compile(r"\A[0-9]{1,6}\Z")
+# No field takes a whole number past this; refusing it here keeps giant integers (JSON has no
+# limit) out of the arithmetic and float formatting of the checks after parsing.
+MAX_WHOLE_NUMBER = 2**53
 
 SCHEDULERS = ("dpmpp_2m", "euler_a", "ddim", "lcm")
 DEFAULT_SCHEDULER = "dpmpp_2m"
@@ -32,6 +37,7 @@ class ErrorCode(enum.StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     UNAUTHORIZED = "unauthorized"
     NOT_FOUND = "not_found"
+    REQUEST_TIMEOUT = "request_timeout"
     QUEUE_FULL = "queue_full"
     REQUESTER_LIMIT = "requester_limit"
     GENERATION_FAILED = "generation_failed"
@@ -76,7 +82,20 @@ def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], defau
         raise InvalidRequest(f"'{name}' must be a {_kind_name(kind)}, not true/false.")
     if not isinstance(value, kind):
         raise InvalidRequest(f"'{name}' must be a {_kind_name(kind)}.")
+    if isinstance(value, int) and abs(value) > MAX_WHOLE_NUMBER:
+        raise InvalidRequest(f"'{name}' is far out of range.")
+    if isinstance(value, str) and not _is_unicode(value):
+        raise InvalidRequest(f"'{name}' is not valid Unicode text (it holds a lone surrogate such as \\ud800).")
     return value
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate: JSON can escape one, UTF-8 cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -102,7 +121,7 @@ class AdapterRef:
             raise InvalidRequest('Each adapter must be an object like {"name": "pixel", "weight": 0.8}.')
         name = _field(data, "name", str, "")
         base, _, version = name.partition("@")
-        if not ADAPTER_NAME_RE.match(base) or (version and not version.isdigit()):
+        if not ADAPTER_NAME_RE.match(base) or (version and not ADAPTER_VERSION_RE.match(version)):
             raise InvalidRequest(
                 f"Adapter name {name!r} is not valid: use letters, digits, '-', '_' or '.', "
                 "optionally followed by @VERSION.",

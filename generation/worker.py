@@ -29,6 +29,17 @@ from generation.queue import FairQueue
 log = logging.getLogger(__name__)
 
 
+class _ChunkCancelled(Exception):
+    """Raised from the step callback once every job of a chunk is cancelled: stops the pipeline
+    call there, before its remaining steps and its VAE decode (diffusers' `_interrupt` skips the
+    steps but still decodes, which for a big image is minutes more)."""
+
+
+class _ShownFailure(Exception):
+    """A failure whose message may go to the client as it is: it names no path and quotes no
+    exception (those go to the log, with the job id)."""
+
+
 class JobSink(Protocol):
     """The loop-side receiver of the worker's reports (all called on the event loop)."""
 
@@ -133,13 +144,20 @@ class Worker:
             pipe = self.model.txt2img if spec.init_image is None else self.model.img2img
             images: dict[tuple[str, int], Any] = {}
             for number, chunk in enumerate(chunks):
-                outputs = self._call_pipeline(pipe, live, chunk, number * per_chunk, total)
+                if all(job.cancel_requested.is_set() for job, _ in chunk):
+                    continue  # nobody wants these images any more
+                try:
+                    outputs = self._call_pipeline(pipe, live, chunk, number * per_chunk, total)
+                except _ChunkCancelled:
+                    continue
                 for (job, index), image in zip(chunk, outputs, strict=True):
                     images[(job.id, index)] = image
         except Exception as exc:
             log.exception("jobs %s: generation failed", ids)
-            error = ApiError(ErrorCode.GENERATION_FAILED.value, f"Generation failed: {exc}")
+            what = str(exc) if isinstance(exc, _ShownFailure) else "Generation failed"
             for job in live:
+                error = ApiError(ErrorCode.GENERATION_FAILED.value,
+                                 f"{what}; the service log has the details (job {job.id}).")
                 self._report(self.sink.on_failed, job, error)
             return
         for job in live:
@@ -176,7 +194,7 @@ class Worker:
                         previews[job.id] = _png_base64(latent_preview(latents[row]))
             self._report(self.sink.on_progress, live, done_before + step + 1, previews, seconds)
             if all(job.cancel_requested.is_set() for job, _ in chunk):
-                pipeline._interrupt = True  # diffusers skips the remaining steps
+                raise _ChunkCancelled
             return kwargs
 
         arguments: dict[str, Any] = dict(
@@ -207,9 +225,7 @@ class Worker:
                 except Exception as exc:
                     if name in _adapter_names(pipe):
                         pipe.delete_adapters(name)
-                    raise RuntimeError(
-                        f"adapter {adapter.file.label} does not fit this model ({exc})"
-                    ) from exc
+                    raise _ShownFailure(f"Adapter {adapter.file.label} does not fit this model") from exc
                 self._loaded_adapters[sha] = name
                 log.info("adapter %s loaded (%s)", adapter.file.label, sha[:12])
             name = self._loaded_adapters[sha]
