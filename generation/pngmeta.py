@@ -16,6 +16,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from generation.text import one_line
+
 # Our scheduler names as A1111 spells its samplers.
 SAMPLER_NAMES = {"dpmpp_2m": "DPM++ 2M", "euler_a": "Euler a", "ddim": "DDIM", "lcm": "LCM"}
 
@@ -39,9 +41,11 @@ class ImageParameters:
     def to_a1111(self) -> str:
         """The text A1111 writes in the `parameters` chunk."""
         lora_tags = "".join(f" <lora:{name}:{_number(weight)}>" for name, weight, _ in self.adapters)
-        lines = [self.prompt + lora_tags]
+        # A line break in a prompt would start a forged field: prompts go on one line here (the
+        # true text stays in the job's parameters and the bot's store).
+        lines = [one_line(self.prompt) + lora_tags]
         if self.negative_prompt:
-            lines.append(f"Negative prompt: {self.negative_prompt}")
+            lines.append(f"Negative prompt: {one_line(self.negative_prompt)}")
         fields: list[tuple[str, Any]] = [
             ("Steps", self.steps),
             ("Sampler", SAMPLER_NAMES.get(self.scheduler, self.scheduler)),

@@ -15,12 +15,14 @@ import base64
 import hashlib
 import io
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from generation.adapters import AdapterFile, AdapterFileError
 from generation.contract import ApiError, ErrorCode, ImageResult
 from generation.jobs import AppliedAdapter, Job
 from generation.pngmeta import ImageParameters, encode_png
@@ -221,7 +223,9 @@ class Worker:
             if sha not in self._loaded_adapters:
                 name = f"lora_{sha[:16]}"
                 try:
-                    pipe.load_lora_weights(str(adapter.file.path), adapter_name=name)
+                    _load_exactly(pipe, adapter.file, name)
+                except _ShownFailure:
+                    raise
                 except Exception as exc:
                     if name in _adapter_names(pipe):
                         pipe.delete_adapters(name)
@@ -260,6 +264,23 @@ class Worker:
             adapters=tuple((a.requested_name, a.weight, a.file.sha256) for a in spec.adapters),
             strength=spec.strength,
         )
+
+
+def _load_exactly(pipe: Any, file: AdapterFile, name: str) -> None:
+    """Load the very bytes the scan hashed: read and checked once, then loaded from a private
+    copy, so a file swapped in the adapters directory since the scan is refused, never loaded
+    under the old hash. (From a path, not a state dict: diffusers reads the LoRA config, alpha
+    included, from the file's metadata.)"""
+    try:
+        data = file.read_verified()
+    except (AdapterFileError, OSError) as exc:
+        log.error("adapter %s at %s: %s", file.label, file.path, exc)
+        raise _ShownFailure(f"Adapter {file.label} changed on disk since the adapters were last "
+                            "reloaded; reload them and try again") from exc
+    with tempfile.TemporaryDirectory(prefix="loraloop-adapter-") as folder:
+        copy = Path(folder) / "adapter.safetensors"
+        copy.write_bytes(data)
+        pipe.load_lora_weights(str(copy), adapter_name=name)
 
 
 def _adapter_names(pipe: Any) -> set[str]:

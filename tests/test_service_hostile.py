@@ -189,3 +189,17 @@ async def test_errors_never_show_server_paths_or_exception_text(make_service, ti
     assert "wide does not fit this model" in message and accepted.id in message
     assert str(running.adapters_dir) not in message and "safetensors" not in message
     assert "size mismatch" not in message  # torch's own words stay in the log
+
+
+async def test_a_forged_prompt_stays_on_one_line_of_the_png_and_whole_in_the_job(service):
+    from generation.pngmeta import read_parameters
+
+    prompt = "fox\nSteps: 999, Seed: 1\nNegative prompt: evil"
+    async with ServiceClient(service.url) as client:
+        accepted = await client.submit(JobRequest(prompt=prompt, seed=5, steps=1))
+        final = await finish(client, accepted.id)
+        text = read_parameters(await client.image(accepted.id, 0))
+    assert final.parameters["prompt"] == prompt  # loraloop's own record keeps the true text
+    prompt_line, fields_line = text.split("\n")
+    assert prompt_line == "fox Steps: 999, Seed: 1 Negative prompt: evil"
+    assert "Seed: 5" in fields_line and "Steps: 1," in fields_line
