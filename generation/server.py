@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -496,6 +497,24 @@ async def metrics(request: web.Request) -> web.Response:
     service = _service(request)
     text = service.metrics.render(queue_depth=service.queue.depth(), paused=service.queue.paused)
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+def exposure_refusal(host: str, token: str | None) -> str | None:
+    """Why the service must not listen on `host` without a token, or None when it may."""
+    if token or _is_loopback(host):
+        return None
+    return (f"Refusing to listen on {host or 'every interface'} without LORALOOP_SERVICE_TOKEN: anyone who can "
+            "reach it could use the GPU. Set LORALOOP_SERVICE_TOKEN (clients send it as a bearer token) "
+            "or listen on 127.0.0.1")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to any interface
 
 
 def create_app(config: Config, secrets: Secrets) -> web.Application:

@@ -22,6 +22,10 @@ from pathlib import Path
 
 CONFIG_ENV = "LORALOOP_CONFIG"
 DATA_DIR_ENV = "LORALOOP_DATA_DIR"
+SERVICE_TOKEN_ENV = "LORALOOP_SERVICE_TOKEN"
+# A file holding the service token, read when LORALOOP_SERVICE_TOKEN is unset; `serve` writes a
+# new random one there on first start (the Docker image points it into the data volume).
+SERVICE_TOKEN_FILE_ENV = "LORALOOP_SERVICE_TOKEN_FILE"
 
 
 class ConfigError(Exception):
@@ -454,8 +458,42 @@ class Secrets:
     def from_env(cls) -> Secrets:
         return cls(
             discord_token=os.environ.get("DISCORD_TOKEN") or None,
-            service_token=os.environ.get("LORALOOP_SERVICE_TOKEN") or None,
+            service_token=os.environ.get(SERVICE_TOKEN_ENV) or _token_from_file(),
         )
+
+
+def _token_from_file() -> str | None:
+    path = os.environ.get(SERVICE_TOKEN_FILE_ENV)
+    if not path:
+        return None
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{SERVICE_TOKEN_FILE_ENV}={path}: cannot read the token: {exc.strerror}") from None
+
+
+def create_service_token_file() -> Path | None:
+    """Write a new random token to $LORALOOP_SERVICE_TOKEN_FILE if it names a file that does not
+    exist yet (and no LORALOOP_SERVICE_TOKEN is set); the path written, or None."""
+    import secrets
+
+    path = os.environ.get(SERVICE_TOKEN_FILE_ENV)
+    if not path or os.environ.get(SERVICE_TOKEN_ENV):
+        return None
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: two services starting at once never overwrite each other's token; 0600: only this user reads it.
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{SERVICE_TOKEN_FILE_ENV}={path}: cannot create the token file: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(secrets.token_hex(32) + "\n")
+    return target
 
 
 def _type_name(tp: typing.Any) -> str:
