@@ -45,20 +45,21 @@ def decode_untrusted(data: bytes, max_pixels: int,
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            stored_size = image.size
+            if draft_size is not None:
+                image.draft("RGB", (draft_size, draft_size))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageRefused(f"{stored_size[0]}x{stored_size[1]}: at most {max_pixels} pixels are accepted")
+            image.load()
         except UnidentifiedImageError:
             raise ImageRefused(f"not an image in an accepted format ({ACCEPTED_NAMES})") from None
         except Image.DecompressionBombError:
             # Past twice Pillow's own limit, refused by Image.open from the header alone.
             raise ImageRefused(f"too large: at most {max_pixels} pixels are accepted") from None
-        stored_size = image.size
-        if draft_size is not None:
-            image.draft("RGB", (draft_size, draft_size))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageRefused(f"{stored_size[0]}x{stored_size[1]}: at most {max_pixels} pixels are accepted")
-        try:
-            image.load()
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
-            # Pillow reports a damaged file with any of these, depending on the codec.
+        except ImageRefused:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError):
+            # Pillow reports a damaged file with any of these, depending on the codec and the stage.
             raise ImageRefused("damaged or truncated") from None
     return image, stored_size
