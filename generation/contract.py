@@ -76,14 +76,14 @@ def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], defau
     if name not in data or data[name] is None:
         return default
     value = data[name]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_WHOLE_NUMBER:
+        raise InvalidRequest(f"'{name}' is far out of range.")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, bool) and kind is not bool:
         raise InvalidRequest(f"'{name}' must be a {_kind_name(kind)}, not true/false.")
     if not isinstance(value, kind):
         raise InvalidRequest(f"'{name}' must be a {_kind_name(kind)}.")
-    if isinstance(value, int) and abs(value) > MAX_WHOLE_NUMBER:
-        raise InvalidRequest(f"'{name}' is far out of range.")
     if isinstance(value, str) and not _is_unicode(value):
         raise InvalidRequest(f"'{name}' is not valid Unicode text (it holds a lone surrogate such as \\ud800).")
     return value

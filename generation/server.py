@@ -16,6 +16,7 @@ LORALOOP_SERVICE_TOKEN is set, on everything but /healthz):
     POST   /v1/queue/pause | resume   -> Health (a paused queue accepts jobs but starts none)
     GET    /healthz                   -> Health
     GET    /metrics                   -> Prometheus text
+    GET    /openapi.json              -> this API as an OpenAPI 3.1 document (generation/openapi.py)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from generation.contract import (
 )
 from generation.jobs import Job, build_spec, work_budget
 from generation.metrics import Metrics
+from generation.openapi import build_document
 from generation.queue import FairQueue, QueueRefused
 from generation.worker import Worker
 from loraloop.config import Config, Secrets
@@ -490,6 +492,11 @@ async def resume_queue(request: web.Request) -> web.Response:
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response(_service(request).health().to_dict())
+
+
+@routes.get("/openapi.json")
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(build_document(_service(request).settings, STATUS_FOR_CODE))
 
 
 @routes.get("/metrics")

@@ -118,6 +118,13 @@ class Worker:
                 return
             try:
                 self._run_batch(batch)
+            except Exception:
+                # A bug in one batch must not end the thread: its jobs fail, the next batch runs.
+                log.exception("jobs %s: the worker failed outside the pipeline", ",".join(job.id for job in batch))
+                for job in batch:
+                    self._report(self.sink.on_failed, job, ApiError(
+                        ErrorCode.GENERATION_FAILED.value,
+                        f"Generation failed; the service log has the details (job {job.id})."))
             finally:
                 for job in batch:
                     self.queue.done(job)

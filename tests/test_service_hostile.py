@@ -46,6 +46,11 @@ UNPARSEABLE = [
     ("Infinity", b'{"prompt": "x", "guidance": -Infinity}', "-Infinity is not a JSON number"),
     ("a float past the largest double", b'{"prompt": "x", "guidance": 1e999}', "too large"),
     ("an integer past any field", b'{"prompt": "x", "steps": 100000000000000000000}', "'steps' is far out of range"),
+    # Found by tests/test_fuzz.py: an integer past a double's range, where a float field converts it.
+    ("an integer past a double", b'{"prompt": "x", "guidance": 1' + b"0" * 400 + b"}",
+     "'guidance' is far out of range"),
+    ("an adapter weight past a double", b'{"prompt": "x", "adapters": [{"name": "style", "weight": 1' + b"0" * 400
+     + b"}]}", "'weight' is far out of range"),
     ("a lone surrogate in the prompt", b'{"prompt": "fox \\ud800"}', "'prompt' is not valid Unicode"),
     ("a lone surrogate in the negative prompt", b'{"prompt": "fox", "negative_prompt": "\\udfff"}',
      "'negative_prompt' is not valid Unicode"),
