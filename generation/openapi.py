@@ -79,7 +79,7 @@ def schema_of(hint: Any) -> dict[str, Any]:
         return {"type": "object"}
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return {"type": "string", "enum": [member.value for member in hint]}
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return {"$ref": f"#/components/schemas/{hint.__name__}"}
     simple = {str: "string", int: "integer", float: "number", bool: "boolean"}
     return {"type": simple[hint]}
