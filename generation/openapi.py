@@ -9,7 +9,8 @@ built from the dataclasses of `generation/contract.py`, field by field, and the 
 come from the service's config. tests/test_openapi.py checks the document against the routes
 aiohttp really serves and against the dataclasses; the fuzz test throws requests built from it.
 
-Floor: part of generation/; imports only the standard library, the contract and the config.
+Floor: part of generation/; imports the contract, the request ranges of generation.jobs and the
+config, never torch.
 """
 
 from __future__ import annotations

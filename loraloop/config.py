@@ -5,7 +5,9 @@ wrong type or one out of range stops the program at start with the file, the key
 reason. Secrets never live in the file: they come from the environment (see `Secrets`).
 
 Each package owns its section's dataclass here; a section validates its own ranges in
-`__post_init__` by raising `ValueError` with a message naming the key.
+`__post_init__` by raising `ValueError` with a message naming the key. Before that, every number
+of every section passes one check (`_numbers_checked`): finite, and at most NUMBER_CEILING or
+the bound its field's metadata names.
 """
 
 from __future__ import annotations

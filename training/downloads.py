@@ -14,7 +14,8 @@ loopback, private, link-local, multicast, reserved and unspecified addresses, IP
 ones by the address they map, unless a network in the policy allows them.
 
 Every file is capped at `max_bytes` while it streams in (Content-Length can lie or be absent).
-Floor: part of training/; imports aiohttp and the standard library only.
+Floor: part of training/; imports aiohttp (and its yarl), tqdm and `loraloop`'s version, nothing of
+generation/.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ async def download_all(urls: list[str], folder: Path, policy: HostPolicy, *, max
     unique = list(dict.fromkeys(urls))
     semaphore = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    connector = aiohttp.TCPConnector(resolver=GuardedResolver(policy))
+    resolver = GuardedResolver(policy)
+    connector = aiohttp.TCPConnector(resolver=resolver)
     headers = {"User-Agent": f"loraloop/{__version__}"}
     tasks: dict[asyncio.Future[Any], str] = {}
     async with aiohttp.ClientSession(timeout=timeout, headers=headers, connector=connector) as session:
@@ -180,4 +182,5 @@ async def download_all(urls: list[str], folder: Path, policy: HostPolicy, *, max
             for done in asyncio.as_completed(list(tasks)):
                 await done
                 bar.update()
+    await resolver.close()  # a resolver handed to the connector is the caller's to close
     return {url: task.result() for task, url in tasks.items()}
