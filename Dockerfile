@@ -9,7 +9,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     LORALOOP_DATA_DIR=/data \
-    HF_HOME=/data/hf-cache
+    HF_HOME=/data/hf-cache \
+    LORALOOP_SERVICE_TOKEN_FILE=/data/service_token
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv curl \
@@ -38,6 +39,9 @@ USER loraloop
 VOLUME ["/data"]
 EXPOSE 8765
 
+# Safe by default: the service listens on every interface, so it needs a token. Without
+# LORALOOP_SERVICE_TOKEN, the first start writes a random one to /data/service_token (0600, in
+# the volume), and every loraloop command in a container sharing the volume reads it from there.
 # /healthz needs no token; a first start downloads the model, hence the long start period.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8765/healthz || exit 1

@@ -9,25 +9,47 @@ Only safetensors are read. Pickle files (.bin, .ckpt, .pt, .pth, .pkl) are refus
 unpickling one can run any code its author chose. A file that does not open as safetensors or
 holds no LoRA weights is skipped with a logged error, and the others keep serving.
 
+Only regular files are opened, and without blocking: a FIFO named x.safetensors would otherwise
+block the reading thread inside safetensors, holding the GIL, and freeze the whole service. A
+symlink is followed only while it stays inside the adapters directory. A file is read once into
+memory (at most MAX_ADAPTER_BYTES), and its sha256 is of those bytes; the worker reads it again
+with `AdapterFile.read_verified`, which refuses bytes other than the ones scanned, so the hash a
+job reports is the hash of what it loaded. Descriptions are cut to one line of
+MAX_DESCRIPTION_CHARS, without control characters, before anyone lists them.
+
 Scanning hashes files, so it is blocking: the server runs `scan()` on an executor thread. The
 result is an immutable `AdapterCatalog` swapped in whole, so readers never see half a scan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import json
 import logging
+import os
 import re
+import stat
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from generation.contract import ADAPTER_NAME_RE, AdapterInfo, AdapterRef, ErrorCode, InvalidRequest
+from generation.text import one_line
 from loraloop.hashes import lora_hash
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-VERSION_FILE_RE = re.compile(r"^v([0-9]{1,6})\.safetensors$")
+VERSION_FILE_RE = re.compile(r"\Av([0-9]{1,6})\.safetensors\Z")
+# SDXL LoRAs of rank 128 are a few hundred MB; a file past this is not an adapter worth holding in memory.
+MAX_ADAPTER_BYTES = 1 << 30
+# The safetensors header (tensor index and metadata); kohya's training metadata runs to a few hundred KB.
+MAX_HEADER_BYTES = 16 << 20
+MAX_DESCRIPTION_CHARS = 500
+MAX_BASE_MODEL_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,28 @@ class AdapterFile:
     def label(self) -> str:
         """How people write it: "pixel@3", or "ink" for an unversioned file."""
         return self.name if self.version is None else f"{self.name}@{self.version}"
+
+    def read_verified(self) -> bytes:
+        """The file's bytes, if they are still the ones scanned; AdapterFileError or OSError otherwise."""
+        data = read_adapter(self.path)
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise AdapterFileError("changed since the adapters directory was scanned")
+        return data
+
+    @contextlib.contextmanager
+    def verified_copy(self) -> Iterator[Path]:
+        """A private file holding the very bytes the scan hashed, for loaders that want a path
+        (diffusers reads a LoRA's config, alpha included, from the file's metadata); a file
+        swapped in the adapters directory since the scan raises AdapterFileError here instead
+        of being loaded under the old hash (and so does an unreadable one: only reading raises it)."""
+        try:
+            data = self.read_verified()
+        except OSError as exc:
+            raise AdapterFileError(f"cannot read it ({exc.strerror or exc})") from exc
+        with tempfile.TemporaryDirectory(prefix="loraloop-adapter-") as folder:
+            copy = Path(folder) / "adapter.safetensors"
+            copy.write_bytes(data)
+            yield copy
 
     def info(self) -> AdapterInfo:
         return AdapterInfo(
@@ -104,14 +148,18 @@ class AdapterDirectory:
         found: dict[str, list[AdapterFile]] = {}
         if not self.directory.is_dir():
             return AdapterCatalog({})
+        root = self.directory.resolve()
         for entry in sorted(self.directory.iterdir()):
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():
+            target = _inside(entry, root)
+            if target is None:
+                continue
+            if target.is_dir():
                 if not ADAPTER_NAME_RE.match(entry.name):
                     log.warning("adapters: skipping %s: not a valid adapter name", entry)
                     continue
-                for file in sorted(entry.iterdir()):
+                for file in sorted(target.iterdir()):
                     if _refused(file):
                         continue
                     match = VERSION_FILE_RE.match(file.name)
@@ -119,12 +167,14 @@ class AdapterDirectory:
                         if file.is_file():
                             log.warning("adapters: skipping %s: expected files named vN.safetensors", file)
                         continue
-                    self._add(found, entry.name, int(match.group(1)), file)
+                    file_target = _inside(file, root)
+                    if file_target is not None:
+                        self._add(found, entry.name, int(match.group(1)), file_target)
             elif entry.suffix == ".safetensors":
                 if not ADAPTER_NAME_RE.match(entry.stem):
                     log.warning("adapters: skipping %s: not a valid adapter name", entry)
                     continue
-                self._add(found, entry.stem, None, entry)
+                self._add(found, entry.stem, None, target)
             else:
                 _refused(entry)
         catalog: dict[str, tuple[AdapterFile, ...]] = {}
@@ -143,10 +193,12 @@ class AdapterDirectory:
 
     def _add(self, found: dict[str, list[AdapterFile]], name: str, version: int | None, path: Path) -> None:
         try:
-            stat = path.stat()
-            key = (str(path), stat.st_size, stat.st_mtime_ns)
+            info = os.lstat(path)
+            if not stat.S_ISREG(info.st_mode):
+                raise AdapterFileError("not a regular file")
+            key = (str(path), info.st_size, info.st_mtime_ns)
             if key not in self._seen:
-                self._seen[key] = _inspect(path)
+                self._seen[key] = inspect_adapter(read_adapter(path))
             sha256, description, base_model, a1111_hash = self._seen[key]
         except AdapterFileError as exc:
             log.error("adapters: skipping %s: %s", path, exc)
@@ -170,23 +222,54 @@ def _refused(path: Path) -> bool:
     return False
 
 
-def _inspect(path: Path) -> tuple[str, str, str, str]:
-    """(sha256, description, base_model, A1111 hash) of a safetensors LoRA, or AdapterFileError."""
-    from safetensors import SafetensorError, safe_open
-
+def _inside(path: Path, root: Path) -> Path | None:
+    """`path` with its symlinks resolved, or None (logged) when that leaves the adapters directory."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            keys = list(handle.keys())
-            # Reading every tensor catches a file cut short after a valid header.
-            for key in keys:
-                handle.get_tensor(key)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        log.warning("adapters: skipping %s: cannot resolve it (%s)", path, exc)
+        return None
+    if resolved != root and root not in resolved.parents:
+        log.warning("adapters: skipping %s: a symlink out of the adapters directory", path)
+        return None
+    return resolved
+
+
+def read_adapter(path: Path) -> bytes:
+    """The bytes of the regular file at `path`, or AdapterFileError; never blocks, never follows
+    a symlink at `path` itself (the scan resolved those already)."""
+    # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer; fstat then refuses it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise AdapterFileError("not a regular file")
+        if info.st_size > MAX_ADAPTER_BYTES:
+            raise AdapterFileError(f"{info.st_size} bytes, over the {MAX_ADAPTER_BYTES}-byte limit for an adapter")
+        data = handle.read(MAX_ADAPTER_BYTES + 1)
+    if len(data) > MAX_ADAPTER_BYTES:
+        raise AdapterFileError(f"over the {MAX_ADAPTER_BYTES}-byte limit for an adapter")
+    return data
+
+
+def inspect_adapter(data: bytes) -> tuple[str, str, str, str]:
+    """(sha256, description, base_model, A1111 hash) of a safetensors LoRA's bytes, or AdapterFileError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    header_bytes = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or not 0 < header_bytes <= min(MAX_HEADER_BYTES, len(data) - 8):
+        raise AdapterFileError("not a readable safetensors file (no header, or one over the size limit)")
+    try:
+        header = json.loads(data[8 : 8 + header_bytes])
+        # Deserialising every tensor catches a file cut short after a valid header.
+        keys = list(load(data))
+    except (SafetensorError, ValueError, RuntimeError, RecursionError) as exc:
         raise AdapterFileError(f"not a readable safetensors file ({exc})") from None
     if not any("lora" in key.lower() for key in keys):
         raise AdapterFileError("holds no LoRA weights (no key mentions 'lora')")
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest(), metadata.get("description", ""), metadata.get("base_model", ""), lora_hash(path)
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    metadata = metadata if isinstance(metadata, dict) else {}
+    description = one_line(str(metadata.get("description", "")), MAX_DESCRIPTION_CHARS)
+    base_model = one_line(str(metadata.get("base_model", "")), MAX_BASE_MODEL_CHARS)
+    return hashlib.sha256(data).hexdigest(), description, base_model, lora_hash(io.BytesIO(data))

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from generation.contract import SCHEDULERS, AdapterRef, InvalidRequest, JobRequest
-from loraloop.config import ConfigError, Secrets
+from loraloop.config import SERVICE_TOKEN_FILE_ENV, ConfigError, Secrets, create_service_token_file
 from loraloop.context import pass_app
 
 log = logging.getLogger(__name__)
@@ -27,30 +27,41 @@ log = logging.getLogger(__name__)
 @click.option("--port", type=click.IntRange(1, 65535), help="Port (default: [service] port, 8765).")
 @click.option("--model", help="Model id, local directory, .safetensors file, or 'tiny'.")
 @click.option("--device", help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+@click.option("--insecure-no-token", is_flag=True,
+              help="Allow a non-loopback --host without LORALOOP_SERVICE_TOKEN: anyone who reaches it may use it.")
 @pass_app
-def serve(app, host: str | None, port: int | None, model: str | None, device: str | None) -> None:
+def serve(app, host: str | None, port: int | None, model: str | None, device: str | None,
+          insecure_no_token: bool) -> None:
     """Run the generation service (loads the model, then serves HTTP).
 
     \b
     Examples:
       loraloop serve --model tiny                  # offline, random weights, seconds to start
       LORALOOP_SERVICE_TOKEN=s3cret loraloop serve --host 0.0.0.0
+      LORALOOP_SERVICE_TOKEN_FILE=data/service_token loraloop serve --host 0.0.0.0   # made on first start
     """
     from aiohttp import web
 
     from generation.pipeline import ModelLoadError
-    from generation.server import create_app, listening_socket
+    from generation.server import create_app, exposure_refusal, listening_socket
 
     changes = {k: v for k, v in {"host": host, "port": port, "model": model, "device": device}.items() if v}
     try:
         config = app.config.replace("service", **changes) if changes else app.config
+        created = create_service_token_file()
+        secrets = Secrets.from_env()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    secrets = Secrets.from_env()
+    if created is not None:
+        log.info("wrote a new service token to %s (%s); clients read it from there or from LORALOOP_SERVICE_TOKEN",
+                 created, SERVICE_TOKEN_FILE_ENV)
     settings = config.service
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not secrets.service_token:
-        log.warning("listening on %s without LORALOOP_SERVICE_TOKEN: anyone who can reach it can use it",
-                    settings.host)
+    refusal = exposure_refusal(settings.host, secrets.service_token)
+    if refusal and not insecure_no_token:
+        raise click.ClickException(f"{refusal}, or pass --insecure-no-token.")
+    if refusal:
+        log.warning("listening on %s without LORALOOP_SERVICE_TOKEN (--insecure-no-token): anyone who can "
+                    "reach it can use it", settings.host)
     try:
         sock = listening_socket(settings.host, settings.port)  # before the model loads: a busy port fails at once
     except OSError as exc:

@@ -13,16 +13,20 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 # Adapter names travel in URLs and become file names: letters, digits, '-', '_' and '.', never
-# starting with '.', so no name can climb out of the adapters directory.
-ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# starting with '.', so no name can climb out of the adapters directory. \A and \Z, not ^ and $:
+# `$` also matches before a final newline, which would let "pixel\n" through.
+ADAPTER_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+ADAPTER_VERSION_RE = re.compile(r"\A[0-9]{1,6}\Z")
+# No field takes a whole number past this; refusing it here keeps giant integers (JSON has no
+# limit) out of the arithmetic and float formatting of the checks after parsing.
+MAX_WHOLE_NUMBER = 2**53
 
 
 
-@dataclass(frozen=True)
-class Sampler:
+class Sampler(NamedTuple):
     """A scheduler the service runs (generation/pipeline.py builds it) and how AUTOMATIC1111 names it.
 
     A1111 1.9 and later split a sampler from its schedule type and read a PNG that names no
@@ -33,6 +37,7 @@ class Sampler:
     and LCM.
     """
 
+    # A table row, not a wire shape (the dataclasses of this module are the wire format).
     name: str  # ours, in the API and config: "dpmpp_2m"
     a1111_sampler: str  # "DPM++ 2M"
     a1111_schedule: str = ""  # "SGM Uniform"; empty where A1111 has none
@@ -56,6 +61,12 @@ _BY_NAME = {
 }
 
 
+# Every spelling a request may use (sampler_named ignores case and spacing): ours, then A1111's.
+SCHEDULER_NAMES = tuple(dict.fromkeys([
+    *SCHEDULERS, *(f"{s.a1111_sampler} {s.a1111_schedule}".strip() for s in SAMPLERS), *_A1111_AUTOMATIC,
+]))
+
+
 def sampler_named(name: str) -> Sampler | None:
     """The sampler a name means: ours ("dpmpp_2m_karras") or A1111's, as its API and PNGs write it
     ("DPM++ 2M Karras", "Euler a"; "DPM++ 2M" alone is Karras, as A1111 reads it); None if unknown."""
@@ -71,6 +82,7 @@ class ErrorCode(enum.StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     UNAUTHORIZED = "unauthorized"
     NOT_FOUND = "not_found"
+    REQUEST_TIMEOUT = "request_timeout"
     QUEUE_FULL = "queue_full"
     REQUESTER_LIMIT = "requester_limit"
     GENERATION_FAILED = "generation_failed"
@@ -109,13 +121,26 @@ def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], defau
     if name not in data or data[name] is None:
         return default
     value = data[name]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_WHOLE_NUMBER:
+        raise InvalidRequest(f"'{name}' is far out of range.")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, bool) and kind is not bool:
         raise InvalidRequest(f"'{name}' must be a {_kind_name(kind)}, not true/false.")
     if not isinstance(value, kind):
         raise InvalidRequest(f"'{name}' must be a {_kind_name(kind)}.")
+    if isinstance(value, str) and not _is_unicode(value):
+        raise InvalidRequest(f"'{name}' is not valid Unicode text (it holds a lone surrogate such as \\ud800).")
     return value
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate: JSON can escape one, UTF-8 cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -141,7 +166,7 @@ class AdapterRef:
             raise InvalidRequest('Each adapter must be an object like {"name": "pixel", "weight": 0.8}.')
         name = _field(data, "name", str, "")
         base, _, version = name.partition("@")
-        if not ADAPTER_NAME_RE.match(base) or (version and not version.isdigit()):
+        if not ADAPTER_NAME_RE.match(base) or (version and not ADAPTER_VERSION_RE.match(version)):
             raise InvalidRequest(
                 f"Adapter name {name!r} is not valid: use letters, digits, '-', '_' or '.', "
                 "optionally followed by @VERSION.",

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from generation.adapters import AdapterFileError
 from generation.jobs import AppliedAdapter
 
 log = logging.getLogger(__name__)
@@ -158,9 +159,15 @@ class HotswapSlot:
         if sha in self._sources:
             return self._sources[sha]
         try:
-            state, alphas, metadata = self.pipe.lora_state_dict(str(adapter.file.path), return_lora_metadata=True)
+            with adapter.file.verified_copy() as path:  # the very bytes the scan hashed
+                state, alphas, metadata = self.pipe.lora_state_dict(str(path), return_lora_metadata=True)
+        except AdapterFileError as exc:  # not remembered as refused: a reload may bring the file back
+            log.error("adapter %s at %s: %s", label, adapter.file.path, exc)
+            raise SlotMismatch(f"adapter {label} changed on disk since the adapters were last reloaded; "
+                               "reload them and try again") from exc
         except (OSError, ValueError, KeyError) as exc:
-            self._refused[sha] = f"adapter {label} does not fit this model ({exc})"
+            log.error("adapter %s does not fit this model: %s", label, exc)
+            self._refused[sha] = f"adapter {label} does not fit this model"
             raise SlotMismatch(self._refused[sha]) from exc
         unet_part = {k: v for k, v in state.items() if k.startswith("unet.")}
         misfit = self._misfit(unet_part)
@@ -218,7 +225,8 @@ class HotswapSlot:
             except Exception as exc:
                 for done in loaded:
                     delete_adapter_layers(getattr(self.pipe, done), source.text_name)
-                raise SlotMismatch(f"adapter {source.label} does not fit this model's {attr} ({exc})") from exc
+                log.error("adapter %s does not fit this model's %s: %s", source.label, attr, exc)
+                raise SlotMismatch(f"adapter {source.label} does not fit this model's {attr}") from exc
             loaded.append(attr)
         return tuple(loaded)
 
@@ -230,7 +238,8 @@ class HotswapSlot:
                                               adapter_name=SLOT, metadata=source.metadata, hotswap=True)
             except Exception as exc:
                 # diffusers has deleted the slot; the same zero shapes take its place without a recompile
-                self._refused[sha] = f"adapter {source.label} cannot be hotswapped ({exc})"
+                log.error("adapter %s cannot be hotswapped: %s", source.label, exc)
+                self._refused[sha] = f"adapter {source.label} cannot be hotswapped (its layers differ from the slot's)"
                 self._drop(sha)
                 self._build(check_compiled="ignore")
                 raise SlotMismatch(self._refused[sha]) from exc

@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from generation.adapters import AdapterCatalog, AdapterFile
 from generation.contract import (
@@ -35,14 +34,24 @@ from generation.contract import (
     ResolvedAdapter,
     sampler_named,
 )
+from generation.images import ImageRefused, decode_untrusted
 from loraloop.config import ServiceConfig
 
 ADAPTER_WEIGHT_RANGE = (-2.0, 2.0)
 MAX_REQUESTER_CHARS = 200
 GUIDANCE_RANGE = (0.0, 30.0)
-# An init image may have at most this many times max_pixels before decoding: more is a
-# decompression bomb (a few KB of PNG that inflates to gigabytes).
-INIT_IMAGE_PIXEL_FACTOR = 4
+# The work budget (width x height x steps x images) when [service] max_pixel_steps is 0. On
+# CUDA it admits the largest job the other limits allow (1024x1024, 80 steps, 4 images); on
+# the CPU one 512x512 step of even the tiny model takes over a minute (bench/RESULTS.md), so a
+# job there may hold the worker for about as long as a few hundred 64x64 steps.
+DEFAULT_PIXEL_STEPS = {"cuda": 400_000_000, "cpu": 1_000_000}
+
+
+def work_budget(config: ServiceConfig, device: str) -> int:
+    """The most pixel-steps one job may ask for on this device."""
+    if config.max_pixel_steps:
+        return config.max_pixel_steps
+    return DEFAULT_PIXEL_STEPS["cuda" if device.startswith("cuda") else "cpu"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,8 @@ def _in_range(name: str, value: float, low: float, high: float) -> None:
         raise InvalidRequest(f"'{name}' must be between {low:g} and {high:g} (got {value:g}).")
 
 
-def build_spec(request: JobRequest, config: ServiceConfig, catalog: AdapterCatalog, native_size: int) -> JobSpec:
+def build_spec(request: JobRequest, config: ServiceConfig, catalog: AdapterCatalog, native_size: int,
+               max_pixel_steps: int) -> JobSpec:
     if len(request.prompt) > config.max_prompt_chars:
         raise InvalidRequest(
             f"The prompt is {len(request.prompt)} characters; the limit is {config.max_prompt_chars}."
@@ -163,10 +173,19 @@ def build_spec(request: JobRequest, config: ServiceConfig, catalog: AdapterCatal
             raise InvalidRequest(
                 f"strength {strength:g} with {steps} steps runs no step at all; raise either."
             )
-        init_image = decode_init_image(request.init_image, config.max_pixels * INIT_IMAGE_PIXEL_FACTOR)
-        init_image = init_image.resize((width, height), Image.Resampling.LANCZOS)
     elif request.strength is not None:
         raise InvalidRequest("'strength' only applies to img2img: send an 'init_image' with it.")
+    # Checked before the init image is decoded: a refused job costs no decoding.
+    denoising_steps = steps if strength is None else int(steps * strength)
+    work = width * height * denoising_steps * request.count
+    if work > max_pixel_steps:
+        raise InvalidRequest(
+            f"{width}x{height} x {denoising_steps} steps x {request.count} image(s) is {work} pixel-steps; "
+            f"this service allows {max_pixel_steps} per job: ask for fewer steps, images or pixels."
+        )
+    if request.init_image is not None:
+        init_image = decode_init_image(request.init_image, config.max_image_pixels)
+        init_image = init_image.resize((width, height), Image.Resampling.LANCZOS)
     first_seed = secrets.randbelow(2 ** 32 - request.count) if request.seed is None else request.seed
     seeds = tuple((first_seed + i) % 2**32 for i in range(request.count))
     return JobSpec(
@@ -191,28 +210,10 @@ def decode_init_image(data: str, max_pixels: int) -> Image.Image:
     except (binascii.Error, ValueError):
         raise InvalidRequest("'init_image' is not valid base64.", ErrorCode.INVALID_IMAGE) from None
     try:
-        image = Image.open(io.BytesIO(raw))
-        # The header gives the size before any pixel is decoded, so a bomb never inflates.
-        if image.width * image.height > max_pixels:
-            raise InvalidRequest(
-                f"'init_image' is {image.width}x{image.height}; at most {max_pixels} pixels are accepted.",
-                ErrorCode.INVALID_IMAGE,
-            )
-        image.load()
-        return image.convert("RGB")
-    except UnidentifiedImageError:
-        raise InvalidRequest(
-            "'init_image' is not an image PIL can read (send PNG, JPEG or WebP).", ErrorCode.INVALID_IMAGE
-        ) from None
-    except Image.DecompressionBombError:
-        raise InvalidRequest(
-            f"'init_image' is too large to decode safely; at most {max_pixels} pixels are accepted.",
-            ErrorCode.INVALID_IMAGE,
-        ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidRequest(
-            f"'init_image' is damaged or truncated ({exc}).", ErrorCode.INVALID_IMAGE
-        ) from None
+        image, _ = decode_untrusted(raw, max_pixels)
+    except ImageRefused as exc:
+        raise InvalidRequest(f"'init_image' is refused: {exc.message}.", ErrorCode.INVALID_IMAGE) from None
+    return image.convert("RGB")
 
 
 @dataclass(eq=False)

@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from generation.contract import sampler_named
+from generation.text import one_line
 from loraloop.hashes import LORA_SHORT_HASH
 
 
@@ -45,9 +46,11 @@ class ImageParameters:
     def to_a1111(self) -> str:
         """The text A1111 writes in the `parameters` chunk."""
         lora_tags = "".join(f" <lora:{name}:{_number(weight)}>" for name, weight, _ in self.adapters)
-        lines = [self.prompt + lora_tags]
+        # A line break in a prompt would start a forged field: prompts go on one line here (the
+        # true text stays in the job's parameters and the bot's store).
+        lines = [one_line(self.prompt) + lora_tags]
         if self.negative_prompt:
-            lines.append(f"Negative prompt: {self.negative_prompt}")
+            lines.append(f"Negative prompt: {one_line(self.negative_prompt)}")
         sampler = sampler_named(self.scheduler)
         fields: list[tuple[str, Any]] = [
             ("Steps", self.steps),

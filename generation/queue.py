@@ -64,20 +64,16 @@ class FairQueue(Generic[JobT]):
 
     # -- the event loop's side ---------------------------------------------------------------
 
+    def check_room(self, requester: str) -> None:
+        """Raise QueueRefused now if a job of `requester` would be refused: the server asks before
+        it spends any work on a request (decoding an init image), and `put` asks again."""
+        with self._changed:
+            self._check_room(requester)
+
     def put(self, job: JobT) -> int:
         """Queue a job; returns how many jobs are ahead of it."""
         with self._changed:
-            if self._depth() >= self.max_queue:
-                raise QueueRefused(
-                    ErrorCode.QUEUE_FULL,
-                    f"The queue is full ({self.max_queue} jobs waiting). Try again in a minute.",
-                )
-            if self._active.get(job.requester, 0) >= self.max_per_requester:
-                raise QueueRefused(
-                    ErrorCode.REQUESTER_LIMIT,
-                    f"You already have {self.max_per_requester} jobs queued or running; "
-                    "wait for one to finish.",
-                )
+            self._check_room(job.requester)
             self._lines.setdefault(job.requester, deque()).append(job)
             self._active[job.requester] = self._active.get(job.requester, 0) + 1
             self._changed.notify_all()
@@ -166,6 +162,19 @@ class FairQueue(Generic[JobT]):
             self._release(job)
 
     # -- helpers (lock held) ---------------------------------------------------------------
+
+    def _check_room(self, requester: str) -> None:
+        if self._depth() >= self.max_queue:
+            raise QueueRefused(
+                ErrorCode.QUEUE_FULL,
+                f"The queue is full ({self.max_queue} jobs waiting). Try again in a minute.",
+            )
+        if self._active.get(requester, 0) >= self.max_per_requester:
+            raise QueueRefused(
+                ErrorCode.REQUESTER_LIMIT,
+                f"You already have {self.max_per_requester} jobs queued or running; "
+                "wait for one to finish.",
+            )
 
     def _depth(self) -> int:
         return sum(len(line) for line in self._lines.values())

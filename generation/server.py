@@ -17,14 +17,17 @@ LORALOOP_METRICS_TOKEN, and needs one of the two when either is set):
     POST   /v1/queue/pause | resume   -> Health (a paused queue accepts jobs but starts none)
     GET    /healthz                   -> Health
     GET    /metrics                   -> Prometheus text
+    GET    /openapi.json              -> this API as an OpenAPI 3.1 document (generation/openapi.py)
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
+import math
 import socket
 import time
 import uuid
@@ -46,8 +49,9 @@ from generation.contract import (
     JobRequest,
     JobState,
 )
-from generation.jobs import Job, build_spec
+from generation.jobs import Job, build_spec, work_budget
 from generation.metrics import Metrics
+from generation.openapi import build_document
 from generation.queue import FairQueue, QueueRefused
 from generation.worker import Worker
 from loraloop.config import Config, Secrets
@@ -69,6 +73,7 @@ STATUS_FOR_CODE = {
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.NOT_FOUND: 404,
+    ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.QUEUE_FULL: 429,
     ErrorCode.REQUESTER_LIMIT: 429,
 }
@@ -142,15 +147,21 @@ class GenerationService:
     def native_size(self) -> int:
         return self.worker.model.native_size if self.worker and self.worker.model else 512
 
+    @property
+    def work_budget(self) -> int:
+        return work_budget(self.settings, self.worker.device if self.worker else "cpu")
+
     # -- requests ----------------------------------------------------------------------------
 
     async def submit(self, request: JobRequest) -> JobAccepted:
         loop = asyncio.get_running_loop()
         self.queue.announce()  # the worker may hold a batch open for this job
         try:
+            # A full queue refuses before any work is spent on the request, its init image included.
+            self.queue.check_room(request.requester)
             # Decoding an init image is CPU work: off the loop.
             spec = await loop.run_in_executor(None, build_spec, request, self.settings, self.catalog,
-                                              self.native_size)
+                                              self.native_size, self.work_budget)
             job = Job(id=uuid.uuid4().hex, spec=spec, requester=request.requester)
             position = self.queue.put(job)
         except QueueRefused as exc:
@@ -341,18 +352,60 @@ def _service(request: web.Request) -> GenerationService:
 
 @routes.post("/v1/jobs")
 async def submit_job(request: web.Request) -> web.Response:
+    service = _service(request)
     if request.content_type != "application/json":
         raise ServiceFailure(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             f"Send JSON with 'Content-Type: application/json' (got {request.content_type!r}).",
         )
-    body = await request.read()
+    timeout = service.settings.read_timeout_s
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"The body is not valid JSON ({exc}).") from None
-    accepted = await _service(request).submit(JobRequest.from_dict(data))
+        async with asyncio.timeout(timeout):
+            body = await request.read()
+    except TimeoutError:
+        # A body trickling in would hold its connection open for as long as the client likes.
+        log.info("a request body took over %g s to arrive; closing its connection", timeout)
+        response = error_response(ErrorCode.REQUEST_TIMEOUT,
+                                  f"The request body took over {timeout:g} s to arrive; send it in one go.", 408)
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        # Closed now: aiohttp would otherwise linger, reading the rest of the body for 10 s more.
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    data = await asyncio.get_running_loop().run_in_executor(None, parse_json_body, body)
+    accepted = await service.submit(JobRequest.from_dict(data))
     return web.json_response(accepted.to_dict(), status=202)
+
+
+def parse_json_body(body: bytes) -> Any:
+    """A request body as JSON, or InvalidRequest saying what is wrong with it (blocking: a big body
+    takes a while, so the handler runs this on an executor)."""
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise InvalidRequest(f"The body holds the number {text[:20]}, too large for a JSON number here.")
+        return value
+
+    def no_constant(name: str) -> Any:
+        raise InvalidRequest(f"The body is not valid JSON: {name} is not a JSON number.")
+
+    try:
+        return json.loads(body, parse_float=finite, parse_constant=no_constant)
+    except InvalidRequest:
+        raise
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"The body is not valid JSON ({exc.msg} at line {exc.lineno}, "
+                             f"column {exc.colno}).") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest("The body is not valid JSON: it is not UTF-8 text.") from None
+    except RecursionError:
+        raise InvalidRequest("The body nests lists or objects too deeply; a job is a flat object.") from None
+    except ValueError:
+        # Python refuses to convert integers of over 4300 digits (int_max_str_digits).
+        raise InvalidRequest("The body holds a number with too many digits; no field needs more than ten.") from None
 
 
 @routes.get("/v1/jobs/{id}")
@@ -383,9 +436,12 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 except TimeoutError:
                     # A comment line: proxies and clients see traffic while a job waits its turn.
                     await response.write(b": keep-alive\n\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        # The client went away (closed the page, the bot restarted): its job goes on regardless.
+        log.debug("job %s: event stream closed by the client", job.id)
     finally:
         job.subscribers.discard(updates)
-    await response.write_eof()
     return response
 
 
@@ -395,7 +451,8 @@ async def job_image(request: web.Request) -> web.Response:
     raw_index = request.match_info["index"]
     if job.state is not JobState.DONE:
         raise ServiceFailure(ErrorCode.NOT_FOUND, f"Job {job.id} has no images: it is {job.state.value}.")
-    if not raw_index.isdigit() or int(raw_index) >= len(job.pngs):
+    # ASCII digits only: str.isdigit also accepts '²', which int() then refuses.
+    if not (raw_index.isascii() and raw_index.isdigit()) or int(raw_index) >= len(job.pngs):
         raise ServiceFailure(
             ErrorCode.NOT_FOUND, f"Job {job.id} has images 0 to {len(job.pngs) - 1}; there is no {raw_index!r}."
         )
@@ -446,11 +503,34 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(_service(request).health().to_dict())
 
 
+@routes.get("/openapi.json")
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(build_document(_service(request).settings, STATUS_FOR_CODE))
+
+
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     service = _service(request)
     text = service.metrics.render(queue_depth=service.queue.depth(), paused=service.queue.paused)
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+def exposure_refusal(host: str, token: str | None) -> str | None:
+    """Why the service must not listen on `host` without a token, or None when it may."""
+    if token or _is_loopback(host):
+        return None
+    return (f"Refusing to listen on {host or 'every interface'} without LORALOOP_SERVICE_TOKEN: anyone who can "
+            "reach it could use the GPU. Set LORALOOP_SERVICE_TOKEN (clients send it as a bearer token) "
+            "or listen on 127.0.0.1")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to any interface
 
 
 def create_app(config: Config, secrets: Secrets) -> web.Application:

@@ -25,7 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from generation.adapters import AdapterFile, AdapterFileError
 from generation.contract import ApiError, ErrorCode, ImageResult
+from generation.hotswap import SlotMismatch
 from generation.jobs import AppliedAdapter, Job
 from generation.pngmeta import ImageParameters, encode_png
 from generation.queue import FairQueue
@@ -35,6 +37,17 @@ if TYPE_CHECKING:
     from loraloop.config import ServiceConfig
 
 log = logging.getLogger(__name__)
+
+
+class _ChunkCancelled(Exception):
+    """Raised from the step callback once every job of a chunk is cancelled: stops the pipeline
+    call there, before its remaining steps and its VAE decode (diffusers' `_interrupt` skips the
+    steps but still decodes, which for a big image is minutes more)."""
+
+
+class _ShownFailure(Exception):
+    """A failure whose message may go to the client as it is: it names no path and quotes no
+    exception (those go to the log, with the job id)."""
 
 
 class JobSink(Protocol):
@@ -123,6 +136,13 @@ class Worker:
                 return
             try:
                 self._run_batch(batch)
+            except Exception:
+                # A bug in one batch must not end the thread: its jobs fail, the next batch runs.
+                log.exception("jobs %s: the worker failed outside the pipeline", ",".join(job.id for job in batch))
+                for job in batch:
+                    self._report(self.sink.on_failed, job, ApiError(
+                        ErrorCode.GENERATION_FAILED.value,
+                        f"Generation failed; the service log has the details (job {job.id})."))
             finally:
                 for job in batch:
                     self.queue.done(job)
@@ -151,13 +171,20 @@ class Worker:
             pipe = self.model.txt2img if spec.init_image is None else self.model.img2img
             images: dict[tuple[str, int], Any] = {}
             for number, chunk in enumerate(chunks):
-                outputs = self._call_pipeline(pipe, live, chunk, number * per_chunk, total)
+                if all(job.cancel_requested.is_set() for job, _ in chunk):
+                    continue  # nobody wants these images any more
+                try:
+                    outputs = self._call_pipeline(pipe, live, chunk, number * per_chunk, total)
+                except _ChunkCancelled:
+                    continue
                 for (job, index), image in zip(chunk, outputs, strict=True):
                     images[(job.id, index)] = image
         except Exception as exc:
             log.exception("jobs %s: generation failed", ids)
-            error = ApiError(ErrorCode.GENERATION_FAILED.value, f"Generation failed: {exc}")
+            what = str(exc) if isinstance(exc, _ShownFailure) else "Generation failed"
             for job in live:
+                error = ApiError(ErrorCode.GENERATION_FAILED.value,
+                                 f"{what}; the service log has the details (job {job.id}).")
                 self._report(self.sink.on_failed, job, error)
             return
         for job in live:
@@ -194,7 +221,7 @@ class Worker:
                         previews[job.id] = _png_base64(latent_preview(latents[row]))
             self._report(self.sink.on_progress, live, done_before + step + 1, previews, seconds)
             if all(job.cancel_requested.is_set() for job, _ in chunk):
-                pipeline._interrupt = True  # diffusers skips the remaining steps
+                raise _ChunkCancelled
             return kwargs
 
         arguments: dict[str, Any] = dict(
@@ -215,7 +242,10 @@ class Worker:
 
     def _apply_adapters(self, adapters: tuple[AppliedAdapter, ...]) -> None:
         if self.model.slot is not None:  # [service] lora_hotswap: one slot, swapped in place
-            self.model.slot.apply(adapters)
+            try:
+                self.model.slot.apply(adapters)
+            except SlotMismatch as exc:  # its messages name adapters and reasons, never paths
+                raise _ShownFailure(str(exc)) from exc
             return
         pipe = self.model.txt2img
         weights: dict[str, float] = {}  # peft name -> weight; one file under two names adds up
@@ -224,13 +254,13 @@ class Worker:
             if sha not in self._loaded_adapters:
                 name = f"lora_{sha[:16]}"
                 try:
-                    pipe.load_lora_weights(str(adapter.file.path), adapter_name=name)
+                    _load_exactly(pipe, adapter.file, name)
+                except _ShownFailure:
+                    raise
                 except Exception as exc:
                     if name in _adapter_names(pipe):
                         pipe.delete_adapters(name)
-                    raise RuntimeError(
-                        f"adapter {adapter.file.label} does not fit this model ({exc})"
-                    ) from exc
+                    raise _ShownFailure(f"Adapter {adapter.file.label} does not fit this model") from exc
                 self._loaded_adapters[sha] = name
                 log.info("adapter %s loaded (%s)", adapter.file.label, sha[:12])
             name = self._loaded_adapters[sha]
@@ -269,6 +299,18 @@ class Worker:
             adapters=tuple((a.requested_name, a.weight, a.file.a1111_hash) for a in spec.adapters),
             strength=spec.strength,
         )
+
+
+def _load_exactly(pipe: Any, file: AdapterFile, name: str) -> None:
+    """Load the very bytes the scan hashed (`AdapterFile.verified_copy`), never a file swapped
+    in the adapters directory since the scan."""
+    try:
+        with file.verified_copy() as path:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+    except AdapterFileError as exc:
+        log.error("adapter %s at %s: %s", file.label, file.path, exc)
+        raise _ShownFailure(f"Adapter {file.label} changed on disk since the adapters were last "
+                            "reloaded; reload them and try again") from exc
 
 
 def _adapter_names(pipe: Any) -> set[str]:

@@ -5,12 +5,16 @@ wrong type or one out of range stops the program at start with the file, the key
 reason. Secrets never live in the file: they come from the environment (see `Secrets`).
 
 Each package owns its section's dataclass here; a section validates its own ranges in
-`__post_init__` by raising `ValueError` with a message naming the key.
+`__post_init__` by raising `ValueError` with a message naming the key. Before that, every number
+of every section passes one check (`_numbers_checked`): finite, and at most NUMBER_CEILING or
+the bound its field's metadata names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
 import tomllib
 import types
@@ -25,6 +29,10 @@ CONFIG_FILE = "config.toml"
 # so its commands find the same settings and data from any folder; None for a plain install.
 _CHECKOUT = Path(__file__).resolve().parent.parent
 CHECKOUT_CONFIG: Path | None = _CHECKOUT / CONFIG_FILE if (_CHECKOUT / "pyproject.toml").is_file() else None
+SERVICE_TOKEN_ENV = "LORALOOP_SERVICE_TOKEN"
+# A file holding the service token, read when LORALOOP_SERVICE_TOKEN is unset; `serve` writes a
+# new random one there on first start (the Docker image points it into the data volume).
+SERVICE_TOKEN_FILE_ENV = "LORALOOP_SERVICE_TOKEN_FILE"
 
 
 class ConfigError(Exception):
@@ -36,7 +44,37 @@ def _require(condition: bool, key: str, reason: str) -> None:
         raise ValueError(f"{key}: {reason}")
 
 
+# Every number in every section must be finite and at most this (TOML has inf and nan, and a
+# 2**63 that overflows whatever C call it reaches); a key whose sane range ends sooner says so in
+# its field's metadata: `field(default=..., metadata={"max": ...})`.
+NUMBER_CEILING = 2**32
+
+
+def _numbers_checked(cls: type) -> type:
+    """Give a section class the one check every number goes through, before the section's own.
+
+    Placed under `@dataclass`, so the dataclass __init__ calls it however the section is built:
+    from the file, by `Config.replace` (command-line flags) or by `dataclasses.replace` (--set).
+    """
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self: typing.Any) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            _require(math.isfinite(value), item.name, f"must be a finite number, not {value}")
+            ceiling = item.metadata.get("max", NUMBER_CEILING)
+            _require(abs(value) <= ceiling, item.name, f"must be at most {ceiling:g}")
+        if own is not None:
+            own(self)
+
+    cls.__post_init__ = __post_init__  # type: ignore[attr-defined]  # set before @dataclass reads it
+    return cls
+
+
 @dataclass(frozen=True)
+@_numbers_checked
 class PathsConfig:
     # Everything loraloop writes lives here: the database, images, adapters, models, datasets
     # and training runs. Relative paths are relative to the config file. LORALOOP_DATA_DIR wins.
@@ -48,6 +86,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 @dataclass(frozen=True)
+@_numbers_checked
 class ServiceConfig:
     # Loopback by default: the service has no auth unless LORALOOP_SERVICE_TOKEN is set, so
     # exposing it on 0.0.0.0 without a token lets anyone on the network use the GPU.
@@ -67,7 +106,7 @@ class ServiceConfig:
     # Images per pipeline call: more raises GPU throughput but costs memory and per-job latency.
     max_batch: int = 4
     # Longest the worker holds a batch open for requests still arriving: throughput vs latency.
-    batch_wait_ms: int = 50
+    batch_wait_ms: int = field(default=50, metadata={"max": 10_000})
     # Request limits: each higher value lets one job cost more GPU time or memory.
     default_steps: int = 25
     max_steps: int = 80
@@ -81,6 +120,13 @@ class ServiceConfig:
     max_pixels: int = 1048576
     # Largest request body (an img2img init image travels in it, base64-encoded).
     max_body_bytes: int = 8388608
+    # Seconds a request body may take to arrive; a client trickling it in slower is cut off (408).
+    read_timeout_s: float = field(default=30.0, metadata={"max": 3600})
+    # Largest init image in pixels, read from its header before any pixel is decoded.
+    max_image_pixels: int = 4194304
+    # A job's work budget, width x height x steps x images: past it a request is refused (400).
+    # 0 picks one for the device (generation.jobs.DEFAULT_PIXEL_STEPS: generous on CUDA, small on the CPU).
+    max_pixel_steps: int = 0
     # Scheduler used when a request names none: dpmpp_2m, dpmpp_2m_karras, euler_a, ddim or lcm.
     default_scheduler: str = "dpmpp_2m"
     # Send a small preview image every N steps in the event stream; 0 turns previews off.
@@ -111,9 +157,11 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "port", "must be between 1 and 65535")
         for key in ("max_queue", "max_per_requester", "max_batch", "max_steps", "max_count",
-                    "max_prompt_chars", "max_pixels", "max_body_bytes", "keep_finished"):
+                    "max_prompt_chars", "max_pixels", "max_body_bytes", "keep_finished", "max_image_pixels"):
             _require(getattr(self, key) >= 1, key, "must be at least 1")
         _require(self.batch_wait_ms >= 0, "batch_wait_ms", "must be 0 or more")
+        _require(self.read_timeout_s > 0, "read_timeout_s", "must be positive")
+        _require(self.max_pixel_steps >= 0, "max_pixel_steps", "must be 0 (the device's default) or more")
         _require(self.preview_every >= 0, "preview_every", "must be 0 or more")
         _require(self.max_steps <= 1000, "max_steps",
                  "must be at most 1000 (SD schedulers have 1000 training timesteps)")
@@ -144,11 +192,12 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+@_numbers_checked
 class StoreConfig:
     # SQLite database file. Empty: DATA_DIR/loraloop.db.
     database: str = ""
     # How long a write waits for another process's lock before giving up.
-    busy_timeout_s: float = 10.0
+    busy_timeout_s: float = field(default=10.0, metadata={"max": 3600})
     # "NORMAL" survives the process being killed; "FULL" also survives power loss, slower writes.
     synchronous: str = "NORMAL"
 
@@ -158,6 +207,7 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+@_numbers_checked
 class BotConfig:
     # Where the bot finds the generation service.
     service_url: str = "http://127.0.0.1:8765"
@@ -173,7 +223,7 @@ class BotConfig:
     max_active_per_user: int = 2
     max_queued_per_user: int = 1
     # Seconds between two requests of one user: lower feels snappier, higher shares the GPU.
-    cooldown_seconds: float = 10.0
+    cooldown_seconds: float = field(default=10.0, metadata={"max": 86400})
     # Whole words or phrases refused in prompts (case-insensitive).
     blocked_terms: list[str] = field(default_factory=list)
     max_prompt_chars: int = 500
@@ -184,7 +234,7 @@ class BotConfig:
     # multiple of 8: 16:9 at 512 is 912x512. [service] max_pixels must allow the widest aspect.
     base_size: int = 512
     # Seconds between progress edits: Discord rate-limits edits, ~2 s keeps well inside them.
-    progress_interval: float = 2.0
+    progress_interval: float = field(default=2.0, metadata={"max": 3600})
     # Reactions the bot adds under each image and the vote each records; the flag emoji marks a
     # bad or unsafe image (kept apart from taste).
     rating_emojis: dict[str, int] = field(default_factory=lambda: {"👍": 1, "👎": -1})
@@ -215,6 +265,7 @@ class BotConfig:
 
 
 @dataclass(frozen=True)
+@_numbers_checked
 class TrainingConfig:
     # Training resolution; imported images are resized and centre-cropped to it. "auto": the base
     # model's native size (64 tiny, 512 SD 1.5, 768 SD 2.1-v, 1024 SDXL).
@@ -305,6 +356,7 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+@_numbers_checked
 class DatasetConfig:
     # `loraloop dataset import`: images whose shorter side is below this are dropped (upscaling blurs).
     min_image_size: int = 256
@@ -318,7 +370,14 @@ class DatasetConfig:
     # Downloads: largest file accepted, parallel requests, seconds per file.
     max_download_bytes: int = 20_000_000
     download_concurrency: int = 8
-    download_timeout_s: float = 30.0
+    download_timeout_s: float = field(default=30.0, metadata={"max": 3600})
+    # Private hosts (addresses or networks, "192.168.1.0/24") downloads may reach; any other
+    # loopback, private, link-local, multicast, reserved or unspecified address is refused.
+    allow_private_hosts: list[str] = field(default_factory=list)
+    # Let JSON/CSV/metadata sources name files outside the source's own folder.
+    allow_paths_outside_source: bool = False
+    # Largest picture in pixels still decoded (after JPEG's free downscaling), read from its header.
+    max_image_pixels: int = 64_000_000
     # Processes decoding and resizing images during import; 0: one per CPU core (big imports).
     import_workers: int = 0
     # `loraloop dataset caption`: a BLIP model id, a local directory, or "tiny".
@@ -338,6 +397,13 @@ class DatasetConfig:
         _require(self.max_download_bytes >= 1, "max_download_bytes", "must be at least 1")
         _require(self.download_concurrency >= 1, "download_concurrency", "must be at least 1")
         _require(self.download_timeout_s > 0, "download_timeout_s", "must be positive")
+        _require(self.max_image_pixels >= 1, "max_image_pixels", "must be at least 1")
+        for host in self.allow_private_hosts:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                raise ValueError(f"allow_private_hosts: {host!r} is not an address or network "
+                                 "like 192.168.1.20 or 192.168.1.0/24") from None
         _require(self.import_workers >= 0, "import_workers", "must be 0 (one per CPU core) or more")
         _require(self.caption_model.strip() != "", "caption_model", "must name a model id, a path or 'tiny'")
         _require(self.caption_batch_size >= 1, "caption_batch_size", "must be at least 1")
@@ -348,6 +414,7 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+@_numbers_checked
 class CurationConfig:
     # `loraloop dataset curate`: the default output layout (sft, kto or dpo).
     format: typing.Literal["sft", "kto", "dpo"] = "sft"
@@ -447,9 +514,43 @@ class Secrets:
     def from_env(cls) -> Secrets:
         return cls(
             discord_token=os.environ.get("DISCORD_TOKEN") or None,
-            service_token=os.environ.get("LORALOOP_SERVICE_TOKEN") or None,
+            service_token=os.environ.get(SERVICE_TOKEN_ENV) or _token_from_file(),
             metrics_token=os.environ.get("LORALOOP_METRICS_TOKEN") or None,
         )
+
+
+def _token_from_file() -> str | None:
+    path = os.environ.get(SERVICE_TOKEN_FILE_ENV)
+    if not path:
+        return None
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{SERVICE_TOKEN_FILE_ENV}={path}: cannot read the token: {exc.strerror}") from None
+
+
+def create_service_token_file() -> Path | None:
+    """Write a new random token to $LORALOOP_SERVICE_TOKEN_FILE if it names a file that does not
+    exist yet (and no LORALOOP_SERVICE_TOKEN is set); the path written, or None."""
+    import secrets
+
+    path = os.environ.get(SERVICE_TOKEN_FILE_ENV)
+    if not path or os.environ.get(SERVICE_TOKEN_ENV):
+        return None
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: two services starting at once never overwrite each other's token; 0600: only this user reads it.
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{SERVICE_TOKEN_FILE_ENV}={path}: cannot create the token file: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(secrets.token_hex(32) + "\n")
+    return target
 
 
 def _type_name(tp: typing.Any) -> str:

@@ -1,6 +1,6 @@
 """The hashes AUTOMATIC1111, Forge and Civitai name model files by, computed one way for everyone.
 
-    lora_hash(path)                  # what A1111 calls a LoRA: its sshs_model_hash, else the data hash
+    lora_hash(stream)                # what A1111 calls a LoRA: its sshs_model_hash, else the data hash
     safetensors_data_sha256(stream)  # sha256 of a safetensors file after its header
     checkpoint_short_hash(sha256)    # the "Model hash" A1111 writes for a checkpoint file
 
@@ -54,11 +54,13 @@ def safetensors_metadata(stream: BinaryIO) -> dict[str, str]:
     return metadata if isinstance(metadata, dict) else {}
 
 
-def lora_hash(path: Path) -> str:
-    """A1111's full hash of a LoRA file: its `sshs_model_hash` when that is a sha256, else the data hash."""
-    with path.open("rb") as stream:
-        recorded = str(safetensors_metadata(stream).get(MODEL_HASH_KEY, "")).lower()
-        return recorded if _SHA256_RE.match(recorded) else safetensors_data_sha256(stream)
+def lora_hash(stream: BinaryIO) -> str:
+    """A1111's full hash of a LoRA file: its `sshs_model_hash` when that is a sha256, else the data hash.
+
+    Takes the file's bytes as a stream, so a caller that has already read and checked them (the
+    service's adapter scan) hashes exactly what it will load."""
+    recorded = str(safetensors_metadata(stream).get(MODEL_HASH_KEY, "")).lower()
+    return recorded if _SHA256_RE.match(recorded) else safetensors_data_sha256(stream)
 
 
 def file_sha256(path: Path) -> str:

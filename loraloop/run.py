@@ -28,9 +28,12 @@ NO_TOKEN_HINT = (
 async def run_service_and_bot(app: AppContext, secrets: Secrets) -> None:
     """Start the service, point the bot at it, and stop both when either ends."""
     from bot.cli import run_bot
-    from generation.server import start_service
+    from generation.server import exposure_refusal, start_service
 
     settings = app.config.service
+    refusal = exposure_refusal(settings.host, secrets.service_token)
+    if refusal:
+        raise click.ClickException(f"{refusal} ([service] host).")
     service = await start_service(app.config, secrets, host=settings.host, port=settings.port)
     log.info("generation service ready at %s (model %s)", service.url, settings.model)
     try:

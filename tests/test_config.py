@@ -128,3 +128,43 @@ def test_from_another_folder_the_config_is_found_in_the_documented_order(tmp_pat
     assert load_config().service.port == 1003
     monkeypatch.setenv("LORALOOP_CONFIG", str(checkout / "config.toml"))
     assert load_config().service.port == 1001
+
+
+def numeric_keys() -> list[tuple[str, str, type]]:
+    import dataclasses
+    import typing
+
+    found = []
+    for section in dataclasses.fields(Config):
+        if section.name == "source":
+            continue
+        cls = typing.get_type_hints(Config)[section.name]
+        for key, hint in typing.get_type_hints(cls).items():
+            if hint in (int, float):
+                found.append((section.name, key, hint))
+    return found
+
+
+@pytest.mark.parametrize(("section", "key", "kind"), numeric_keys(), ids=lambda v: getattr(v, "__name__", str(v)))
+def test_every_number_must_be_finite_and_bounded_whichever_way_it_is_set(tmp_path, section, key, kind):
+    too_big = "18446744073709551615" if kind is int else "1e300"
+    values = [too_big, f"-{too_big}"] + (["inf", "-inf", "nan"] if kind is float else [])
+    for value in values:
+        with pytest.raises(ConfigError, match=rf"\[{section}\]\.{key}: must be (a finite number|at most)"):
+            load_config(write(tmp_path, f"[{section}]\n{key} = {value}\n"))
+    with pytest.raises(ConfigError, match=rf"{key}: must be (a finite number|at most)"):
+        Config().replace(section, **{key: kind(too_big) if kind is int else float("inf")})
+
+
+def test_an_infinite_busy_timeout_is_refused_at_start_not_at_the_first_write(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[store\]\.busy_timeout_s: must be a finite number, not inf"):
+        load_config(write(tmp_path, "[store]\nbusy_timeout_s = inf\n"))
+    with pytest.raises(ConfigError, match=r"busy_timeout_s: must be at most 3600"):
+        load_config(write(tmp_path, "[store]\nbusy_timeout_s = 1e9\n"))
+
+
+def test_private_hosts_to_allow_must_be_addresses_or_networks(tmp_path):
+    config = load_config(write(tmp_path, '[dataset]\nallow_private_hosts = ["192.168.1.0/24", "::1"]\n'))
+    assert config.dataset.allow_private_hosts == ["192.168.1.0/24", "::1"]
+    with pytest.raises(ConfigError, match=r"'nas\.local' is not an address or network"):
+        load_config(write(tmp_path, '[dataset]\nallow_private_hosts = ["nas.local"]\n'))

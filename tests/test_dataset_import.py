@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from loraloop.cli import cli
 from training.dataset import NearDuplicateIndex, dataset_hash, perceptual_hash
+from training.downloads import HostPolicy
 
 RESOLUTION = 64
 
@@ -206,7 +208,8 @@ async def test_a_url_list_is_downloaded_and_bad_downloads_are_dropped_with_the_r
     )
 
     # The CLI runs its own event loop, so it goes on a thread while this loop serves.
-    result = await asyncio.to_thread(run_import, config_file, source, tmp_path / "out")
+    result = await asyncio.to_thread(run_import, config_file, source, tmp_path / "out",
+                                     "--allow-private-host", "127.0.0.1")
 
     assert result.exit_code == 0, result.output
     rows, report = read_dataset(tmp_path / "out")
@@ -233,7 +236,8 @@ async def test_a_json_list_mixes_local_paths_and_urls(tmp_path, config_file, aio
         {"link": f"http://127.0.0.1:{server.port}/img/2.png", "caption": "a downloaded picture"},
     ]))
 
-    result = await asyncio.to_thread(run_import, config_file, source, tmp_path / "out")
+    result = await asyncio.to_thread(run_import, config_file, source, tmp_path / "out",
+                                     "--allow-private-host", "127.0.0.0/8")
 
     assert result.exit_code == 0, result.output
     rows, report = read_dataset(tmp_path / "out")
@@ -299,7 +303,7 @@ def test_transparent_palette_and_grey_pictures_come_out_rgb_with_transparency_on
     cutout = Image.new("RGBA", (80, 80), (0, 0, 0, 0))
     ImageDraw.Draw(cutout).ellipse((30, 30, 50, 50), fill=(200, 30, 30, 255))
     cutout.save(src / "cutout.png")
-    picture(2, mode="P").save(src / "palette.gif")
+    picture(2, mode="P").save(src / "palette.png", transparency=0)
     picture(3, mode="L").save(src / "grey.png")
 
     result = run_import(config_file, src, tmp_path / "out")
@@ -418,20 +422,55 @@ def test_several_workers_give_the_same_dataset_as_one(tmp_path, config_file):
         assert serial.read_bytes() == parallel.read_bytes()
 
 
-def test_only_pictures_past_pils_hard_pixel_limit_are_dropped(tmp_path, config_file, monkeypatch):
-    # Scaled down: a limit of 2,000 pixels warns from 2,000 and refuses past 4,000.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000)
+def claims_size(png: bytes, width: int, height: int) -> bytes:
+    """The PNG with a header that claims another size (and a valid CRC): a few KB posing as gigapixels."""
+    import struct
+    import zlib
+
+    data = bytearray(png)
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+def test_pictures_over_the_pixel_cap_are_dropped_from_their_header_after_jpegs_free_downscale(tmp_path, config_file):
+    config_file.write_text(config_file.read_text() + "max_image_pixels = 5000\n")
     src = tmp_path / "pictures"
     src.mkdir()
-    picture(1, size=(60, 50)).save(src / "large.png")  # 3,000 pixels: a warning, kept
-    picture(2, size=(96, 80)).save(src / "huge.png")  # 7,680 pixels: dropped
+    picture(1, size=(256, 256)).save(src / "photo.jpg", quality=90)  # decodes at 1/4: 64x64, 4,096 pixels
+    picture(2, size=(96, 80)).save(src / "wide.png")  # 7,680 pixels: PNG has no cheap downscale
+    # 13000x13000 in its header: decoding it peaked at 1 GB before the cap was checked first.
+    (src / "bomb.png").write_bytes(claims_size(png_bytes(picture(3, size=(16, 16))), 13000, 13000))
 
     result = run_import(config_file, src, tmp_path / "out")
 
     assert result.exit_code == 0, result.output
     _, report = read_dataset(tmp_path / "out")
-    assert [k["source"] for k in report["kept"]] == ["large.png"]
-    assert report["dropped"][0]["source"] == "huge.png" and "DecompressionBombError" in report["dropped"][0]["detail"]
+    assert [k["source"] for k in report["kept"]] == ["photo.jpg"]
+    details = {d["source"]: d["detail"] for d in report["dropped"]}
+    assert details == {"bomb.png": "13000x13000: at most 5000 pixels are accepted",
+                       "wide.png": "96x80: at most 5000 pixels are accepted"}
+
+
+def test_only_png_jpeg_and_webp_are_decoded_whatever_the_file_is_called(tmp_path, config_file):
+    src = tmp_path / "pictures"
+    src.mkdir()
+    picture(1).save(src / "real.webp")
+    picture(2).save(src / "photo.jpg", format="TIFF")  # a TIFF named .jpg
+    picture(3).save(src / "old.bmp")
+    picture(4).save(src / "anim.gif")
+    # EPS makes Pillow run Ghostscript; named .png, it must never reach that decoder.
+    (src / "trap.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n")
+
+    result = run_import(config_file, src, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    _, report = read_dataset(tmp_path / "out")
+    assert [k["source"] for k in report["kept"]] == ["real.webp"]
+    assert sorted(d["source"] for d in report["dropped"]) == ["anim.gif", "old.bmp", "photo.jpg", "trap.png"]
+    for dropped in report["dropped"]:
+        assert dropped["detail"] == "not an image in an accepted format (PNG, JPEG or WebP)", dropped
 
 
 def test_the_format_flag_overrides_detection_and_checks_the_source_shape(tmp_path, config_file):
@@ -450,3 +489,179 @@ def test_the_format_flag_overrides_detection_and_checks_the_source_shape(tmp_pat
     assert as_dreambooth.exit_code == 1 and "must be named <trigger>_<class>" in as_dreambooth.output
     assert "holiday photos" in as_dreambooth.output
     assert as_csv.exit_code == 1 and "the csv format reads a file, not a folder" in as_csv.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile sources: no request to this machine or its LAN, no file outside the source, no endless
+# read, one sentence for input the readers choke on. The servers run on loopback, so the tests
+# that download allow 127.0.0.1 explicitly (as a person would allow their NAS) and check the
+# refusals around it.
+
+
+def picture_server(app: web.Application, redirects: dict[str, str] | None = None) -> None:
+    async def image(request: web.Request) -> web.Response:
+        return web.Response(body=png_bytes(picture(int(request.match_info["seed"]))), content_type="image/png")
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound((redirects or {})[request.match_info["name"]])
+
+    app.router.add_get("/img/{seed}.png", image)
+    app.router.add_get("/go/{name}", redirect)
+
+
+def refusals(report: dict) -> dict[str, str]:
+    return {d["source"]: d["detail"] for d in report["dropped"] if d["reason"] == "refused_host"}
+
+
+@pytest.mark.parametrize(("address", "kind"), [
+    ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("::1", "loopback"),
+    ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped: the kernel connects to 127.0.0.1
+    ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("192.168.1.1", "private"), ("fd00::1", "private"),
+    ("::ffff:192.168.1.1", "private"),
+    ("169.254.169.254", "link-local"), ("fe80::1%eth0", "link-local"),
+    ("224.0.0.1", "multicast"), ("ff02::1", "multicast"),
+    ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+    ("240.0.0.1", "reserved"),
+    ("100.64.0.1", "not a public"),  # carrier-grade NAT: neither private nor global
+])
+def test_every_non_public_range_is_refused(address, kind):
+    refusal = HostPolicy().refusal(address)
+    assert refusal is not None and kind in refusal, (address, refusal)
+
+
+def test_public_addresses_and_the_networks_allowed_pass():
+    policy = HostPolicy.allowing(["192.168.1.0/24", "::1"])
+    for address in ("93.184.216.34", "2606:4700:4700::1111", "192.168.1.20", "::ffff:192.168.1.20", "::1"):
+        assert policy.refusal(address) is None, address
+    for address in ("192.168.2.20", "127.0.0.1", "169.254.169.254"):
+        assert policy.refusal(address) is not None, address
+
+
+async def test_loopback_is_refused_without_the_option_by_address_and_by_name(tmp_path, config_file, aiohttp_server):
+    app = web.Application()
+    picture_server(app)
+    server = await aiohttp_server(app)
+    port = server.port
+    source = tmp_path / "urls.txt"
+    source.write_text(f"http://127.0.0.1:{port}/img/1.png\n"
+                      f"http://localhost:{port}/img/2.png\n"
+                      f"http://[::ffff:127.0.0.1]:{port}/img/3.png\n")
+
+    result = await asyncio.to_thread(run_import, config_file, source, tmp_path / "out")
+
+    assert result.exit_code == 1 and "nothing left to import" in result.output, result.output
+    assert "3 refused host" in result.output
+    allowed = await asyncio.to_thread(run_import, config_file, source, tmp_path / "allowed",
+                                      "--allow-private-host", "127.0.0.1")
+    assert allowed.exit_code == 0, allowed.output
+
+
+async def test_redirects_are_checked_on_every_hop(tmp_path, config_file, aiohttp_server):
+    inner_app = web.Application()
+    picture_server(inner_app)
+    inner = await aiohttp_server(inner_app, host="127.0.0.2")  # loopback too, but not the address allowed
+    outer_app = web.Application()
+    picture_server(outer_app, {
+        "loopback": f"http://127.0.0.2:{inner.port}/img/5.png",
+        "mapped": f"http://[::ffff:127.0.0.2]:{inner.port}/img/6.png",
+        "metadata": "http://169.254.169.254/latest/meta-data/",
+        "unspecified": f"http://0.0.0.0:{inner.port}/img/7.png",
+        "multicast": "http://224.0.0.1/img/8.png",
+        "lan": "http://10.0.0.1/img/9.png",
+        "same-host": "/img/10.png",
+        "loop": "/go/loop",
+    })
+    server = await aiohttp_server(outer_app)
+    outer = f"http://127.0.0.1:{server.port}"
+    names = ("loopback", "mapped", "metadata", "unspecified", "multicast", "lan", "same-host", "loop")
+    source = tmp_path / "urls.txt"
+    source.write_text("".join(f"{outer}/go/{name}\n" for name in names))
+
+    result = await asyncio.to_thread(run_import, config_file, source, tmp_path / "out",
+                                     "--allow-private-host", "127.0.0.1")
+
+    assert result.exit_code == 0, result.output
+    _, report = read_dataset(tmp_path / "out")
+    assert [k["source"] for k in report["kept"]] == [f"{outer}/go/same-host"]  # redirects still work
+    refused = {source.removeprefix(f"{outer}/go/"): detail for source, detail in refusals(report).items()}
+    hop = f"redirect to http://127.0.0.2:{inner.port}/img/5.png"
+    assert refused["loopback"].startswith(f"{hop}: 127.0.0.2 is a loopback address")
+    assert "127.0.0.2 is a loopback address" in refused["mapped"]
+    assert "169.254.169.254 is a link-local address" in refused["metadata"]
+    assert "0.0.0.0 is an unspecified address" in refused["unspecified"]
+    assert "multicast" in refused["multicast"] and "10.0.0.1 is a private address" in refused["lan"]
+    assert "--allow-private-host" in refused["lan"]
+    failed = {d["source"].removeprefix(f"{outer}/go/"): d["detail"] for d in report["dropped"]
+              if d["reason"] == "download_failed"}
+    assert failed == {"loop": "more than 5 redirects"}
+
+
+def test_local_entries_must_be_regular_files_under_the_size_cap(tmp_path, config_file):
+    config_file.write_text(config_file.read_text() + "max_download_bytes = 20000\n"
+                           "allow_paths_outside_source = true\n")
+    src = tmp_path / "pictures"
+    src.mkdir()
+    picture(1).save(src / "fine.png")
+    big = png_bytes(Image.frombytes("RGB", (100, 100), random.Random(2).randbytes(30_000)))  # noise: no compression
+    assert len(big) > 20_000
+    (src / "big.png").write_bytes(big)
+    os.mkfifo(src / "fifo.png")  # a read would wait for a writer forever
+    (src / "links.json").write_text(json.dumps([
+        {"link": "fine.png", "caption": "a fine picture"},
+        {"link": "big.png", "caption": "a big picture"},
+        {"link": "fifo.png", "caption": "a named pipe"},
+        {"link": "/dev/zero", "caption": "endless zeros"},  # read whole, it filled 21.5 GB
+    ]))
+
+    result = run_import(config_file, src / "links.json", tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    _, report = read_dataset(tmp_path / "out")
+    assert [k["source"] for k in report["kept"]] == ["fine.png"]
+    details = {d["source"]: d["detail"] for d in report["dropped"]}
+    assert details == {"big.png": "too large (over the 20000-byte limit)", "fifo.png": "not a regular file",
+                       "/dev/zero": "not a regular file"}
+
+
+def test_local_paths_stay_inside_the_sources_folder_unless_allowed(tmp_path, config_file):
+    src = tmp_path / "pictures"
+    src.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    picture(1).save(src / "inside.png")
+    picture(2).save(elsewhere / "private.png")
+    (src / "sneaky.png").symlink_to(elsewhere / "private.png")
+    (src / "links.json").write_text(json.dumps([
+        {"link": "inside.png", "caption": "inside"},
+        {"link": "../elsewhere/private.png", "caption": "climbing out"},
+        {"link": str(elsewhere / "private.png"), "caption": "an absolute path"},
+        {"link": "sneaky.png", "caption": "a symlink out"},
+    ]))
+
+    confined = run_import(config_file, src / "links.json", tmp_path / "confined")
+    allowed = run_import(config_file, src / "links.json", tmp_path / "allowed", "--allow-paths-outside-source")
+
+    assert confined.exit_code == 0 and allowed.exit_code == 0, confined.output + allowed.output
+    _, report = read_dataset(tmp_path / "confined")
+    assert [k["source"] for k in report["kept"]] == ["inside.png"]
+    assert {d["reason"] for d in report["dropped"]} == {"outside_source"} and len(report["dropped"]) == 3
+    assert "--allow-paths-outside-source" in report["dropped"][0]["detail"]
+    _, opened = read_dataset(tmp_path / "allowed")
+    assert len(opened["kept"]) == 2 and opened["dropped_by_reason"] == {"duplicate": 2}
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("long.csv", "image,caption\na.png," + "x" * 200_000 + "\n", "long.csv:2: not a readable CSV row"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "deep.json: nests lists or objects too deeply"),
+    ("number.json", '[{"link": "a.png", "caption": ' + "9" * 5000 + "}]", "number.json: holds a number"),
+    ("metadata.jsonl", '{"file_name": "a.png", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+     "metadata.jsonl:1: nests lists or objects too deeply"),
+], ids=["csv-field-over-the-limit", "deep-json", "huge-integer", "deep-metadata-line"])
+def test_input_the_readers_choke_on_is_one_sentence_not_a_traceback(tmp_path, config_file, name, content, message):
+    (tmp_path / name).write_text(content)
+
+    result = run_import(config_file, tmp_path / name, tmp_path / "out")
+
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

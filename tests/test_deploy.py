@@ -91,3 +91,32 @@ def test_a_misspelt_command_or_option_would_be_caught():
     assert not resolves_to_a_command(["loraloop", "serv"])
     assert not resolves_to_a_command(["loraloop", "serve", "--hots", "0.0.0.0"])
     assert not resolves_to_a_command(["loraloop", "dataset"])
+
+
+def test_the_image_is_safe_by_default_its_service_token_lives_in_the_data_volume():
+    env = dockerfile().envs
+    volume = json.loads(next(i["value"] for i in instructions() if i["instruction"] == "VOLUME"))[0]
+    token_file = env["LORALOOP_SERVICE_TOKEN_FILE"]
+    assert token_file.startswith(volume.rstrip("/") + "/"), "the token must survive restarts, in the volume"
+    assert "LORALOOP_SERVICE_TOKEN" not in env, "never bake a token into the image"
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    for service in compose["services"].values():
+        # Either the operator's token or, left empty, the one the service writes into the shared volume.
+        assert service["environment"]["LORALOOP_SERVICE_TOKEN"] == "${LORALOOP_SERVICE_TOKEN:-}"
+
+
+def test_serve_refuses_a_public_address_without_a_token(monkeypatch):
+    from click.testing import CliRunner
+
+    monkeypatch.delenv("LORALOOP_SERVICE_TOKEN", raising=False)
+    monkeypatch.delenv("LORALOOP_SERVICE_TOKEN_FILE", raising=False)
+    for host in ("0.0.0.0", "::", "192.168.1.5", "gpu-box.lan"):
+        result = CliRunner().invoke(cli, ["serve", "--host", host, "--model", "/nonexistent-model"])
+        assert result.exit_code == 1 and "without LORALOOP_SERVICE_TOKEN" in result.output, host
+        assert "--insecure-no-token" in result.output
+    # Past the check (the model then fails to load, which shows serve went on to load it).
+    insecure = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--insecure-no-token", "--model",
+                                        "/nonexistent-model"])
+    assert insecure.exit_code == 1 and "Cannot load model" in insecure.output
+    loopback = CliRunner().invoke(cli, ["serve", "--host", "::1", "--model", "/nonexistent-model"])
+    assert "Cannot load model" in loopback.output

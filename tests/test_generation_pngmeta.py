@@ -72,3 +72,24 @@ def test_several_lora_hashes_survive_a1111s_parser():
     assert fields["Prompt"] == "a castle <lora:pixel:0.8> <lora:ink@2:-0.5>"
     assert (fields["Sampler"], fields["Schedule type"]) == ("DPM++ 2M", "Karras")
     assert lora_hashes(fields) == {"pixel": "a" * 12, "ink@2": "b" * 12}
+
+
+
+def a1111_fields(text: str) -> tuple[list[str], dict[str, str]]:
+    """The lines A1111 reads as prompt and negative prompt, and the fields of its last line, as it parses them."""
+    *text_lines, last = text.split("\n")
+    fields = dict(part.split(": ", 1) for part in last.split(", ") if ": " in part)
+    return text_lines, fields
+
+
+def test_line_breaks_and_control_characters_in_prompts_cannot_forge_fields():
+    forged = "fox\nSteps: 999, Seed: 1\nNegative prompt: evil"
+    for breaker in ("\n", "\r", "\r\n", "\x85", "\u2028", "\u2029", "\x0b", "\x1b"):
+        prompt = forged.replace("\n", breaker)
+        parameters = ImageParameters(prompt, f"blur{breaker}Seed: 3", 4, 7.0, 42, 64, 64, "ddim", "tiny")
+        text = read_parameters(encode_png(Image.new("RGB", (8, 8)), parameters))
+        lines, fields = a1111_fields(text)
+        assert len(lines) == 2, repr(breaker)  # the prompt, and the one negative prompt line
+        assert lines[0].startswith("fox ") and "Steps: 999" in lines[0]
+        assert " ".join(lines[1].split()) == "Negative prompt: blur Seed: 3"
+        assert (fields["Steps"], fields["Seed"]) == ("4", "42")

@@ -17,6 +17,7 @@ from generation.client import ServiceClient, ServiceError
 from generation.contract import AdapterRef, JobRequest, JobState
 from generation.pngmeta import read_parameters
 from generation.testing import write_lora
+from loraloop.hashes import lora_hash
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +236,70 @@ async def test_with_hotswap_a_job_the_slot_cannot_run_fails_with_the_reason_and_
         base_again, _ = await render(client)
     assert np.array_equal(pixel, pixel_again)
     assert np.array_equal(base, base_again)
+async def test_a_fifo_or_a_symlink_out_of_the_directory_is_skipped_and_the_service_never_freezes(
+    make_service, lora_files, tmp_path, caplog
+):
+    import asyncio
+    import os
+
+    running = await make_service()
+    adapters = running.adapters_dir
+    install(lora_files["first"], adapters, "good/v1.safetensors")
+    os.mkfifo(adapters / "fifo.safetensors")
+    (adapters / "pipe").mkdir()
+    os.mkfifo(adapters / "pipe" / "v1.safetensors")
+    outside = install(lora_files["second"], tmp_path / "elsewhere", "secret.safetensors")
+    (adapters / "escape.safetensors").symlink_to(outside)
+    (adapters / "away").symlink_to(outside.parent, target_is_directory=True)
+    (adapters / "alias.safetensors").symlink_to(adapters / "good" / "v1.safetensors")  # inside: fine
+    async with ServiceClient(running.url) as client:
+        # safe_open on a FIFO blocked holding the GIL: /healthz and everything else froze.
+        listed = await asyncio.wait_for(client.reload_adapters(), timeout=30)
+        assert sorted(a.name for a in listed) == ["alias", "good"]
+        assert (await client.health()).status == "ok"
+        await render(client, [("alias", 1.0)])
+    assert "fifo.safetensors: not a regular file" in caplog.text and "pipe/v1.safetensors" in caplog.text
+    assert "escape.safetensors: a symlink out of the adapters directory" in caplog.text
+    assert "away: a symlink out of the adapters directory" in caplog.text
+
+
+async def test_the_hash_a_job_reports_is_of_the_bytes_it_loaded(make_service, lora_files):
+    running = await make_service()
+    path = install(lora_files["first"], running.adapters_dir, "pixel/v1.safetensors")
+    async with ServiceClient(running.url) as client:
+        [scanned] = await client.reload_adapters()
+        # Swapped after the scan: loading it would report the first file's hash for the second's weights.
+        shutil.copyfile(lora_files["second"], path)
+        accepted = await client.submit(JobRequest.from_dict({"prompt": "x", "steps": 1,
+                                                             "adapters": [{"name": "pixel"}]}))
+        final = [s async for s in client.events(accepted.id)][-1]
+        assert final.state is JobState.FAILED and "changed on disk" in final.error.message
+        [rescanned] = await client.reload_adapters()
+        assert rescanned.sha256 != scanned.sha256
+        _, png = await render(client, [("pixel", 1.0)])
+    accepted_status = await ServiceClient(running.url).status(accepted.id)
+    assert accepted_status.adapters[0].sha256 == scanned.sha256
+    with path.open("rb") as loaded:  # the PNG names the new bytes by A1111's hash of them
+        assert lora_hash(loaded)[:12] in read_parameters(png)
+
+
+async def test_descriptions_are_capped_and_stripped_of_escape_codes_everywhere_they_are_listed(
+    make_service, tiny_model_dir, data_dir
+):
+    from click.testing import CliRunner
+
+    from loraloop.cli import cli
+
+    running = await make_service()
+    hostile = "\x1b[2J\x1b]0;pwned\x07red\nand " + "long " * 300
+    write_lora(tiny_model_dir, running.adapters_dir / "loud.safetensors", description=hostile)
+    (running.adapters_dir / "newline\n").mkdir()
+    write_lora(tiny_model_dir, running.adapters_dir / "newline\n" / "v1.safetensors")
+    async with ServiceClient(running.url) as client:
+        [listed] = await client.reload_adapters()
+    assert listed.name == "loud"
+    assert "\x1b" not in listed.description and "\n" not in listed.description and "\x07" not in listed.description
+    assert listed.description.startswith(" [2J ]0;pwned red and long") and len(listed.description) <= 500
+    result = CliRunner().invoke(cli, ["adapters", "list"], env={"LORALOOP_DATA_DIR": str(data_dir)})
+    assert result.exit_code == 0, result.output
+    assert "loud" in result.output and "\x1b" not in result.output and "\x07" not in result.output

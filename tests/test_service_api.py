@@ -17,6 +17,7 @@ from generation.client import ServiceClient, ServiceError
 from generation.contract import SAMPLERS, JobRequest, JobState
 from generation.pngmeta import read_parameters
 from loraloop.cli import cli
+from loraloop.config import Secrets
 
 
 async def run_job(client: ServiceClient, **fields) -> tuple[list, list[bytes]]:
@@ -232,29 +233,44 @@ def test_serve_explains_a_model_it_cannot_load(data_dir, tmp_path, model, words)
     assert words in result.output
 
 
-async def test_loraloop_serve_runs_the_service_until_interrupted(tiny_model_dir, data_dir):
+async def test_loraloop_serve_runs_the_service_until_interrupted(tiny_model_dir, data_dir, monkeypatch):
+    import os
     import signal
+    import socket
+    import stat
     import sys
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    # As in the Docker image: no token set, a token file named; the first start writes it.
+    token_file = data_dir / "service_token"
+    env = {k: v for k, v in os.environ.items() if k != "LORALOOP_SERVICE_TOKEN"}
+    env["LORALOOP_SERVICE_TOKEN_FILE"] = str(token_file)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "from loraloop.cli import main; main()", "serve", "--model", str(tiny_model_dir),
-        "--port", str(port),
+        "--port", str(port), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        async with ServiceClient(f"http://127.0.0.1:{port}") as client:
+        async with ServiceClient(f"http://127.0.0.1:{port}") as anonymous:
             for _ in range(240):
                 try:
-                    health = await client.health()
+                    health = await anonymous.health()  # /healthz needs no token
                     break
                 except ServiceError:
                     await asyncio.sleep(0.25)
             else:
                 pytest.fail("loraloop serve did not answer within a minute")
             assert health.model == str(tiny_model_dir)
+            with pytest.raises(ServiceError) as refused:
+                await anonymous.submit(JobRequest(prompt="x"))
+            assert refused.value.http_status == 401
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        # Any client with the same environment (the bot in compose) reads the token from the file.
+        monkeypatch.delenv("LORALOOP_SERVICE_TOKEN", raising=False)
+        monkeypatch.setenv("LORALOOP_SERVICE_TOKEN_FILE", str(token_file))
+        async with ServiceClient(f"http://127.0.0.1:{port}", token=Secrets.from_env().service_token) as client:
             _, (png,) = await run_job(client, steps=1, seed=3)
             assert "Seed: 3," in read_parameters(png)
     finally:

@@ -101,7 +101,7 @@ async def test_cancelling_a_queued_job_removes_it(service):
 
 
 async def test_cancelling_a_running_job_stops_it_at_the_next_step(make_service):
-    running = await make_service(max_steps=1000, preview_every=0)
+    running = await make_service(max_steps=1000, preview_every=0, max_pixel_steps=10_000_000)
     async with ServiceClient(running.url) as client:
         accepted = await client.submit(JobRequest(prompt="long", steps=1000))
         async for status in client.events(accepted.id):
@@ -170,3 +170,20 @@ async def test_cancelling_one_job_of_a_running_batch_lets_the_others_finish(make
         assert (await finish(client, kept)).state is JobState.DONE
         assert (await client.status(doomed)).state is JobState.CANCELLED
     assert running.service.metrics.batches == 1
+
+
+async def test_a_cancelled_job_stops_at_the_next_step_even_across_its_chunks(make_service):
+    # Four images, one per pipeline call: the old interrupt flag ended only the running call,
+    # then ran a step and a VAE decode of each of the other three.
+    running = await make_service(max_batch=1, max_steps=200, preview_every=0, max_pixel_steps=10_000_000)
+    async with ServiceClient(running.url) as client:
+        accepted = await client.submit(JobRequest(prompt="long", steps=200, count=4))
+        async for status in client.events(accepted.id):
+            if status.state is JobState.RUNNING and status.step >= 1:
+                await client.cancel(accepted.id)
+                break
+        steps_at_cancel = running.service.metrics.step_count
+        after = await client.submit(JobRequest(prompt="next", steps=1))
+        assert (await asyncio.wait_for(finish(client, after.id), timeout=20)).state is JobState.DONE
+    # The step under way when the cancel arrived may finish; no other step of the job runs.
+    assert running.service.metrics.step_count - steps_at_cancel <= 2

@@ -463,3 +463,28 @@ def test_epochs_set_the_steps_and_each_epoch_sees_every_example_once(tmp_path, t
     # Two processes split each epoch between them.
     halves = [batch_indices(0, 6, 3, seed=1, processes=2, rank=r) for r in (0, 1)]
     assert sorted(halves[0] + halves[1]) == list(range(6))
+
+
+def test_a_resume_from_a_state_pt_that_is_not_a_checkpoint_says_what_is_wrong_in_one_sentence(tmp_path):
+    import torch
+
+    from training.checkpoint import STATE_TYPES, state_problem
+
+    dataset = write_dataset(tmp_path / "ds", count=2)
+    cases = {
+        "a-list": ([1, 2, 3], "it holds a list, not a dict"),
+        "missing-keys": ({"step": 3, "settings": {}}, "missing progress, lora"),
+        "wrong-type": ({**{key: {} for key in STATE_TYPES}, "step": "3"}, "step is a str"),
+    }
+    for name, (state, words) in cases.items():
+        (tmp_path / name).mkdir()
+        torch.save(state, tmp_path / name / "state.pt")
+        result = invoke_train(tmp_path, str(dataset), "--name", "x", "--resume", str(tmp_path / name))
+        assert result.exit_code == 1, (name, result.output)
+        assert "is not a loraloop checkpoint" in result.output and words in result.output, (name, result.output)
+        assert "Traceback" not in result.output and result.output.strip().splitlines()[-1].startswith("Error: --resume")
+    well_typed = {"step": 1, "progress": {"step": 1}, "lora": {}, "optimizer": {}, "lr_scheduler": {},
+                  "generator": torch.zeros(1), "torch_rng": torch.zeros(1), "cuda_rng": None, "python_rng": (),
+                  "numpy_rng": [], "processes": 1, "settings": {}, "dataset_hash": "", "base_model": ""}
+    assert state_problem(well_typed) is None
+    assert state_problem({**well_typed, "progress": {"step": 1, "mood": 2}}) == "its progress has unknown fields mood"

@@ -49,6 +49,15 @@ RESUME_MAY_CHANGE = {"checkpoint_every", "checkpoints_keep", "validation_prompts
                      "early_stopping_min_delta"}
 
 
+# What state.pt holds, each entry's type: load_resume checks them all before trusting any.
+STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "step": int, "progress": dict, "lora": dict, "optimizer": dict, "lr_scheduler": dict,
+    "generator": torch.Tensor, "torch_rng": torch.Tensor, "cuda_rng": (list, type(None)),
+    "python_rng": tuple, "numpy_rng": list,
+    "processes": int, "settings": dict, "dataset_hash": str, "base_model": str,
+}
+
+
 class ResumeError(Exception):
     """A --resume that cannot go ahead (no checkpoint, a foreign file, another run's); the message says why."""
 
@@ -219,6 +228,24 @@ def find_checkpoint(path: Path) -> Path:
     return checkpoints[-1]
 
 
+def state_problem(state: Any) -> str | None:
+    """What is wrong with a loaded state.pt, in a few words, or None: a file that unpickles (a
+    list, a dict from another program, a checkpoint cut down by hand) is not yet a checkpoint."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a dict"
+    missing = [key for key in STATE_TYPES if key not in state]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    wrong = [f"{key} is a {type(state[key]).__name__}" for key, kind in STATE_TYPES.items()
+             if not isinstance(state[key], kind) or isinstance(state[key], bool)]
+    if wrong:
+        return "; ".join(wrong)
+    unknown = set(state["progress"]) - {f.name for f in dataclasses.fields(Progress)}
+    if unknown:
+        return f"its progress has unknown fields {', '.join(sorted(unknown))}"
+    return None
+
+
 def load_resume(path: Path, run: RunIdentity, total_steps: int) -> Resume:
     """The checkpoint --resume PATH names, checked against this run; ResumeError says what differs."""
     checkpoint = find_checkpoint(path)
@@ -227,6 +254,10 @@ def load_resume(path: Path, run: RunIdentity, total_steps: int) -> Resume:
         state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
         raise ResumeError(f"--resume {checkpoint}: {STATE_FILE} is not a loraloop checkpoint ({exc})") from None
+    problem = state_problem(state)
+    if problem:
+        raise ResumeError(f"--resume {checkpoint}: {STATE_FILE} is not a loraloop checkpoint ({problem}); "
+                          "resume from another checkpoint or start a new run")
     saved, current = state["settings"], run.settings
     may_change = set(RESUME_MAY_CHANGE)
     if current["lr_scheduler"] == "constant":  # the only schedule that does not depend on the run's length

@@ -42,10 +42,16 @@ def dataset() -> None:
 @click.option("--caption-column", help="CSV column with the caption ([dataset] csv_caption_column).")
 @click.option("--workers", type=click.IntRange(min=0),
               help="Processes resizing images; 0: one per core ([dataset] import_workers).")
+@click.option("--allow-private-host", "private_hosts", multiple=True, metavar="ADDRESS",
+              help="Let downloads reach this private address or network, e.g. 192.168.1.0/24; repeatable "
+                   "(adds to [dataset] allow_private_hosts).")
+@click.option("--allow-paths-outside-source", is_flag=True, default=None,
+              help="Let JSON/CSV/metadata sources name files outside their own folder.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (for logs).")
 @pass_app
 def import_(app: AppContext, src: Path, out: Path, source_format: str, resolution: int | None, min_size: int | None,
-            image_column: str | None, caption_column: str | None, workers: int | None, no_progress: bool) -> None:
+            image_column: str | None, caption_column: str | None, workers: int | None,
+            private_hosts: tuple[str, ...], allow_paths_outside_source: bool | None, no_progress: bool) -> None:
     """Import pictures from SRC into a training dataset folder OUT.
 
     SRC is a folder of images with .txt captions, a folder with metadata.jsonl, DreamBooth
@@ -58,13 +64,18 @@ def import_(app: AppContext, src: Path, out: Path, source_format: str, resolutio
         loraloop dataset import ~/pictures/fox data/datasets/fox
         loraloop dataset import photos.csv data/datasets/fox --image-column path --caption-column text
         loraloop dataset import urls.txt data/datasets/fox --resolution 768
+        loraloop dataset import nas-urls.txt data/datasets/fox --allow-private-host 192.168.1.20
     """
     from training.dataset import DatasetError
     from training.importer import ImportSettings, import_dataset
 
-    overrides = {k: v for k, v in {"min_image_size": min_size, "csv_image_column": image_column,
-                                   "csv_caption_column": caption_column, "import_workers": workers}.items()
-                 if v is not None}
+    overrides: dict[str, Any] = {
+        k: v for k, v in {"min_image_size": min_size, "csv_image_column": image_column,
+                          "csv_caption_column": caption_column, "import_workers": workers,
+                          "allow_paths_outside_source": allow_paths_outside_source}.items()
+        if v is not None}
+    if private_hosts:
+        overrides["allow_private_hosts"] = [*app.config.dataset.allow_private_hosts, *private_hosts]
     try:
         config = app.config.replace("dataset", **overrides) if overrides else app.config
         if resolution is not None:

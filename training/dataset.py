@@ -175,6 +175,10 @@ def _parse_metadata(path: Path, text: str, without_file_name: str | None) -> lis
             values = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{where}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DatasetError(f"{where}: nests lists or objects too deeply for a metadata row") from None
+        except ValueError:  # an integer of over 4300 digits, which Python will not convert
+            raise DatasetError(f"{where}: holds a number with thousands of digits") from None
         lacks_file_name = without_file_name is not None and not (
             isinstance(values, dict) and isinstance(values.get("file_name"), str))
         if not isinstance(values, dict) or lacks_file_name:

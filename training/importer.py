@@ -4,10 +4,18 @@
     loraloop dataset import captions.csv data/datasets/fox --image-column path --caption-column text
     loraloop dataset import urls.txt data/datasets/fox --resolution 768
 
-This module owns reading every source shape (`SOURCE_FORMATS`), downloading URLs, normalising pixels
+This module owns reading every source shape (`SOURCE_FORMATS`), normalising pixels
 (EXIF orientation, RGB, resize and centre-crop to the training resolution) and dropping what
-would hurt training, with the reason written down. Its output is an sft dataset in the layout
-`training/dataset.py` owns (which curation also writes and training reads):
+would hurt training, with the reason written down; `training/downloads.py` fetches the URLs.
+
+A source is input from someone else. Its local paths must stay inside the source's own folder
+(unless `allow_paths_outside_source`) and be regular files under `max_download_bytes`, read
+with the cap enforced while reading (/dev/zero is neither); its URLs go through the download
+policy (no loopback, private or link-local hosts unless allowed); its pictures are decoded by
+`generation.images.decode_untrusted` (PNG, JPEG and WebP, `max_image_pixels` from the header).
+
+The output is an sft dataset in the layout `training/dataset.py` owns (which curation also
+writes and training reads):
 
     OUT/<sha256[:16]>.png        one square RGB image per picture kept
     OUT/metadata.jsonl           {"file_name": ..., "text": ...} per line ("" when uncaptioned)
@@ -31,7 +39,7 @@ import multiprocessing
 import os
 import re
 import shutil
-import warnings
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -39,11 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from loraloop import __version__
+from generation.images import ImageRefused, decode_untrusted
 from loraloop.config import DatasetConfig
 from training.dataset import (
     METADATA_FILE,
@@ -59,6 +66,7 @@ from training.dataset import (
     staged_folder,
     write_metadata,
 )
+from training.downloads import HostPolicy, Refused, download_all
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,8 @@ DUPLICATE = "duplicate"
 NEAR_DUPLICATE = "near_duplicate"
 TOO_SMALL = "too_small"
 CAPTION_TOO_SHORT = "caption_too_short"
+REFUSED_HOST = "refused_host"
+OUTSIDE_SOURCE = "outside_source"
 
 
 # With workers = 0 ("auto"), at least this many images per extra process.
@@ -111,6 +121,9 @@ class ImportSettings:
     csv_image_column: str = _DATASET.csv_image_column
     csv_caption_column: str = _DATASET.csv_caption_column
     workers: int = _DATASET.import_workers  # processes decoding and resizing; 0: one per CPU core
+    allow_private_hosts: tuple[str, ...] = tuple(_DATASET.allow_private_hosts)
+    allow_paths_outside_source: bool = _DATASET.allow_paths_outside_source
+    max_image_pixels: int = _DATASET.max_image_pixels
 
     @classmethod
     def from_config(cls, dataset_config: DatasetConfig, resolution: int) -> ImportSettings:
@@ -126,6 +139,9 @@ class ImportSettings:
             csv_image_column=dataset_config.csv_image_column,
             csv_caption_column=dataset_config.csv_caption_column,
             workers=dataset_config.import_workers,
+            allow_private_hosts=tuple(dataset_config.allow_private_hosts),
+            allow_paths_outside_source=dataset_config.allow_paths_outside_source,
+            max_image_pixels=dataset_config.max_image_pixels,
         )
 
 
@@ -262,6 +278,10 @@ def read_json_list(src: Path) -> list[SourceImage]:
         rows = json.loads(src.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{src}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise DatasetError(f"{src}: nests lists or objects too deeply; expected a flat list of links") from None
+    except ValueError:  # an integer of over 4300 digits, which Python will not convert
+        raise DatasetError(f"{src}: holds a number with thousands of digits; expected a list of links") from None
     if not isinstance(rows, list):
         raise DatasetError(f'{src}: expected a JSON list of {{"link", "caption"}} objects')
     candidates = []
@@ -276,18 +296,23 @@ def read_csv(src: Path, image_column: str, caption_column: str) -> list[SourceIm
     """A CSV with a header row; the image column holds a path (relative to the file) or a URL."""
     with src.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        missing = [name for name in (image_column, caption_column) if name not in columns]
-        if missing:
-            raise DatasetError(
-                f"{src}: no column {', '.join(repr(m) for m in missing)} (columns: {', '.join(columns) or 'none'}); "
-                "pick them with --image-column and --caption-column"
-            )
-        return [
-            _local_or_url(row[image_column].strip(), src.parent, clean_caption(row[caption_column]))
-            for row in reader
-            if (row[image_column] or "").strip()
-        ]
+        try:
+            columns = reader.fieldnames or []
+            missing = [name for name in (image_column, caption_column) if name not in columns]
+            if missing:
+                raise DatasetError(
+                    f"{src}: no column {', '.join(repr(m) for m in missing)} "
+                    f"(columns: {', '.join(columns) or 'none'}); pick them with --image-column and --caption-column"
+                )
+            return [
+                _local_or_url(row[image_column].strip(), src.parent, clean_caption(row[caption_column]))
+                for row in reader
+                if (row[image_column] or "").strip()
+            ]
+        except csv.Error:
+            # The csv module's own words ("field larger than field limit (131072)") name no line.
+            raise DatasetError(f"{src}:{reader.line_num + 1}: not a readable CSV row (a field over "
+                               f"{csv.field_size_limit()} characters, or a NUL byte)") from None
 
 
 def read_url_list(src: Path) -> list[SourceImage]:
@@ -360,82 +385,15 @@ def _read(src: Path, source_format: str, settings: ImportSettings) -> list[Sourc
 
 
 # ---------------------------------------------------------------------------------------------
-# Downloading: every URL once, in parallel, into a scratch folder; failures become drop reasons.
-
-
-async def _download_one(
-    session: aiohttp.ClientSession,
-    semaphore: asyncio.Semaphore,
-    url: str,
-    destination: Path,
-    max_bytes: int,
-) -> Path | str:
-    """The downloaded file, or a short reason it was refused."""
-    async with semaphore:
-        try:
-            async with session.get(url) as response:
-                if response.status != 200:
-                    return f"HTTP {response.status}"
-                if not response.content_type.startswith("image/"):
-                    return f"not an image (Content-Type {response.content_type or 'missing'})"
-                # Content-Length can lie or be absent, so the streamed size is checked too.
-                if response.content_length is not None and response.content_length > max_bytes:
-                    return f"too large ({response.content_length} bytes, limit {max_bytes})"
-                body = bytearray()
-                async for chunk in response.content.iter_chunked(1 << 16):
-                    body += chunk
-                    if len(body) > max_bytes:
-                        return f"too large (over the {max_bytes}-byte limit)"
-        except TimeoutError:
-            return "timed out"
-        except aiohttp.ClientError as exc:
-            return f"{type(exc).__name__}: {exc}"
-    await asyncio.to_thread(destination.write_bytes, body)
-    return destination
-
-
-async def download_all(urls: list[str], folder: Path, settings: ImportSettings,
-                       progress: bool = True) -> dict[str, Path | str]:
-    """Fetch each distinct URL once; returns url -> file, or url -> why it failed."""
-    unique = list(dict.fromkeys(urls))
-    semaphore = asyncio.Semaphore(settings.download_concurrency)
-    timeout = aiohttp.ClientTimeout(total=settings.download_timeout_s)
-    results: dict[str, Path | str] = {}
-    async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": f"loraloop/{__version__}"}) as session:
-        tasks = {
-            asyncio.ensure_future(
-                _download_one(session, semaphore, url, folder / f"{i:06d}", settings.max_download_bytes)
-            ): url
-            for i, url in enumerate(unique)
-        }
-        with tqdm(total=len(tasks), desc="downloading", unit="file", disable=not progress) as bar:
-            for done in asyncio.as_completed(list(tasks)):
-                await done
-                bar.update()
-    for task, url in tasks.items():
-        results[url] = task.result()
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
 # Normalising pixels.
 
 
-def open_normalised(data: bytes, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode, upright (EXIF), flatten to RGB and fit to a resolution square; also the stored size.
-
-    Raises OSError when the bytes are not an image PIL can read, DecompressionBombError past
-    twice PIL's pixel limit (about 180 megapixels).
-    """
-    with warnings.catch_warnings():
-        # PIL warns from ~90 MP, which today's 108 MP phone photos pass; draft() keeps their
-        # decode small, so only PIL's hard limit (an error, twice as far) drops a picture.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        opened = Image.open(io.BytesIO(data))
-        stored_size = opened.size  # before draft() shrinks it; its shorter side survives rotation
-        # JPEG can decode at 1/2, 1/4 or 1/8 scale for free; draft keeps both sides >= resolution.
-        opened.draft("RGB", (resolution, resolution))
-        opened.load()
+def open_normalised(data: bytes, resolution: int, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode, upright (EXIF), flatten to RGB and fit to a resolution square; also the stored size
+    (before JPEG's draft shrinks it; its shorter side survives rotation). Raises ImageRefused."""
+    # A 108 MP phone JPEG decodes at 1/8 scale for free (draft keeps both sides >= resolution),
+    # so the pixel cap applies to what is decoded, not to what the header says.
+    opened, stored_size = decode_untrusted(data, max_pixels, draft_size=resolution)
     image = _to_rgb(ImageOps.exif_transpose(opened))
     return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS), stored_size
 
@@ -470,8 +428,9 @@ def import_dataset(
         raise DatasetError(f"{src}: no images found (read as {source_format})")
 
     report = ImportReport(source=str(src), format=source_format, resolution=settings.resolution)
+    root = (src if src.is_dir() else src.parent).resolve()
     with staged_folder(out, f"importing-{os.getpid()}") as staging:
-        _build(candidates, staging, settings, report, progress)
+        _build(candidates, root, staging, settings, report, progress)
         if not report.kept:
             raise DatasetError(f"{src}: nothing left to import: {report.summary()}")
         write_metadata(staging, [SFT.row(file_name=k["file_name"], text=k["text"]) for k in report.kept])
@@ -500,21 +459,40 @@ class Unusable:
     detail: str
 
 
-def process_file(path: Path, resolution: int, min_image_size: int) -> Normalised | Unusable:
+class NotAFile(Exception):
+    """A local entry that is not a regular file under the size cap; the message says which."""
+
+
+def read_local_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`; NotAFile or OSError otherwise.
+
+    Opened without blocking (a FIFO would wait for a writer) and checked on the open file, then
+    read with the cap enforced while reading: /dev/zero or a file still growing never fills memory.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAFile("not a regular file")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise NotAFile(f"too large (over the {max_bytes}-byte limit)")
+    return data
+
+
+def process_file(path: Path, resolution: int, min_image_size: int, max_bytes: int,
+                 max_pixels: int) -> Normalised | Unusable:
     """Read, hash and normalise one file; pure, so it runs the same inline or in a worker process."""
     try:
-        data = path.read_bytes()
+        data = read_local_file(path, max_bytes)
+    except NotAFile as exc:
+        return Unusable(None, UNREADABLE, str(exc))
     except OSError as exc:
         return Unusable(None, UNREADABLE, exc.strerror or str(exc))
     sha256 = hashlib.sha256(data).hexdigest()
     try:
-        image, (width, height) = open_normalised(data, resolution)
-    except UnidentifiedImageError:
-        return Unusable(sha256, UNREADABLE, "not in an image format PIL knows")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        # PIL signals damaged files with any of these, depending on the codec.
-        detail = f"damaged or too large ({type(exc).__name__}: {exc})"[:200]
-        return Unusable(sha256, UNREADABLE, detail)
+        image, (width, height) = open_normalised(data, resolution, max_pixels)
+    except ImageRefused as exc:
+        return Unusable(sha256, UNREADABLE, exc.message)
     if min(width, height) < min_image_size:
         return Unusable(sha256, TOO_SMALL, f"{width}x{height}, shorter side under {min_image_size}")
     buffer = io.BytesIO()
@@ -526,7 +504,8 @@ def process_file(path: Path, resolution: int, min_image_size: int) -> Normalised
 
 def _process_all(files: list[Path], settings: ImportSettings) -> Iterator[Normalised | Unusable]:
     """process_file over `files`, in order; on several processes when there is enough work."""
-    work = functools.partial(process_file, resolution=settings.resolution, min_image_size=settings.min_image_size)
+    work = functools.partial(process_file, resolution=settings.resolution, min_image_size=settings.min_image_size,
+                             max_bytes=settings.max_download_bytes, max_pixels=settings.max_image_pixels)
     if settings.workers:
         workers = min(settings.workers, len(files))
     else:
@@ -543,14 +522,23 @@ def _process_all(files: list[Path], settings: ImportSettings) -> Iterator[Normal
         yield from pool.map(work, files, chunksize=4)
 
 
-def _build(candidates: list[SourceImage], staging: Path, settings: ImportSettings, report: ImportReport,
-           progress: bool) -> None:
+def _outside(path: Path, root: Path) -> bool:
+    """Whether `path`, its symlinks resolved, lies outside the source's folder `root`."""
+    return not path.resolve().is_relative_to(root)
+
+
+def _build(candidates: list[SourceImage], root: Path, staging: Path, settings: ImportSettings,
+           report: ImportReport, progress: bool) -> None:
     # Captions are checked first: a junk caption is dropped before its image is downloaded.
     wanted = []
     for candidate in candidates:
         caption = candidate.caption or ""
         if caption and len(caption) < settings.min_caption_chars:
             report.drop(candidate, CAPTION_TOO_SHORT, f"{caption!r} is under {settings.min_caption_chars} characters")
+        elif (candidate.path is not None and not settings.allow_paths_outside_source
+              and _outside(candidate.path, root)):
+            report.drop(candidate, OUTSIDE_SOURCE,
+                        f"outside the source's folder {root}; allow it with --allow-paths-outside-source")
         else:
             wanted.append(candidate)
 
@@ -559,15 +547,21 @@ def _build(candidates: list[SourceImage], staging: Path, settings: ImportSetting
 
     downloads_dir = staging / ".downloads"
     urls = [c.url for c in wanted if c.url is not None]
-    downloaded: dict[str, Path | str] = {}
+    downloaded: dict[str, Path | Refused | str] = {}
     if urls:
         downloads_dir.mkdir()
-        downloaded = asyncio.run(download_all(urls, downloads_dir, settings, progress))
+        policy = HostPolicy.allowing(settings.allow_private_hosts)
+        downloaded = asyncio.run(download_all(
+            urls, downloads_dir, policy, max_bytes=settings.max_download_bytes,
+            concurrency=settings.download_concurrency, timeout_s=settings.download_timeout_s, progress=progress))
 
     files: list[tuple[SourceImage, Path]] = []
     for candidate in wanted:
         fetched = downloaded[candidate.url] if candidate.url is not None else candidate.path
-        if isinstance(fetched, str):
+        if isinstance(fetched, Refused):
+            report.drop(candidate, REFUSED_HOST,
+                        f"{fetched.reason}; allow a host of your own with --allow-private-host ADDRESS")
+        elif isinstance(fetched, str):
             report.drop(candidate, DOWNLOAD_FAILED, fetched)
         elif fetched is not None:  # every source gives a picture a path or a URL
             files.append((candidate, fetched))
