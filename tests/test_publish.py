@@ -136,6 +136,23 @@ def test_a_checkpoint_can_be_published_with_the_provenance_in_its_adapter(tmp_pa
     assert recorded.metrics["steps"] == 1 and recorded.config["objective"] == "sft"
 
 
+def test_listing_adapters_reads_their_files_without_importing_torch(tmp_path, trained_run, data_dir):
+    import os
+    import subprocess
+    import sys
+
+    runner = CliRunner()
+    assert runner.invoke(cli, ["adapters", "publish", str(copy_run(trained_run, tmp_path / "run")),
+                               "--name", "disc"]).exit_code == 0
+    probe = ("import sys; from click.testing import CliRunner; from loraloop.cli import cli; "
+             "result = CliRunner().invoke(cli, ['adapters', 'list']); "
+             "print('disc@1' in result.output, 'torch' in sys.modules)")
+    # A fresh interpreter: this test process imported torch long ago.
+    answer = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "LORALOOP_DATA_DIR": str(data_dir)}, check=True)
+    assert answer.stdout.split() == ["True", "False"], answer.stderr
+
+
 def test_listing_an_empty_directory_says_how_to_publish(data_dir):
     result = CliRunner().invoke(cli, ["adapters", "list"])
     assert result.exit_code == 0 and "adapters publish" in result.output
