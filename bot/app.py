@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
+from bot.gate import Gate
 from bot.imagine import Generate
 from bot.limits import Limits
 from bot.reactions import Votes
@@ -68,10 +69,12 @@ class LoraloopBot(discord.Client):
         self.tree = CommandTree(self)
         self.generate = Generate(self)
         self.votes = Votes(self)
+        self.gate = Gate(self)
         self._styles: list[AdapterInfo] | None = None
         self._styles_at = 0.0
         self.caught_up = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self._announcer: asyncio.Task[None] | None = None
 
     async def setup_hook(self) -> None:
         from bot.commands import register
@@ -85,9 +88,11 @@ class LoraloopBot(discord.Client):
                 await self.tree.sync(guild=guild)
         else:
             await self.tree.sync()
-        self._spawn(self._catch_up())
+        self.spawn(self._catch_up())
+        self._announcer = asyncio.create_task(self.gate.run_announcer())
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a coroutine in the background, kept referenced until it ends."""
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -106,6 +111,8 @@ class LoraloopBot(discord.Client):
             self.caught_up.set()
 
     async def close(self) -> None:
+        if self._announcer is not None:
+            self._announcer.cancel()
         await self.generate.stop()
         await super().close()
 

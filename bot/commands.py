@@ -1,4 +1,5 @@
-"""The slash commands: /imagine, /styles, /stats, /optout, /optin and /admin.
+"""The slash commands: /imagine, /styles, /stats, /optout, /optin and /admin (with promote and
+retire, an admin's override of the A/B gate).
 
 The commands are built inside `register()` because their ranges come from config
 (`app_commands.Range[int, 1, max_steps]`), and discord.py reads annotations when a command is
@@ -97,8 +98,12 @@ def register(bot: "LoraloopBot") -> None:
         if not latest:
             await interaction.followup.send("There are no styles yet: only the base model.", ephemeral=True)
             return
-        lines = [f"**{a.name}**" + (f" v{a.version}" if a.version is not None else "")
-                 + (f": {a.description}" if a.description else "") for a in latest]
+        lines = []
+        for a in latest:
+            # The version people get (a candidate on trial is newer on disk but not the default).
+            version = await bot.store.default_version(a.name) or a.version
+            lines.append(f"**{a.name}**" + (f" v{version}" if version is not None else "")
+                         + (f": {a.description}" if a.description else ""))
         embed = discord.Embed(title="Styles", description="\n".join(lines)[:4000])
         await interaction.followup.send(embed=embed, ephemeral=True)
 
@@ -123,6 +128,9 @@ def register(bot: "LoraloopBot") -> None:
                 label = discord.utils.escape_markdown(item.prompt[:80])
                 links.append(f"{item.score:+d} [{label}]({where})" if where else f"{item.score:+d} {label}")
             embed.add_field(name="Top images this week", value="\n".join(links)[:1024], inline=False)
+        running = await bot.gate.lines()
+        if running:
+            embed.add_field(name="Experiments", value="\n".join(running)[:1024], inline=False)
         await interaction.followup.send(embed=embed)
 
     @tree.command()
@@ -197,6 +205,25 @@ def admin_group(bot: "LoraloopBot") -> app_commands.Group:
         """Re-read the adapters directory (new or updated styles)."""
         await service_call(interaction, bot.service.reload_adapters, "Reloaded the styles.")
         bot.forget_styles()
+
+    async def decide(interaction: discord.Interaction, style: str, decision: str) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        outcome = await bot.gate.decide(style, decision, interaction.user.id)
+        await interaction.followup.send(outcome, ephemeral=True)
+
+    @admin.command()
+    @app_commands.check(is_admin)
+    @app_commands.describe(style="The style whose candidate version becomes the one /imagine uses")
+    async def promote(interaction: discord.Interaction, style: str) -> None:
+        """Promote a style's candidate now, whatever the A/B gate says."""
+        await decide(interaction, style, "promote")
+
+    @admin.command()
+    @app_commands.check(is_admin)
+    @app_commands.describe(style="The style whose candidate version is dropped")
+    async def retire(interaction: discord.Interaction, style: str) -> None:
+        """Retire a style's candidate now, whatever the A/B gate says."""
+        await decide(interaction, style, "retire")
 
     @admin.command()
     @app_commands.check(is_admin)

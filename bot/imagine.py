@@ -24,6 +24,7 @@ import base64
 import contextlib
 import io
 import logging
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ import discord
 from PIL import Image
 
 from generation.contract import AdapterRef, ImageResult, JobRequest, JobState, JobStatus
+from loraloop import experiments
 
 if TYPE_CHECKING:
     from bot.app import LoraloopBot
@@ -73,6 +75,8 @@ class Spec:
     count: int = 1
     init_image: bytes | None = None
     strength: float | None = None
+    # Served in an A/B experiment: the image's message must not say which version made it.
+    blind: bool = False
 
     def request(self, requester: int) -> JobRequest:
         return JobRequest(
@@ -105,6 +109,7 @@ class Spec:
             steps=params.get("steps"),
             guidance=params.get("guidance"),
             count=int(params.get("count", 1)),
+            blind=generation.arm is not None,
         )
 
 
@@ -114,8 +119,9 @@ def shown(prompt: str, limit: int = 200) -> str:
     return discord.utils.escape_markdown(short)
 
 
-def provenance(spec_prompt: str, image: ImageResult, status: JobStatus) -> str:
-    """The line under each image: enough to reproduce it."""
+def provenance(spec_prompt: str, image: ImageResult, status: JobStatus, blind: bool = False) -> str:
+    """The line under each image: enough to reproduce it; `blind` (an A/B experiment's image)
+    names the style without its version, so raters cannot tell the arms apart."""
     params = status.parameters
     parts = [f"seed {image.seed}", f"{image.width}×{image.height}"]
     if params.get("steps"):
@@ -124,23 +130,24 @@ def provenance(spec_prompt: str, image: ImageResult, status: JobStatus) -> str:
         parts.append(f"cfg {params['guidance']}")
     if status.adapters:
         parts.append(" + ".join(
-            f"{a.name} v{a.version}" if a.version is not None else a.name for a in status.adapters))
+            f"{a.name} v{a.version}" if a.version is not None and not blind else a.name for a in status.adapters))
     else:
         parts.append("base model")
     return f"**{shown(spec_prompt, 300)}**\n-# " + " · ".join(parts)
 
 
-def fit_for_discord(png: bytes, limit: int, name: str) -> list[discord.File]:
+def fit_for_discord(png: bytes, limit: int, name: str, strip_metadata: bool = False) -> list[discord.File]:
     """The image as file(s) under Discord's upload limit: the PNG as is, else re-encoded.
 
     Re-encoding tries an optimized PNG (keeps the parameters chunk), then JPEG at falling
-    quality, then halves the size; the original always stays in the store.
+    quality, then halves the size; the original always stays in the store. `strip_metadata`
+    drops the parameters chunk (it names the adapter version: an A/B experiment's image).
     """
-    if len(png) <= limit:
+    if len(png) <= limit and not strip_metadata:
         return [discord.File(io.BytesIO(png), filename=f"{name}.png")]
     with Image.open(io.BytesIO(png)) as source:
         image = source.convert("RGB")
-        info = source.info
+        info = {} if strip_metadata else source.info
     out = io.BytesIO()
     pnginfo = None
     if "parameters" in info:
@@ -373,7 +380,7 @@ class Generate:
                 continue
             reply = ChannelReply(self.bot.get_partial_messageable(generation.channel_id), generation.requester_id)
             spec = Spec.from_generation(generation)
-            self.bot._spawn(self._resume(reply, generation.id, generation.job_id, spec))
+            self.bot.spawn(self._resume(reply, generation.id, generation.job_id, spec))
             resumed += 1
         log.info("resumed following %d unfinished job(s)", resumed)
         return resumed
@@ -401,10 +408,24 @@ class Generate:
             task.cancel()
         await asyncio.gather(*self.following, return_exceptions=True)
 
+    async def _serve(self, spec: Spec) -> tuple[Spec, Spec, int | None, str | None]:
+        """(what to request, what to show, experiment id, arm): a style named without a version
+        gets its default version pinned, or, while an experiment runs, an arm drawn for this
+        request (`loraloop.experiments.choose_arm`)."""
+        if spec.style is None or "@" in spec.style:
+            return spec, spec, None, None
+        serving = await self.bot.store.call(experiments.serving, spec.style)
+        version, arm = experiments.choose_arm(serving, random.random())
+        if version is None:
+            return spec, spec, None, None  # no recorded version: the service picks its newest file
+        shown_spec = replace(spec, blind=arm is not None)
+        return replace(shown_spec, style=f"{spec.style}@{version}"), shown_spec, serving.experiment_id, arm
+
     async def _run(self, interaction: discord.Interaction, spec: Spec, job_key: str) -> None:
         reply = InteractionReply(interaction)
         user_id = interaction.user.id
-        request = spec.request(user_id)
+        asked, spec, experiment_id, arm = await self._serve(spec)
+        request = asked.request(user_id)
         try:
             accepted = await self.bot.service.submit(request)
         except Exception as exc:  # noqa: BLE001  every failure becomes a sentence; unexpected ones are logged
@@ -418,6 +439,7 @@ class Generate:
             job_id=job_id, prompt=spec.prompt, negative_prompt=spec.negative,
             requester_id=user_id, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
             parameters=parameters, adapters=[a.to_dict() for a in request.adapters],
+            experiment_id=experiment_id, arm=arm,
         )
         from bot.views import progress_view
 
@@ -516,10 +538,11 @@ class Generate:
         png = await self.bot.service.image(job_id, image.index)
         image_id = await self.bot.store.add_image(generation_id, index=image.index, seed=image.seed,
                                                   width=image.width, height=image.height, png=png)
-        # Re-encoding an oversized image is CPU work: keep it off the event loop.
-        files = await asyncio.to_thread(fit_for_discord, png, reply.filesize_limit, f"{job_id}-{image.index}")
+        # Re-encoding an oversized (or experiment's) image is CPU work: keep it off the event loop.
+        files = await asyncio.to_thread(fit_for_discord, png, reply.filesize_limit, f"{job_id}-{image.index}",
+                                        spec.blind)
         async with self.bot.votes.posting():
-            message = await reply.send(content=provenance(spec.prompt, image, status), files=files,
+            message = await reply.send(content=provenance(spec.prompt, image, status, spec.blind), files=files,
                                        view=image_view(user_id))
             await self.bot.store.set_image_message(image_id, message.id)
         for emoji in [*self.settings.rating_emojis, self.settings.flag_emoji]:

@@ -110,7 +110,10 @@ class Votes:
         meaning, image = found
         emoji = str(payload.emoji)
         if meaning.vote is not None:
-            await self.bot.store.set_vote(image.id, payload.user_id, meaning.vote, emoji)
+            # The name as the server shows it, so reports and `loraloop db raters` name people;
+            # a reaction in a DM carries no member, and the name stays as it was.
+            name = payload.member.display_name if payload.member is not None else None
+            await self.bot.store.set_vote(image.id, payload.user_id, meaning.vote, emoji, name=name)
             log.info("image %s: vote %+d by user %s", image.id, meaning.vote, payload.user_id)
         elif meaning.flag is not None:
             await self.bot.store.flag(image.id, payload.user_id, meaning.flag)
@@ -149,22 +152,23 @@ class Votes:
         channel = self.bot.get_partial_messageable(channel_id)
         message = await channel.fetch_message(message_id)
         me = self.bot.user.id if self.bot.user else None
-        present: dict[str, set[int]] = {}
+        present: dict[str, dict[int, str]] = {}  # emoji -> user id -> display name
         for reaction in message.reactions:
             emoji = str(reaction.emoji)
             if emoji not in self.table or reaction.count == (1 if reaction.me else 0):
                 continue
-            present[emoji] = {user.id async for user in reaction.users(limit=None) if user.id != me}
+            present[emoji] = {user.id: user.display_name async for user in reaction.users(limit=None)
+                              if user.id != me}
         for vote in await self.bot.store.votes_for(image.id):
-            if vote.user_id not in present.get(vote.emoji, set()):
+            if vote.user_id not in present.get(vote.emoji, {}):
                 await self.bot.store.remove_vote(image.id, vote.user_id, vote.emoji)
         for user_id, kind in await self.bot.store.flags_for(image.id):
-            if kind == FLAG_KIND and user_id not in present.get(self.bot.settings.flag_emoji, set()):
+            if kind == FLAG_KIND and user_id not in present.get(self.bot.settings.flag_emoji, {}):
                 await self.bot.store.unflag(image.id, user_id, kind)
         for emoji, users in present.items():
             meaning = self.table[emoji]
-            for user_id in sorted(users):
+            for user_id, name in sorted(users.items()):
                 if meaning.vote is not None:
-                    await self.bot.store.set_vote(image.id, user_id, meaning.vote, emoji)
+                    await self.bot.store.set_vote(image.id, user_id, meaning.vote, emoji, name=name)
                 elif meaning.flag is not None:
                     await self.bot.store.flag(image.id, user_id, meaning.flag)

@@ -419,9 +419,10 @@ class CurationConfig:
     # `loraloop dataset curate`: the default output layout (sft, kto or dpo).
     format: typing.Literal["sft", "kto", "dpo"] = "sft"
     # Distinct raters an image needs before its score is trusted at all.
-    min_raters: int = 2
-    # Net score (likes - dislikes) to keep an image (kto: to label it liked, or with its sign flipped, disliked).
-    min_score: int = 1
+    min_raters: int = 1
+    # Weighted net score (likes - dislikes, each vote counting its rater's weight, 0-1) to keep an
+    # image (kto: to label it liked, or with its sign flipped, disliked).
+    min_score: float = 0.1
     # Wilson lower bound on the like ratio (0-1) an image must reach; 0 turns the check off.
     min_wilson: float = 0.0
     # z of the Wilson interval: 1.96 is 95% confidence; higher demands more votes.
@@ -434,14 +435,58 @@ class CurationConfig:
     max_pairs_per_prompt: int = 10
     # Hard-link images from the store into the dataset (instant, no extra disk) instead of copying.
     link_images: bool = True
+    # Weigh each rater by their estimated reliability (loraloop/raters.py); off: every vote counts 1.
+    rater_model: bool = True
+    # The rater model's prior: the accuracy assumed of a rater it knows little about, and how many
+    # votes' worth of evidence that assumption is worth.
+    rater_prior_accuracy: float = 0.7
+    rater_prior_votes: float = 6.0
+    # Largest share of a selection's total vote weight one rater may hold (1: no cap).
+    max_rater_share: float = 0.1
 
     def __post_init__(self) -> None:
         _require(self.min_raters >= 1, "min_raters", "must be at least 1")
+        _require(0.5 < self.rater_prior_accuracy < 1, "rater_prior_accuracy", "must be between 0.5 and 1")
+        _require(self.rater_prior_votes > 0, "rater_prior_votes", "must be positive")
+        _require(0 < self.max_rater_share <= 1, "max_rater_share", "must be in (0, 1]")
         _require(0.0 <= self.min_wilson < 1.0, "min_wilson", "must be between 0 and 1")
         _require(self.wilson_z > 0, "wilson_z", "must be positive")
         _require(0 <= self.near_duplicate_distance <= 64, "near_duplicate_distance",
                  "must be between 0 and 64")
         _require(self.max_pairs_per_prompt >= 0, "max_pairs_per_prompt", "must be 0 or more")
+
+
+@dataclass(frozen=True)
+@_numbers_checked
+class LoopConfig:
+    # `loraloop loop`: rounds that run themselves, each candidate behind an A/B gate.
+    # Also start the loop as a child process of `loraloop run`.
+    start_with_run: bool = False
+    # Adapters the loop trains new candidates of; empty: every adapter with a published version.
+    adapters: list[str] = field(default_factory=list)
+    # Seconds between two looks at the store: shorter decides sooner, costs a rater-model pass each.
+    poll_seconds: float = 60.0
+    # Weighted votes on an adapter's images since its last round that start the next round.
+    min_new_votes: float = 50.0
+    # Share of `/imagine style:NAME` requests served the candidate while its experiment runs.
+    share: float = 0.5
+    # How sure the gate must be to promote (or retire) a candidate: 0.95 asks for 19:1 evidence.
+    confidence: float = 0.95
+    # Votes each arm needs before the gate decides anything.
+    min_votes: int = 30
+    # Candidate votes after which an undecided experiment is retired.
+    vote_budget: int = 400
+    # Discord channel id where decisions are announced; 0: the log only.
+    admin_channel_id: int = field(default=0, metadata={"max": 2**63 - 1})  # a snowflake is 64-bit
+
+    def __post_init__(self) -> None:
+        _require(self.poll_seconds > 0, "poll_seconds", "must be positive")
+        _require(self.min_new_votes > 0, "min_new_votes", "must be positive")
+        _require(0 < self.share < 1, "share", "must be between 0 and 1")
+        _require(0.5 < self.confidence < 1, "confidence", "must be between 0.5 and 1")
+        _require(self.min_votes >= 1, "min_votes", "must be at least 1")
+        _require(self.vote_budget >= self.min_votes, "vote_budget", "must be at least min_votes")
+        _require(self.admin_channel_id >= 0, "admin_channel_id", "must be a channel id or 0")
 
 
 @dataclass(frozen=True)
@@ -453,6 +498,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     # The file this was read from (None: defaults only); relative paths resolve against it.
     source: Path | None = None
 

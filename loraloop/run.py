@@ -4,13 +4,18 @@
     loraloop run                    # service on [service] host:port, bot talking to it
 
 The service may also run alone on a GPU box (`loraloop serve`) with `loraloop bot` elsewhere;
-this command is the one-machine shortcut and shares one event loop between the two.
+this command is the one-machine shortcut and shares one event loop between the two. With
+`[loop] start_with_run = true` it also starts `loraloop loop` (rounds that run themselves) as a
+child process: training holds the GIL for long stretches, which the bot's event loop must never
+wait on, so it gets a process of its own, stopped when this command stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sys
 
 import click
 
@@ -36,11 +41,34 @@ async def run_service_and_bot(app: AppContext, secrets: Secrets) -> None:
         raise click.ClickException(f"{refusal} ([service] host).")
     service = await start_service(app.config, secrets, host=settings.host, port=settings.port)
     log.info("generation service ready at %s (model %s)", service.url, settings.model)
+    loop = await start_loop(app, service.url) if app.config.loop.start_with_run else None
     try:
         app.config = app.config.replace("bot", service_url=service.url)
         await run_bot(app, secrets.discord_token or "", secrets.service_token)
     finally:
+        if loop is not None:
+            await stop_loop(loop)
         await service.stop()
+
+
+async def start_loop(app: AppContext, service_url: str) -> asyncio.subprocess.Process:
+    """`loraloop loop` as a child process with this command's config, told where the service is."""
+    config_args = ["--config", str(app.config.source)] if app.config.source is not None else []
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loraloop", *config_args, "loop", "--service-url", service_url)
+    log.info("loop started (process %d)", process.pid)
+    return process
+
+
+async def stop_loop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.terminate()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.wait(), 10)
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log.info("loop stopped")
 
 
 @click.command("run")

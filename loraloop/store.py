@@ -35,7 +35,16 @@ The API (every write is one transaction; those Discord can repeat are idempotent
 - training: `record_training_run`, `update_training_run`, `training_run`, `record_adapter`,
   `adapters`.
 - curation: `rated_images` (images with their vote tallies after excluding self-votes and
-  opted-out voters), `set_image_phash` (a cache for near-duplicate detection).
+  opted-out voters), `rated_votes` (the same votes one by one, for the rater model),
+  `set_image_phash` (a cache for near-duplicate detection).
+- raters: `set_vote(..., name=)` remembers the voter's display name, `user_names`,
+  `save_rater_weights` / `rater_weights` (what the loop last estimated).
+- experiments (loraloop/experiments.py): `record_adapter(..., experiment=)` publishes a
+  candidate and starts its experiment at once, `running_experiment`, `default_version` (what
+  `/imagine style:NAME` gets outside experiments), `record_generation(..., experiment_id=, arm=)`,
+  `experiment_votes` / `experiment_images` (the arms' tallies), `decide_experiment`,
+  `experiment_decisions`, `pending_announcements` / `mark_announced` (the admin channel),
+  `votes_since` (is a new round due?), `adapter_names`.
 
 Durability: WAL with synchronous=NORMAL survives the process being killed at any point (a
 committed transaction is in the WAL file before the call returns); only an OS crash or power
@@ -234,6 +243,59 @@ def _m0003_image_deletion(db: Database) -> None:
     )
 
 
+@_migration("0004_rater_names")
+def _m0004_rater_names(db: Database) -> None:
+    # The name a rater last voted under, so `loraloop db raters` and reports can show people,
+    # not only numeric ids. NULL until the bot sees them vote (or for CLI-only users).
+    db.executescript("ALTER TABLE users ADD COLUMN name TEXT;")
+
+
+@_migration("0005_experiments")
+def _m0005_experiments(db: Database) -> None:
+    # A/B experiments of a candidate adapter version against the version people get today
+    # (loraloop/experiments.py), every decision with the figures behind it, the arm each
+    # generation was served, and the rater weights the loop last estimated (for the bot's /stats).
+    db.executescript(
+        """
+        CREATE TABLE experiments (
+            id INTEGER PRIMARY KEY,
+            adapter TEXT NOT NULL,
+            control_version INTEGER NOT NULL,
+            candidate_version INTEGER NOT NULL,
+            share REAL NOT NULL CHECK (share > 0 AND share < 1),  -- of /imagine style:NAME requests
+            status TEXT NOT NULL DEFAULT 'running' CHECK (status IN ('running', 'promoted', 'retired')),
+            settings_json TEXT NOT NULL DEFAULT '{}',              -- the gate settings it runs under
+            started_at TEXT NOT NULL,
+            decided_at TEXT,
+            announced_at TEXT,                                     -- its start, in the admin channel
+            UNIQUE (adapter, candidate_version)
+        );
+        -- At most one running experiment per adapter.
+        CREATE UNIQUE INDEX experiments_running ON experiments(adapter) WHERE status = 'running';
+        CREATE TABLE experiment_decisions (
+            id INTEGER PRIMARY KEY,
+            experiment_id INTEGER NOT NULL UNIQUE REFERENCES experiments(id),
+            decision TEXT NOT NULL CHECK (decision IN ('promote', 'retire')),
+            reason TEXT NOT NULL,
+            decided_by TEXT NOT NULL,                              -- "gate" or "admin:<discord user id>"
+            figures_json TEXT NOT NULL,                            -- both arms and P(better): the verdict
+            created_at TEXT NOT NULL,
+            announced_at TEXT
+        );
+        CREATE TABLE rater_weights (
+            user_id INTEGER PRIMARY KEY,
+            weight REAL NOT NULL,
+            votes INTEGER NOT NULL,
+            agreement REAL,
+            computed_at TEXT NOT NULL
+        );
+        ALTER TABLE generations ADD COLUMN experiment_id INTEGER REFERENCES experiments(id);
+        ALTER TABLE generations ADD COLUMN arm TEXT CHECK (arm IN ('control', 'candidate'));
+        CREATE INDEX generations_experiment ON generations(experiment_id, arm);
+        """
+    )
+
+
 # --- records --------------------------------------------------------------------------------
 
 
@@ -255,6 +317,9 @@ class Generation:
     finished_at: str | None
     queue_ms: int | None
     duration_ms: int | None
+    # The A/B experiment this request was served in, and its arm ("control" or "candidate").
+    experiment_id: int | None = None
+    arm: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Generation:
@@ -380,6 +445,51 @@ class AdapterVersion:
     file_sha256: str
     training_run_id: int | None
     created_at: str
+
+
+EXPERIMENT_STATUSES = ("running", "promoted", "retired")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A candidate version of an adapter on trial against the version people get today."""
+
+    id: int
+    adapter: str
+    control_version: int
+    candidate_version: int
+    share: float
+    status: str
+    settings: dict[str, Any]
+    started_at: str
+    decided_at: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Experiment:
+        return cls(id=row["id"], adapter=row["adapter"], control_version=row["control_version"],
+                   candidate_version=row["candidate_version"], share=row["share"], status=row["status"],
+                   settings=json.loads(row["settings_json"]), started_at=row["started_at"],
+                   decided_at=row["decided_at"])
+
+
+@dataclass(frozen=True)
+class ExperimentDecision:
+    id: int
+    experiment_id: int
+    decision: str  # "promote" or "retire"
+    reason: str
+    decided_by: str
+    figures: dict[str, Any]
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """Something the bot has not yet posted in the admin channel: an experiment's start or its decision."""
+
+    kind: str  # "started" or "decided"
+    experiment: Experiment
+    decision: ExperimentDecision | None = None
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -534,6 +644,10 @@ class Store:
     def _now(self) -> str:
         return _timestamp(self._clock())
 
+    def now(self) -> str:
+        """The store's clock as it writes timestamps (comparable with every *_at column)."""
+        return self._now()
+
     def close(self) -> None:
         self.db.close()
 
@@ -557,11 +671,15 @@ class Store:
         parameters: Mapping[str, Any] | None = None,
         adapters: Iterable[Any] = (),
         status: str = "queued",
+        experiment_id: int | None = None,
+        arm: str | None = None,
     ) -> int:
         """Record a generation request; the same job id again returns the first row's id.
 
         `adapters`: dicts (or contract objects) with "name", optional "version", "weight",
         "sha256"; a name pinned as "pixel@3" with no version is split into name and version.
+        `experiment_id`, `arm`: the A/B experiment this request was served in, and its arm
+        ("control" or "candidate").
         """
         if status not in GENERATION_STATUSES:
             raise ValueError(f"status must be one of {', '.join(GENERATION_STATUSES)}")
@@ -581,11 +699,12 @@ class Store:
                 return existing[0]
             cursor = conn.execute(
                 """INSERT INTO generations (job_id, requester_id, guild_id, channel_id, prompt,
-                       negative_prompt, parameters_json, adapters_json, status, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       negative_prompt, parameters_json, adapters_json, status, created_at,
+                       experiment_id, arm)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (job_id, requester_id, guild_id, channel_id, prompt, negative_prompt,
                  json.dumps(dict(parameters or {}), sort_keys=True), json.dumps(adapter_list),
-                 status, self._now()),
+                 status, self._now(), experiment_id, arm),
             )
             generation_id = _inserted_id(cursor)
             conn.executemany(
@@ -774,12 +893,21 @@ class Store:
 
     # --- ratings and flags -----------------------------------------------------------------
 
-    def set_vote(self, image_id: int, user_id: int, value: int, emoji: str) -> bool:
-        """One vote per user per image, latest wins. True if this changed the stored vote."""
+    def set_vote(self, image_id: int, user_id: int, value: int, emoji: str, *, name: str | None = None) -> bool:
+        """One vote per user per image, latest wins. True if this changed the stored vote.
+
+        `name`: the voter's display name as Discord showed it, remembered for reports."""
         if value not in (1, -1):
             raise ValueError("a vote is +1 or -1")
         now = self._now()
         with self._write() as conn:
+            if name:
+                conn.execute(
+                    """INSERT INTO users (user_id, opted_out, name, updated_at) VALUES (?, 0, ?, ?)
+                       ON CONFLICT (user_id) DO UPDATE SET name = excluded.name, updated_at = excluded.updated_at
+                           WHERE name IS NOT excluded.name""",
+                    (user_id, name, now),
+                )
             try:
                 cursor = conn.execute(
                     """INSERT INTO ratings (image_id, user_id, value, emoji, created_at, updated_at)
@@ -924,7 +1052,8 @@ class Store:
 
     def counts(self) -> dict[str, int]:
         """Rows per table, for `loraloop db stats`."""
-        tables = ("generations", "images", "ratings", "flags", "users", "training_runs", "adapters")
+        tables = ("generations", "images", "ratings", "flags", "users", "training_runs", "adapters",
+                  "experiments")
         return {
             table: self._rows(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"] for table in tables
         }
@@ -988,10 +1117,16 @@ class Store:
         )
 
     def record_adapter(
-        self, *, name: str, version: int, file_sha256: str, training_run_id: int | None = None
+        self, *, name: str, version: int, file_sha256: str, training_run_id: int | None = None,
+        experiment: Mapping[str, Any] | None = None,
     ) -> int:
         """Record a published adapter version. Publishing the same file again returns its id;
-        a different file under a version already taken is refused."""
+        a different file under a version already taken is refused.
+
+        `experiment` ({"control_version", "share", "settings"}) publishes it as a candidate: in
+        the same transaction an experiment starts, so the version is never served as the
+        default before the gate has decided (not even after a crash right after publishing).
+        """
         with self._write() as conn:
             existing = conn.execute(
                 "SELECT id, file_sha256 FROM adapters WHERE name = ? AND version = ?",
@@ -1012,6 +1147,8 @@ class Store:
                 )
             except sqlite3.IntegrityError:
                 raise NotFoundError(f"no training run with id {training_run_id}") from None
+            if experiment is not None:
+                self._start_experiment(conn, name, version, experiment)
             return _inserted_id(cursor)
 
     def adapters(self, name: str | None = None) -> list[AdapterVersion]:
@@ -1020,6 +1157,155 @@ class Store:
             {"name": name},
         )
         return [AdapterVersion(**dict(row)) for row in rows]
+
+    # --- experiments -----------------------------------------------------------------------
+
+    def _start_experiment(self, conn: sqlite3.Connection, name: str, version: int,
+                          plan: Mapping[str, Any]) -> None:
+        try:
+            conn.execute(
+                """INSERT INTO experiments (adapter, control_version, candidate_version, share,
+                       settings_json, started_at) VALUES (?, ?, ?, ?, ?, ?)""",
+                (name, int(plan["control_version"]), version, float(plan["share"]),
+                 json.dumps(dict(plan.get("settings", {})), sort_keys=True), self._now()),
+            )
+        except sqlite3.IntegrityError:
+            raise StoreError(f"{name} already has an experiment running (or one for v{version}); "
+                             f"decide it first (/admin promote|retire {name})") from None
+
+    def experiments(self, *, adapter: str | None = None, status: str | None = None) -> list[Experiment]:
+        """Experiments, newest first."""
+        rows = self._rows(
+            "SELECT * FROM experiments WHERE (:adapter IS NULL OR adapter = :adapter)"
+            " AND (:status IS NULL OR status = :status) ORDER BY id DESC",
+            {"adapter": adapter, "status": status},
+        )
+        return [Experiment.from_row(row) for row in rows]
+
+    def running_experiment(self, adapter: str) -> Experiment | None:
+        found = self.experiments(adapter=adapter, status="running")
+        return found[0] if found else None
+
+    def default_version(self, adapter: str) -> int | None:
+        """The version `/imagine style:NAME` gets outside experiments: the newest recorded one
+        that is neither a running experiment's candidate nor a retired one."""
+        rows = self._rows(
+            """SELECT MAX(a.version) AS version FROM adapters a
+               WHERE a.name = ? AND NOT EXISTS (
+                   SELECT 1 FROM experiments e WHERE e.adapter = a.name
+                   AND e.candidate_version = a.version AND e.status IN ('running', 'retired'))""",
+            (adapter,),
+        )
+        return rows[0]["version"]
+
+    def experiment_votes(self, experiment_id: int, *, include_self_votes: bool = False
+                         ) -> list[tuple[str, int, int, int]]:
+        """(arm, user_id, likes, dislikes) per arm and rater, for the gate (`arm_tallies`): the
+        votes curation would count (no opted-out voters, no self-votes unless asked)."""
+        rows = self._rows(
+            """SELECT g.arm, r.user_id, SUM(r.value = 1) AS likes, SUM(r.value = -1) AS dislikes
+               FROM generations g JOIN images i ON i.generation_id = g.id
+               JOIN ratings r ON r.image_id = i.id
+               WHERE g.experiment_id = :experiment AND g.arm IS NOT NULL
+                 AND (:self_votes OR r.user_id IS NOT g.requester_id)
+                 AND r.user_id NOT IN (SELECT user_id FROM users WHERE opted_out)
+               GROUP BY g.arm, r.user_id ORDER BY g.arm, r.user_id""",
+            {"experiment": experiment_id, "self_votes": int(include_self_votes)},
+        )
+        return [(row["arm"], row["user_id"], row["likes"], row["dislikes"]) for row in rows]
+
+    def experiment_images(self, experiment_id: int) -> dict[str, int]:
+        """Images made in each arm of an experiment."""
+        rows = self._rows(
+            """SELECT g.arm, COUNT(i.id) AS n FROM generations g JOIN images i ON i.generation_id = g.id
+               WHERE g.experiment_id = ? AND g.arm IS NOT NULL GROUP BY g.arm""",
+            (experiment_id,),
+        )
+        return {row["arm"]: row["n"] for row in rows}
+
+    def decide_experiment(self, experiment_id: int, *, decision: str, reason: str, decided_by: str,
+                          figures: Mapping[str, Any]) -> bool:
+        """Promote or retire a running experiment and record why, in one transaction. False (and
+        nothing written) if it was already decided, so the gate and an admin cannot both decide."""
+        if decision not in ("promote", "retire"):
+            raise ValueError("a decision is 'promote' or 'retire'")
+        now = self._now()
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE experiments SET status = ?, decided_at = ? WHERE id = ? AND status = 'running'",
+                ("promoted" if decision == "promote" else "retired", now, experiment_id),
+            )
+            if cursor.rowcount == 0:
+                return False
+            conn.execute(
+                """INSERT INTO experiment_decisions (experiment_id, decision, reason, decided_by,
+                       figures_json, created_at) VALUES (?, ?, ?, ?, ?, ?)""",
+                (experiment_id, decision, reason, decided_by, json.dumps(dict(figures), sort_keys=True), now),
+            )
+            return True
+
+    def experiment_decisions(self, adapter: str | None = None) -> list[ExperimentDecision]:
+        rows = self._rows(
+            """SELECT d.* FROM experiment_decisions d JOIN experiments e ON e.id = d.experiment_id
+               WHERE (:adapter IS NULL OR e.adapter = :adapter) ORDER BY d.id""",
+            {"adapter": adapter},
+        )
+        return [ExperimentDecision(id=row["id"], experiment_id=row["experiment_id"], decision=row["decision"],
+                                   reason=row["reason"], decided_by=row["decided_by"],
+                                   figures=json.loads(row["figures_json"]), created_at=row["created_at"])
+                for row in rows]
+
+    def pending_announcements(self) -> list[Announcement]:
+        """Experiment starts and decisions not yet posted in the admin channel, oldest first."""
+        started = self._rows("SELECT * FROM experiments WHERE announced_at IS NULL ORDER BY id")
+        decided = self._rows("SELECT experiment_id FROM experiment_decisions WHERE announced_at IS NULL ORDER BY id")
+        by_id = {e.id: e for e in self.experiments()}
+        decisions = {d.experiment_id: d for d in self.experiment_decisions()}
+        out = [Announcement("started", Experiment.from_row(row)) for row in started]
+        out += [Announcement("decided", by_id[row["experiment_id"]], decisions[row["experiment_id"]])
+                for row in decided]
+        return out
+
+    def mark_announced(self, announcement: Announcement) -> None:
+        with self._write() as conn:
+            if announcement.kind == "started":
+                conn.execute("UPDATE experiments SET announced_at = ? WHERE id = ?",
+                             (self._now(), announcement.experiment.id))
+            else:
+                conn.execute("UPDATE experiment_decisions SET announced_at = ? WHERE experiment_id = ?",
+                             (self._now(), announcement.experiment.id))
+
+    def save_rater_weights(self, raters: Iterable[tuple[int, float, int, float | None]]) -> None:
+        """Replace the stored rater weights with (user_id, weight, votes, agreement) rows: what
+        the loop last estimated, for the bot's /stats and `loraloop db stats`."""
+        now = self._now()
+        with self._write() as conn:
+            conn.execute("DELETE FROM rater_weights")
+            conn.executemany(
+                "INSERT INTO rater_weights (user_id, weight, votes, agreement, computed_at) VALUES (?, ?, ?, ?, ?)",
+                [(u, w, n, a, now) for u, w, n, a in raters],
+            )
+
+    def rater_weights(self) -> dict[int, float]:
+        return {row["user_id"]: row["weight"] for row in self._rows("SELECT user_id, weight FROM rater_weights")}
+
+    def votes_since(self, adapter: str, since: str) -> dict[int, int]:
+        """Votes cast or changed since `since` (a stored timestamp) on images of `adapter`, per
+        rater: what tells the loop a new round is due. Opted-out voters do not count."""
+        rows = self._rows(
+            """SELECT r.user_id, COUNT(*) AS n FROM ratings r JOIN images i ON i.id = r.image_id
+               JOIN generation_adapters ga ON ga.generation_id = i.generation_id
+               JOIN generations g ON g.id = i.generation_id
+               WHERE ga.name = ? AND r.updated_at > ? AND r.user_id IS NOT g.requester_id
+                 AND r.user_id NOT IN (SELECT user_id FROM users WHERE opted_out)
+               GROUP BY r.user_id""",
+            (adapter, since),
+        )
+        return {row["user_id"]: row["n"] for row in rows}
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter with a recorded version."""
+        return [row["name"] for row in self._rows("SELECT DISTINCT name FROM adapters ORDER BY name")]
 
     # --- curation --------------------------------------------------------------------------
 
@@ -1038,23 +1324,10 @@ class Store:
         `include_self_votes`. Images with no votes are included (curation reports them).
         """
         rows = self._rows(
-            """
-            WITH selected AS (
-                SELECT i.*, g.prompt, g.negative_prompt, g.requester_id
-                FROM images i JOIN generations g ON g.id = i.generation_id
-                WHERE (:since IS NULL OR i.created_at >= :since)
-                  AND (:until IS NULL OR i.created_at < :until)
-                  AND (:adapter IS NULL OR EXISTS (
-                        SELECT 1 FROM generation_adapters ga
-                        WHERE ga.generation_id = i.generation_id AND ga.name = :adapter
-                          AND (:version IS NULL OR ga.version = :version)))
-            ),
+            _SELECTED_VOTES + """,
             tallies AS (
-                SELECT r.image_id, SUM(r.value = 1) AS likes, SUM(r.value = -1) AS dislikes
-                FROM ratings r JOIN selected s ON s.id = r.image_id
-                WHERE (:self_votes OR r.user_id IS NOT s.requester_id)
-                  AND r.user_id NOT IN (SELECT user_id FROM users WHERE opted_out)
-                GROUP BY r.image_id
+                SELECT image_id, SUM(value = 1) AS likes, SUM(value = -1) AS dislikes
+                FROM counted GROUP BY image_id
             ),
             flagged AS (
                 SELECT f.image_id, group_concat(DISTINCT f.kind) AS kinds
@@ -1072,12 +1345,7 @@ class Store:
             LEFT JOIN users u ON u.user_id = s.requester_id
             ORDER BY s.created_at, s.id
             """,
-            {
-                "since": None if since is None else _timestamp(since),
-                "until": None if until is None else _timestamp(until),
-                "adapter": adapter, "version": adapter_version,
-                "self_votes": int(include_self_votes),
-            },
+            _selection(adapter, adapter_version, since, until, include_self_votes),
         )
         return [
             RatedImage(
@@ -1091,6 +1359,62 @@ class Store:
             )
             for row in rows
         ]
+
+
+    def rated_votes(
+        self,
+        *,
+        adapter: str | None = None,
+        adapter_version: int | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        include_self_votes: bool = False,
+    ) -> list[tuple[int, int, int]]:
+        """The votes `rated_images` tallies for the same selection, one (image_id, user_id,
+        value) each: what the rater model (`loraloop.raters.estimate`) reads."""
+        sql = _SELECTED_VOTES + " SELECT image_id, user_id, value FROM counted ORDER BY image_id, user_id"
+        params = _selection(adapter, adapter_version, since, until, include_self_votes)
+        # Plain tuples, not sqlite3.Row: a large server has hundreds of thousands of votes.
+        rows = self._retrying(lambda: self.db.conn.execute(sql, params).fetchall())
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    def user_names(self, user_ids: Iterable[int] | None = None) -> dict[int, str]:
+        """The name each user last voted under, for those the bot has seen (all, or `user_ids`)."""
+        rows = self._rows("SELECT user_id, name FROM users WHERE name IS NOT NULL")
+        wanted = None if user_ids is None else set(user_ids)
+        return {row["user_id"]: row["name"] for row in rows if wanted is None or row["user_id"] in wanted}
+
+
+# The images of a curation selection and the votes on them that count: never an opted-out
+# user's, and the requester's own only with :self_votes. `rated_images` and `rated_votes` share it
+# so the tallies and the rater model always see the same votes.
+_SELECTED_VOTES = """
+    WITH selected AS (
+        SELECT i.*, g.prompt, g.negative_prompt, g.requester_id
+        FROM images i JOIN generations g ON g.id = i.generation_id
+        WHERE (:since IS NULL OR i.created_at >= :since)
+          AND (:until IS NULL OR i.created_at < :until)
+          AND (:adapter IS NULL OR EXISTS (
+                SELECT 1 FROM generation_adapters ga
+                WHERE ga.generation_id = i.generation_id AND ga.name = :adapter
+                  AND (:version IS NULL OR ga.version = :version)))
+    ),
+    counted AS (
+        SELECT r.image_id, r.user_id, r.value
+        FROM ratings r JOIN selected s ON s.id = r.image_id
+        WHERE (:self_votes OR r.user_id IS NOT s.requester_id)
+          AND r.user_id NOT IN (SELECT user_id FROM users WHERE opted_out)
+    )"""
+
+
+def _selection(adapter: str | None, adapter_version: int | None, since: dt.datetime | None,
+               until: dt.datetime | None, include_self_votes: bool) -> dict[str, Any]:
+    return {
+        "since": None if since is None else _timestamp(since),
+        "until": None if until is None else _timestamp(until),
+        "adapter": adapter, "version": adapter_version,
+        "self_votes": int(include_self_votes),
+    }
 
 
 def _on_store_thread(
@@ -1152,6 +1476,11 @@ class AsyncStore:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
+    async def call(self, fn: Callable[Concatenate[Store, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `fn(store, ...)` on the store's thread: several queries and the Python between
+        them (an experiment's verdict, say) as one call, without blocking the event loop."""
+        return await self._call(fn, self._store, *args, **kwargs)
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -1191,6 +1520,8 @@ class AsyncStore:
     set_vote = _on_store_thread(Store.set_vote)
     remove_vote = _on_store_thread(Store.remove_vote)
     votes_for = _on_store_thread(Store.votes_for)
+    rated_votes = _on_store_thread(Store.rated_votes)
+    user_names = _on_store_thread(Store.user_names)
     flag = _on_store_thread(Store.flag)
     unflag = _on_store_thread(Store.unflag)
 
@@ -1212,3 +1543,16 @@ class AsyncStore:
     update_training_run = _on_store_thread(Store.update_training_run)
     record_adapter = _on_store_thread(Store.record_adapter)
     adapters = _on_store_thread(Store.adapters)
+
+    # --- experiments -----------------------------------------------------------------------
+
+    experiments = _on_store_thread(Store.experiments)
+    running_experiment = _on_store_thread(Store.running_experiment)
+    default_version = _on_store_thread(Store.default_version)
+    experiment_votes = _on_store_thread(Store.experiment_votes)
+    experiment_images = _on_store_thread(Store.experiment_images)
+    decide_experiment = _on_store_thread(Store.decide_experiment)
+    experiment_decisions = _on_store_thread(Store.experiment_decisions)
+    pending_announcements = _on_store_thread(Store.pending_announcements)
+    mark_announced = _on_store_thread(Store.mark_announced)
+    rater_weights = _on_store_thread(Store.rater_weights)

@@ -43,12 +43,13 @@ async def store(data_dir: Path):
     await opened.close()
 
 
-def make_config(fake: FakeDiscord, **bot_settings) -> Config:
+def make_config(fake: FakeDiscord, loop: dict | None = None, **bot_settings) -> Config:
     settings = {"base_size": 64, "cooldown_seconds": 0.0, "progress_interval": 0.0,
                 "admin_role_ids": [fake.admin_role_id], "max_active_per_user": 4, "max_queued_per_user": 4,
                 **bot_settings}
     config = Config()
-    return dataclasses.replace(config, bot=dataclasses.replace(config.bot, **settings))
+    return dataclasses.replace(config, bot=dataclasses.replace(config.bot, **settings),
+                               loop=dataclasses.replace(config.loop, **(loop or {})))
 
 
 class Bots:
@@ -59,9 +60,9 @@ class Bots:
         self.store = store
         self.running: list[tuple[LoraloopBot, asyncio.Task]] = []
 
-    async def start(self, service=None, **bot_settings) -> LoraloopBot:
+    async def start(self, service=None, loop: dict | None = None, **bot_settings) -> LoraloopBot:
         # The fake sends every guild at once, so discord.py need not wait 2 s for stragglers.
-        bot = LoraloopBot(make_config(self.fake, **bot_settings), service, self.store,
+        bot = LoraloopBot(make_config(self.fake, loop, **bot_settings), service, self.store,
                           guild_ready_timeout=0.05)
         task = asyncio.create_task(bot.start("fake-token"))
         await asyncio.wait_for(bot.caught_up.wait(), timeout=15)
@@ -149,6 +150,19 @@ async def test_adding_a_reaction_records_the_vote_and_removing_it_withdraws_it(f
     await wait_until(lambda: votes(store, image_id), {int(fake.bob["id"]): 1, int(fake.carol["id"]): -1})
     await fake.unreact(message_id, "👍", fake.bob)
     await wait_until(lambda: votes(store, image_id), {int(fake.carol["id"]): -1})
+
+
+async def test_a_vote_remembers_the_name_the_voter_goes_by_on_the_server(fake, store, bots):
+    bot = await bots.start()
+    message_id, image_id = await posted_image(fake, store, fake.alice)
+    await fake.react(message_id, "👍", fake.bob)
+    await wait_until(lambda: votes(store, image_id), {int(fake.bob["id"]): 1})
+    assert await store.user_names() == {int(fake.bob["id"]): fake.bob["global_name"]}
+    # A vote read back at the next start (made while the bot was away) carries the name too.
+    await bots.stop(bot)
+    await fake.react(message_id, "👎", fake.carol, gateway=False)
+    await bots.start()
+    assert (await store.user_names())[int(fake.carol["id"])] == fake.carol["global_name"]
 
 
 async def test_the_flag_reaction_flags_the_image_apart_from_votes(fake, store, bots):
@@ -730,3 +744,62 @@ async def test_a_failing_service_gives_a_reference_and_no_internals(fake, bots):
             assert "Something went wrong" in text and "reference" in text and "CUDA" not in text
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.timeout(150)  # five images on the tiny model
+async def test_an_experiment_serves_both_arms_without_saying_which_and_an_admin_can_promote(
+        fake, store, bots, service, tiny_model_dir, data_dir, monkeypatch):
+    from generation.testing import write_lora
+
+    for version in (1, 2):
+        write_lora(tiny_model_dir, data_dir / "adapters" / "fox" / f"v{version}.safetensors", seed=version)
+    await store.record_adapter(name="fox", version=1, file_sha256="sha-v1")
+    await store.record_adapter(name="fox", version=2, file_sha256="sha-v2",
+                               experiment={"control_version": 1, "share": 0.5})
+    await service.reload_adapters()
+    fake.admins.add(int(fake.carol["id"]))
+    await bots.start(service, loop={"admin_channel_id": fake.other_channel_id})
+    # The experiment's start is announced in the admin channel.
+    await fake.wait_for(lambda: any("on trial" in m["content"] for m in fake.channel_messages(fake.other_channel_id)))
+
+    # Each request draws its arm; these draws alternate so both arms are served.
+    draws = itertools.cycle([0.2, 0.8])
+    monkeypatch.setattr("bot.imagine.random.random", lambda: next(draws))
+    for n in range(4):
+        await fake.slash("imagine", {"prompt": f"a fox {n}", "style": "fox", "steps": 2, "seed": n})
+        await fake.wait_for(lambda n=n: len(fake.image_messages()) == n + 1, timeout=60)
+    experiment = await store.running_experiment("fox")
+    generations = [await store.generation(i) for i in range(1, 5)]
+    assert [g.arm for g in generations] == ["candidate", "control"] * 2
+    assert {g.arm: g.adapters[0]["version"] for g in generations} == {"candidate": 2, "control": 1}
+    assert {g.experiment_id for g in generations} == {experiment.id}
+    for message in fake.image_messages():
+        assert "fox" in message["content"] and "fox v" not in message["content"]
+        png = fake.attachment_bytes(message["attachments"][0])
+        with Image.open(io.BytesIO(png)) as image:
+            assert "parameters" not in image.info, "the PNG must not name the version either"
+
+    stats = await fake.slash("stats")
+    await fake.wait_for(lambda: stats.followup_ids)
+    fields = fake.messages[stats.followup_ids[0]]["embeds"][0]["fields"]
+    (running,) = [f["value"] for f in fields if f["name"] == "Experiments"]
+    assert "candidate v2" in running and "control v1" in running and "collecting votes" in running
+
+    refused = await fake.slash("admin promote", {"style": "fox"}, user=fake.alice)
+    await refused_with(fake, refused, "Only the image admins")
+    promote = await fake.slash("admin promote", {"style": "fox"}, user=fake.carol)
+    await fake.wait_for(lambda: promote.followup_ids)
+    assert "Promoted fox v2" in fake.texts_seen_by(promote)[-1]
+    await fake.wait_for(lambda: any("promoted by an admin" in m["content"]
+                                    for m in fake.channel_messages(fake.other_channel_id)))
+    assert await store.default_version("fox") == 2
+    (decision,) = await store.experiment_decisions("fox")
+    assert decision.decided_by == f"admin:{fake.carol['id']}" and "candidate" in decision.figures
+    again = await fake.slash("admin retire", {"style": "fox"}, user=fake.carol)
+    await fake.wait_for(lambda: again.followup_ids)
+    assert "No experiment is running for fox" in fake.texts_seen_by(again)[-1]
+
+    # Outside an experiment the style's default version is pinned, and named.
+    await fake.slash("imagine", {"prompt": "a fox again", "style": "fox", "steps": 2, "seed": 9})
+    await fake.wait_for(lambda: len(fake.image_messages()) == 5, timeout=60)
+    assert "fox v2" in fake.image_messages()[-1]["content"]

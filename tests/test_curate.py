@@ -16,7 +16,7 @@ from PIL import Image
 from loraloop.cli import cli
 from loraloop.store import Store
 from training.curate import CurationError, CurationSettings, curate, wilson_lower_bound
-from training.dataset import NearDuplicateIndex, dataset_hash, perceptual_hash
+from training.dataset import DPO, NearDuplicateIndex, dataset_hash, perceptual_hash, read_parquet
 
 REQUESTER = 1
 START = dt.datetime(2026, 11, 2, 12, 0, tzinfo=dt.UTC)
@@ -118,7 +118,7 @@ def test_the_near_duplicate_index_finds_hashes_within_the_distance_only():
 
 def test_sft_keeps_liked_images_and_says_why_each_other_image_was_dropped(world, tmp_path):
     liked = world.image([1, 1, 1])
-    mixed = world.image([1, -1])
+    mixed = world.image([1, -1, -1])
     lonely = world.image([1])
     flagged = world.image([1, 1, 1])
     world.store.flag(flagged, 100, "nsfw")
@@ -126,13 +126,13 @@ def test_sft_keeps_liked_images_and_says_why_each_other_image_was_dropped(world,
     world.store.opt_out(55)
 
     out = tmp_path / "sft"
-    report = curate(world.store, out, CurationSettings(format="sft"))
+    report = curate(world.store, out, CurationSettings(format="sft", min_raters=2))
 
     assert kept_ids(out) == [liked]
     assert dropped(out) == {mixed: "score_below_minimum", lonely: "too_few_raters",
                             flagged: "flagged", private: "requester_opted_out"}
     sha = world.store.image(liked).sha256
-    assert read_lines(out) == [{"file_name": f"{sha[:16]}.png", "text": "a red fox"}]
+    assert read_lines(out) == [{"file_name": f"{sha[:16]}.png", "text": "a red fox", "weight": 1.0}]
     assert (out / f"{sha[:16]}.png").read_bytes() == world.store.image_path(world.store.image(liked)).read_bytes()
     assert report.considered == 5
     assert json.loads((out / "report.json").read_text())["dropped_by_reason"]["flagged"] == 1
@@ -170,8 +170,8 @@ def test_self_votes_are_left_out_unless_asked_for(world, tmp_path):
     image_id = world.image([1])
     world.store.set_vote(image_id, REQUESTER, 1, "👍")
     with pytest.raises(CurationError, match="too_few_raters"):
-        curate(world.store, tmp_path / "without", CurationSettings())
-    curate(world.store, tmp_path / "with", CurationSettings(include_self_votes=True))
+        curate(world.store, tmp_path / "without", CurationSettings(min_raters=2))
+    curate(world.store, tmp_path / "with", CurationSettings(min_raters=2, include_self_votes=True))
     assert kept_ids(tmp_path / "with") == [image_id]
 
 
@@ -191,15 +191,17 @@ def test_votes_of_opted_out_users_do_not_count(world, tmp_path):
     image_id = world.image([1, 1])
     world.store.opt_out(101)
     with pytest.raises(CurationError, match="1 too_few_raters"):
-        curate(world.store, tmp_path / "out", CurationSettings())
+        curate(world.store, tmp_path / "out", CurationSettings(min_raters=2))
     world.store.opt_in(101)
-    curate(world.store, tmp_path / "out", CurationSettings())
+    curate(world.store, tmp_path / "out", CurationSettings(min_raters=2))
     assert kept_ids(tmp_path / "out") == [image_id]
 
 
 def test_the_wilson_threshold_wants_enough_votes_to_be_sure(world, tmp_path):
+    # Weighted: a vote counts its rater's weight, and raters the model knows little about weigh
+    # about 0.4, so it takes more of them to be sure.
     few = world.image([1, 1])
-    many = world.image([1] * 12)
+    many = world.image([1] * 30)
     curate(world.store, tmp_path / "out", CurationSettings(min_wilson=0.6))
     assert kept_ids(tmp_path / "out") == [many]
     assert dropped(tmp_path / "out") == {few: "wilson_below_minimum"}
@@ -324,7 +326,7 @@ def test_an_empty_selection_is_an_error_and_writes_nothing(world, tmp_path):
     world.image([])
     out = tmp_path / "out"
     with pytest.raises(CurationError, match=r"all 2 were dropped \(2 too_few_raters\); lower --min-raters"):
-        curate(world.store, out, CurationSettings())
+        curate(world.store, out, CurationSettings(min_raters=2))
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [tmp_path / "data"]
 
@@ -386,3 +388,49 @@ def test_the_curate_command_reads_dates_as_utc_and_rejects_a_bad_adapter_version
     result = CliRunner().invoke(cli, ["dataset", "curate", str(tmp_path / "x"), "--adapter", "pixel@new"])
     assert result.exit_code == 2
     assert "NAME@VERSION" in result.output
+
+
+# --- the rater model ------------------------------------------------------------------------
+
+
+def test_a_brigade_voting_against_everyone_else_is_outweighed_and_named_in_the_report(world, tmp_path):
+    # Ten people like the warm images and dislike the cold ones, one or two votes an image; two
+    # accounts vote on every image, always against them: more brigade votes than honest ones.
+    warm, cold = [], []
+    for n in range(24):
+        liked = n % 2 == 0
+        image_id = world.image(seed=n)
+        for voter in (100 + n % 10, 100 + (n + 3) % 10)[: 1 + (n // 2) % 2]:
+            world.store.set_vote(image_id, voter, 1 if liked else -1, "x", name=f"person{voter}")
+        for account in (900, 901):
+            world.store.set_vote(image_id, account, -1 if liked else 1, "x", name=f"brigade{account}")
+        (warm if liked else cold).append(image_id)
+
+    out = tmp_path / "sft"
+    report = curate(world.store, out, CurationSettings(format="sft"))
+    assert kept_ids(out) == warm
+    written = json.loads((out / "report.json").read_text())
+    raters = {row["user_id"]: row for row in written["raters"]}
+    assert raters[900]["weight"] == raters[901]["weight"] == 0.0
+    assert "lockstep" in raters[900]["why"] and raters[900]["name"] == "brigade900"
+    assert all(raters[100 + n]["weight"] > 0.2 for n in range(10))
+    assert all(row["why"].startswith("liked: score") for row in written["kept"])
+    assert set(dropped(out)) == set(cold)
+    assert report.raters == written["raters"]
+
+    # Counting every vote the same, the brigade would have won.
+    plain = tmp_path / "plain"
+    curate(world.store, plain, CurationSettings(format="sft", rater_model=False, max_rater_share=1.0))
+    assert kept_ids(plain) and set(kept_ids(plain)) <= set(cold)
+
+
+def test_rows_carry_loss_weights_that_favour_the_surest_examples(world, tmp_path):
+    world.image([1, 1, 1, 1], prompt="a castle")
+    world.image([1], prompt="a castle")
+    world.image([-1, -1, -1], prompt="a castle")
+    for fmt in ("sft", "kto", "dpo"):
+        curate(world.store, tmp_path / fmt, CurationSettings(format=fmt))
+        rows = [row.values for row in read_parquet(tmp_path / fmt, DPO)] if fmt == "dpo" else read_lines(tmp_path / fmt)
+        weights = [row["weight"] for row in rows]
+        assert sum(weights) / len(weights) == pytest.approx(1.0, abs=1e-3), fmt
+        assert max(weights) > min(weights) > 0, fmt

@@ -127,7 +127,7 @@ async def test_votes_become_a_published_style_that_the_bot_then_uses(tiny_model_
         # The admin's workflow, through the real CLI: curate, train, publish (which tells the service).
         dataset = tmp_path / "liked"
         await loraloop(config, "dataset", "curate", str(dataset), "--format", "sft", "--min-raters", "2",
-                       "--min-score", "2", "--min-wilson", "0", "--near-duplicate-distance", "0")
+                       "--min-score", "0.5", "--min-wilson", "0", "--near-duplicate-distance", "0")
         curated = [json.loads(line) for line in (dataset / "metadata.jsonl").read_text().splitlines()]
         assert len(curated) == len(liked)
         assert {row["text"] for row in curated} == {"a red fox", "a blue whale"}

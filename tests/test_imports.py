@@ -16,7 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("loraloop", "bot", "generation", "training")
-FLOOR = ("loraloop.config", "loraloop.store", "loraloop.context", "loraloop.tiny")
+FLOOR = ("loraloop.config", "loraloop.store", "loraloop.raters", "loraloop.experiments", "loraloop.context",
+         "loraloop.tiny")
 ABOVE_THE_FLOOR = ("bot", "generation", "training")
 
 

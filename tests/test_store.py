@@ -401,3 +401,29 @@ async def test_a_newer_database_is_refused_by_the_async_store_too(tmp_path):
     db.close()
     with pytest.raises(NewerDatabaseError):
         await AsyncStore.open(path, tmp_path / "data")
+
+
+def test_a_vote_can_carry_the_voters_name_and_the_latest_name_is_kept(store):
+    image_id = make_image(store)
+    store.set_vote(image_id, 10, 1, "👍", name="Bob")
+    store.set_vote(image_id, 11, 1, "👍")
+    store.opt_out(12)
+    assert store.user_names() == {10: "Bob"}
+    store.set_vote(make_image(store, "job-2"), 10, -1, "👎", name="Robert")
+    assert store.user_names([10, 11]) == {10: "Robert"}
+    assert store.is_opted_out(10) is False  # a name alone never opts anyone out
+
+
+def test_rated_votes_are_the_votes_curation_tallies(store):
+    mine = make_image(store, "job-1", requester_id=1)
+    other = make_image(store, "job-2", requester_id=2, adapters=[{"name": "pixel", "version": 1}])
+    store.set_vote(mine, 1, 1, "👍")  # a self-vote
+    store.set_vote(mine, 10, -1, "👎")
+    store.set_vote(other, 10, 1, "👍")
+    store.set_vote(other, 11, 1, "👍")
+    store.opt_out(11)
+    assert store.rated_votes() == [(mine, 10, -1), (other, 10, 1)]
+    assert store.rated_votes(include_self_votes=True) == [(mine, 1, 1), (mine, 10, -1), (other, 10, 1)]
+    assert store.rated_votes(adapter="pixel") == [(other, 10, 1)]
+    tallies = {i.id: (i.likes, i.dislikes) for i in store.rated_images()}
+    assert tallies == {mine: (0, 1), other: (1, 0)}

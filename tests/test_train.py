@@ -37,9 +37,10 @@ def picture(path: Path, shade: int, size: int = 32) -> None:
     image.save(path)
 
 
-def write_dataset(root: Path, count: int = 8, kind: str = "sft") -> Path:
+def write_dataset(root: Path, count: int = 8, kind: str = "sft", weights: dict[int, float] | None = None) -> Path:
+    """`count` yellow discs as a `kind` dataset; `weights` gives some rows (by index) a loss weight."""
     root.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict] = []
     for i in range(count):
         picture(root / f"{i}.png", 20 * i)
         if kind == "dpo":
@@ -51,6 +52,8 @@ def write_dataset(root: Path, count: int = 8, kind: str = "sft") -> Path:
             if kind == "kto":
                 row["label"] = i % 2 == 0
             rows.append(row)
+    for index, weight in (weights or {}).items():
+        rows[index]["weight"] = weight
     if kind == "dpo":
         write_parquet(root, DPO, rows)
         for image in root.glob("*.png"):  # the images live in the Parquet file, as curation writes them
@@ -488,3 +491,38 @@ def test_a_resume_from_a_state_pt_that_is_not_a_checkpoint_says_what_is_wrong_in
                   "numpy_rng": [], "processes": 1, "settings": {}, "dataset_hash": "", "base_model": ""}
     assert state_problem(well_typed) is None
     assert state_problem({**well_typed, "progress": {"step": 1, "mood": 2}}) == "its progress has unknown fields mood"
+
+
+@pytest.mark.parametrize("objective", ["sft", "kto", "dpo"])
+def test_per_example_weights_from_the_dataset_scale_each_examples_share_of_the_loss(tmp_path, objective):
+    from training import objectives
+    from training.data import load_dataset
+
+    dataset = write_dataset(tmp_path / "ds", count=4, kind=objective, weights={0: 0.0})
+    assert [e.weight for e in load_dataset(dataset, objective, tmp_path / "cache").examples] == [0.0, 1.0, 1.0, 1.0]
+
+    # A weight of 0 leaves an example out of the loss; the others keep theirs.
+    errors = torch.tensor([9.0, 1.0, 2.0, 3.0])
+    weights = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    if objective == "sft":
+        loss, _ = objectives.sft(errors, weights)
+        assert loss.item() == pytest.approx((1.0 + 2.0 + 3.0) / 4)
+    elif objective == "dpo":
+        reference = torch.full((4,), 2.0)
+        loss, _ = objectives.dpo(errors, errors.flip(0), reference, reference, 1.0, weights)
+        full, _ = objectives.dpo(errors[1:], errors.flip(0)[1:], reference[1:], reference[1:], 1.0)
+        assert loss.item() == pytest.approx(full.item() * 3 / 4)
+    else:
+        desirable = torch.tensor([True, True, False, True])
+        loss, _, _ = objectives.kto(errors, torch.full((4,), 2.0), desirable, 1.0, 0.0, weights)
+        unweighted, _, _ = objectives.kto(errors, torch.full((4,), 2.0), desirable, 1.0, 0.0)
+        assert loss.item() < unweighted.item()
+
+
+def test_a_negative_weight_is_refused_with_the_line(tmp_path):
+    dataset = write_dataset(tmp_path / "ds", count=2)
+    rows = [json.loads(line) for line in (dataset / "metadata.jsonl").read_text().splitlines()]
+    rows[1]["weight"] = -1
+    (dataset / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = invoke_train(tmp_path, str(dataset), "--name", "x")
+    assert result.exit_code == 1 and "metadata.jsonl:2: weight must be a number of 0 or more" in result.output

@@ -1,8 +1,9 @@
-"""Admin commands for datasets, training and adapters: `loraloop dataset ...`, `train`, `compare`, `adapters ...`.
+"""Admin commands for datasets, training and adapters: `loraloop dataset ...`, `train`, `compare`, `adapters ...`,
+`loop`.
 
 Each command parses its options, calls the module that owns the step, and turns that module's
 error into a `click.ClickException`; the work itself lives in training/ (importer, caption,
-curate, train, compare, publish).
+curate, train, compare, publish, loop).
 """
 
 # Every command imports what it runs (torch, diffusers, the trainer, the store) inside its body, so
@@ -152,7 +153,8 @@ def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, 
               help="Only images made before this UTC date.")
 @click.option("--min-raters", type=click.IntRange(min=1),
               help="Distinct raters an image needs ([curation] min_raters).")
-@click.option("--min-score", type=int, help="Net votes to keep an image ([curation] min_score).")
+@click.option("--min-score", type=float,
+              help="Weighted net votes to keep an image ([curation] min_score).")
 @click.option("--min-wilson", type=click.FloatRange(0, 1, max_open=True),
               help="Wilson lower bound on the like ratio to keep an image ([curation] min_wilson).")
 @click.option("--include-self-votes/--exclude-self-votes", default=None,
@@ -164,7 +166,7 @@ def caption(app: AppContext, dataset_dir: Path, model: str | None, prefix: str, 
               help="Hard-link images from the store, or copy them ([curation] link_images).")
 @pass_app
 def curate_(app: AppContext, out: Path, dataset_format: str | None, adapter: str | None,
-            adapter_version: int | None, since, until, min_raters: int | None, min_score: int | None,
+            adapter_version: int | None, since, until, min_raters: int | None, min_score: float | None,
             min_wilson: float | None, include_self_votes: bool | None,
             near_duplicate_distance: int | None, max_pairs_per_prompt: int | None,
             link_images: bool | None) -> None:
@@ -430,4 +432,45 @@ def list_command(app: AppContext, as_json: bool) -> None:
                    f"{f'loss {loss:.4g}' if isinstance(loss, float) else ''}  {row.description}")
 
 
-commands = [dataset, train_command, compare_command, adapters]
+@click.command("loop")
+@click.option("--once", is_flag=True, help="One pass (decide experiments, start due rounds), then exit.")
+@click.option("--service-url",
+              help="The running service to tell about new candidates (default: [service] host and port).")
+@pass_app
+def loop_command(app: AppContext, once: bool, service_url: str | None) -> None:
+    """Run rounds by themselves: train candidates from new votes and let the A/B gate decide.
+
+    Every [loop] poll_seconds: the rater model over all votes; each running experiment's verdict
+    (promote or retire, recorded and announced by the bot); for each adapter with enough new
+    weighted votes ([loop] min_new_votes) and no experiment running, a round: curate, train,
+    publish the candidate, which the bot then serves to [loop] share of `/imagine style:NAME`.
+    The first version of a style is still published by hand; the loop trains the ones after.
+
+    \b
+        loraloop loop                  # until Ctrl-C
+        loraloop loop --once           # one pass
+        loraloop db stats              # the running experiments and their verdicts
+    """
+    from loraloop.store import StoreError
+    from training.loop import LoopRunner
+
+    runner = LoopRunner(app.config, service_url, Secrets.from_env().service_token)
+    try:
+        if once:
+            done = runner.step()
+            for experiment, verdict in done.decisions:
+                click.echo(f"{experiment.adapter} v{experiment.candidate_version}: {verdict.explain()}")
+            for result in done.rounds:
+                click.echo(f"{result.adapter}: " + (f"round failed: {result.error}" if result.error else
+                           f"candidate v{result.candidate_version} on trial against v{result.control_version}"))
+            if not done.decisions and not done.rounds:
+                click.echo(f"nothing to do ({done.raters} raters weighed)")
+            return
+        runner.run_forever()
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("loop stopped", err=True)
+
+
+commands = [dataset, train_command, compare_command, adapters, loop_command]

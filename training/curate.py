@@ -8,27 +8,39 @@
 This module owns choosing images (filters, scores, duplicates), which images go into each of the
 three formats, and the report. Every image in the selection is either kept or dropped with a reason:
 
-1. the store tallies votes per image, leaving out votes by opted-out users and, unless asked,
-   the requester's own vote (`Store.rated_images`);
-2. images whose requester opted out, flagged images (NSFW, artifact) and images with fewer than
+1. the store lists the votes of the selection, leaving out votes by opted-out users and, unless
+   asked, the requester's own vote (`Store.rated_images`, `Store.rated_votes`);
+2. the rater model (`loraloop.raters`) weighs every rater from those votes: reliable raters'
+   votes count nearly 1, random or contrarian raters' nearly 0, lockstep blocs 0, and no one
+   rater more than `max_rater_share` of all the weight. Every score below is a weighted one:
+   likes and dislikes are sums of the voters' weights, the net score their difference, the
+   Wilson bound is taken on the weighted like ratio;
+3. images whose requester opted out, flagged images (NSFW, artifact) and images with fewer than
    `min_raters` distinct raters are dropped;
-3. sft keeps images with net score >= `min_score` and a Wilson lower bound on the like ratio
+4. sft keeps images with net score >= `min_score` and a Wilson lower bound on the like ratio
    >= `min_wilson`; kto labels an image liked or disliked when it clears the same bars in
    either direction and drops the unclear rest; dpo keeps everything for pairing;
-4. image files that are missing, fail their sha256 or cannot be decoded are dropped;
-5. exact duplicates (same sha256) and near-duplicates (perceptual hashes at most
+5. image files that are missing, fail their sha256 or cannot be decoded are dropped;
+6. exact duplicates (same sha256) and near-duplicates (perceptual hashes at most
    `near_duplicate_distance` bits apart) collapse onto the best-scored copy;
-6. dpo pairs images of the same prompt whose net scores differ; ties are dropped, never counted
-   as a win.
+7. dpo pairs images of the same prompt whose weighted net scores differ; ties are dropped, never
+   counted as a win.
+
+Every row also gets a loss `weight`: the rater model's probability that its label is right
+(sft: that the community likes the image; kto: that its label holds; dpo: P(preferred liked)
+- P(rejected liked)), scaled to a mean of 1 over the dataset, so training leans on the
+examples the votes are surest about without changing the learning rate's meaning.
 
 The folder is a dataset in the layout `training/dataset.py` owns (what training/data.py and
 `datasets.load_dataset(OUT)` read):
 
-    sft  OUT/metadata.jsonl  {"file_name": "<sha256[:16]>.png", "text": prompt}
-    kto  OUT/metadata.jsonl  {"file_name": ..., "text": prompt, "label": true | false}
-    dpo  OUT/data/train-00000-of-00001.parquet  caption (prompt), jpg_0, jpg_1 (PNG bytes), label_0 (1.0 | 0.0)
+    sft  OUT/metadata.jsonl  {"file_name": "<sha256[:16]>.png", "text": prompt, "weight": w}
+    kto  OUT/metadata.jsonl  {"file_name": ..., "text": prompt, "label": true | false, "weight": w}
+    dpo  OUT/data/train-00000-of-00001.parquet  caption (prompt), jpg_0, jpg_1 (PNG bytes), label_0 (1.0 | 0.0),
+         weight (w)
 
-plus OUT/report.json (kept, dropped and why, the settings), OUT/score_histogram.png and
+plus OUT/report.json (kept and why, dropped and why, every rater's weight and why, the
+settings), OUT/score_histogram.png and
 OUT/dataset_hash, the content hash training computes, so a run names exactly what it learned from.
 """
 
@@ -54,6 +66,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from loraloop.config import CurationConfig
+from loraloop.raters import RaterModel, RaterSettings, estimate
 from loraloop.store import RatedImage, Store
 from training.dataset import (
     DPO,
@@ -91,6 +104,8 @@ DUPLICATE = "duplicate"
 NEAR_DUPLICATE = "near_duplicate"
 NO_PAIR = "no_pair_with_a_different_score"
 PAIRS_CAPPED = "beyond_max_pairs_per_prompt"
+# Two weighted scores closer than this are a tie for dpo (sums of float weights).
+TIE_TOLERANCE = 1e-6
 
 
 class CurationError(DatasetError):
@@ -111,13 +126,17 @@ class CurationSettings:
     since: dt.datetime | None = None
     until: dt.datetime | None = None
     min_raters: int = _DEFAULTS.min_raters
-    min_score: int = _DEFAULTS.min_score
+    min_score: float = _DEFAULTS.min_score
     min_wilson: float = _DEFAULTS.min_wilson
     wilson_z: float = _DEFAULTS.wilson_z
     include_self_votes: bool = _DEFAULTS.include_self_votes
     near_duplicate_distance: int = _DEFAULTS.near_duplicate_distance
     max_pairs_per_prompt: int = _DEFAULTS.max_pairs_per_prompt
     link_images: bool = _DEFAULTS.link_images
+    rater_model: bool = _DEFAULTS.rater_model
+    rater_prior_accuracy: float = _DEFAULTS.rater_prior_accuracy
+    rater_prior_votes: float = _DEFAULTS.rater_prior_votes
+    max_rater_share: float = _DEFAULTS.max_rater_share
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -136,6 +155,9 @@ class CurationSettings:
                 data[key] = data[key].isoformat()
         return data
 
+    def rater_settings(self) -> RaterSettings:
+        return RaterSettings(enabled=self.rater_model, prior_accuracy=self.rater_prior_accuracy,
+                             prior_votes=self.rater_prior_votes, max_share=self.max_rater_share)
 
     @classmethod
     def from_config(cls, section: CurationConfig, **overrides: Any) -> CurationSettings:
@@ -146,17 +168,20 @@ class CurationSettings:
             include_self_votes=section.include_self_votes,
             near_duplicate_distance=section.near_duplicate_distance,
             max_pairs_per_prompt=section.max_pairs_per_prompt, link_images=section.link_images,
+            rater_model=section.rater_model, rater_prior_accuracy=section.rater_prior_accuracy,
+            rater_prior_votes=section.rater_prior_votes, max_rater_share=section.max_rater_share,
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def wilson_lower_bound(positive: float, total: int, z: float) -> float:
+def wilson_lower_bound(positive: float, total: float, z: float) -> float:
     """The lower end of the Wilson score interval (E. B. Wilson, JASA 1927) for positive/total: a
     like ratio that is only high when there are enough votes to believe it (3/3 likes scores
     below 30/32).
-    `positive` may be fractional (a sum of shares); the upper end is 1 minus the lower end
-    of (total - positive)/total."""
-    if total == 0:
+    Both may be fractional (sums of shares, or of raters' weights: a total weight of 2.5 is as
+    sure as 2.5 fully reliable votes); the upper end is 1 minus the lower end of
+    (total - positive)/total."""
+    if total <= 0:
         return 0.0
     p = positive / total
     z2 = z * z
@@ -170,9 +195,27 @@ class CurationCandidate:
     """A rated image up for curation, and what curation has learned about it so far."""
 
     image: RatedImage
-    wilson: float
+    # Weighted by the rater model: sums of the likers' and dislikers' weights.
+    likes: float
+    dislikes: float
+    wilson: float  # lower bound of the weighted like ratio
+    posterior: float  # the rater model's P(the community likes it)
     label: bool | None = None  # kto: liked (True) or disliked (False)
     phash: int = 0  # set once its file has been checked
+    why: str = ""  # why it was kept, for the report
+
+    @property
+    def score(self) -> float:
+        """The weighted net score: weighted likes minus weighted dislikes."""
+        return self.likes - self.dislikes
+
+    @classmethod
+    def of(cls, image: RatedImage, votes: list[tuple[int, int]], model: RaterModel,
+           z: float) -> CurationCandidate:
+        likes, dislikes = model.tally(votes)
+        return cls(image=image, likes=likes, dislikes=dislikes,
+                   wilson=wilson_lower_bound(likes, likes + dislikes, z),
+                   posterior=model.posterior.get(image.id, model.liked_prior))
 
 
 @dataclass
@@ -187,11 +230,13 @@ class CurationReport:
     tied_pairs_dropped: int = 0
     dataset_hash: str = ""
     phashes_computed: int = 0
+    # Every rater of the selection as the rater model weighed them (RaterEstimate.to_dict, + name).
+    raters: list[dict[str, Any]] = field(default_factory=list)
 
     def drop(self, candidate: CurationCandidate, reason: str, detail: str = "") -> None:
         image = candidate.image
         self.dropped.append({"image_id": image.id, "reason": reason, "detail": detail,
-                             "score": image.score, "raters": image.raters})
+                             "score": round(candidate.score, 4), "raters": image.raters})
 
     def dropped_by_reason(self) -> dict[str, int]:
         return dict(Counter(row["reason"] for row in self.dropped).most_common())
@@ -213,6 +258,7 @@ class CurationReport:
                        "tied_pairs_dropped": self.tied_pairs_dropped},
             "dropped_by_reason": self.dropped_by_reason(),
             "histogram": HISTOGRAM_FILE,
+            "raters": self.raters,
             "kept": self.kept, "dropped": self.dropped,
         }
 
@@ -235,21 +281,26 @@ def _passes_rating_filters(candidate: CurationCandidate, settings: CurationSetti
     if image.raters < settings.min_raters:
         report.drop(candidate, TOO_FEW_RATERS, f"{image.raters} < {settings.min_raters}")
         return False
+    score = candidate.score
     if settings.format == "sft":
-        if image.score < settings.min_score:
-            report.drop(candidate, LOW_SCORE, f"{image.score} < {settings.min_score}")
+        if score < settings.min_score:
+            report.drop(candidate, LOW_SCORE, f"{score:.3f} < {settings.min_score}")
             return False
         if candidate.wilson < settings.min_wilson:
             report.drop(candidate, LOW_WILSON, f"{candidate.wilson:.3f} < {settings.min_wilson}")
             return False
+        candidate.why = f"liked: score {score:.3f} >= {settings.min_score}, wilson {candidate.wilson:.3f}"
     elif settings.format == "kto":
-        disliked_bound = wilson_lower_bound(image.dislikes, image.raters, settings.wilson_z)
-        if image.score >= settings.min_score and candidate.wilson >= settings.min_wilson:
+        disliked_bound = wilson_lower_bound(candidate.dislikes, candidate.likes + candidate.dislikes,
+                                            settings.wilson_z)
+        if score >= settings.min_score and candidate.wilson >= settings.min_wilson:
             candidate.label = True
-        elif -image.score >= settings.min_score and disliked_bound >= settings.min_wilson:
+            candidate.why = f"liked: score {score:.3f} >= {settings.min_score}, wilson {candidate.wilson:.3f}"
+        elif -score >= settings.min_score and disliked_bound >= settings.min_wilson:
             candidate.label = False
+            candidate.why = f"disliked: score {score:.3f} <= -{settings.min_score}, wilson {disliked_bound:.3f}"
         else:
-            report.drop(candidate, NO_CLEAR_VERDICT, f"score {image.score}")
+            report.drop(candidate, NO_CLEAR_VERDICT, f"score {score:.3f}")
             return False
     return True
 
@@ -312,7 +363,7 @@ def _check_files(candidates: list[CurationCandidate], store: Store,
 def _collapse_duplicates(candidates: list[CurationCandidate], settings: CurationSettings,
                          report: CurationReport) -> list[CurationCandidate]:
     # Best first, so the copy that survives is the best-rated one.
-    ranked = sorted(candidates, key=lambda c: (-c.image.score, -c.wilson, c.image.id))
+    ranked = sorted(candidates, key=lambda c: (-c.score, -c.wilson, c.image.id))
     by_sha: dict[str, int] = {}
     index: NearDuplicateIndex[int] = NearDuplicateIndex(settings.near_duplicate_distance)
     kept = []
@@ -343,13 +394,13 @@ def _pairs(candidates: list[CurationCandidate], settings: CurationSettings,
         group.sort(key=lambda c: c.image.id)
         options = []
         for first, second in itertools.combinations(group, 2):
-            if first.image.score == second.image.score:
+            # Weighted scores: equal weight either way is a tie, however many votes it took.
+            if abs(first.score - second.score) < TIE_TOLERANCE:
                 report.tied_pairs_dropped += 1
                 continue
             options.append((first, second))
         # The clearest preferences first, when a prompt has more pairs than the cap allows.
-        options.sort(key=lambda p: (-abs(p[0].image.score - p[1].image.score),
-                                    p[0].image.id, p[1].image.id))
+        options.sort(key=lambda p: (-abs(p[0].score - p[1].score), p[0].image.id, p[1].image.id))
         if settings.max_pairs_per_prompt:
             options = options[: settings.max_pairs_per_prompt]
         pairs.extend(options)
@@ -357,7 +408,18 @@ def _pairs(candidates: list[CurationCandidate], settings: CurationSettings,
     for candidate in candidates:
         if candidate.image.id not in paired:
             report.drop(candidate, NO_PAIR, candidate.image.prompt[:80])
+        else:
+            candidate.why = f"in a pair: score {candidate.score:.3f}"
     return pairs
+
+
+def loss_weights(values: list[float]) -> list[float]:
+    """Per-example loss weights from the rater model's confidences, scaled to a mean of 1 (so the
+    learning rate keeps its meaning); all equal when no example has any confidence."""
+    mean = sum(values) / len(values) if values else 0.0
+    if mean <= 0:
+        return [1.0] * len(values)
+    return [round(v / mean, 4) for v in values]
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -383,7 +445,8 @@ def _place_image(source: Path, target: Path, link: bool) -> None:
 
 def draw_histogram(path: Path, kept_scores: list[int], dropped_scores: list[int],
                    title: str) -> None:
-    """Net score (likes - dislikes) per image, kept stacked on dropped, scores clipped to +-10."""
+    """Net score (weighted likes - dislikes, rounded) per image, kept stacked on dropped, scores
+    clipped to +-10."""
     limit = 10
     bins = list(range(-limit, limit + 1))
     kept = Counter(max(-limit, min(limit, s)) for s in kept_scores)
@@ -412,7 +475,7 @@ def draw_histogram(path: Path, kept_scores: list[int], dropped_scores: list[int]
         if value % 5 == 0:
             draw.text((x0, base_y + 6), label, fill="black", font=font)
     draw.line([left, base_y, width - 20, base_y], fill="black")
-    draw.text((left, base_y + 20), "net score (likes - dislikes)", fill="black", font=font)
+    draw.text((left, base_y + 20), "weighted net score (likes - dislikes)", fill="black", font=font)
     draw.text((width - 200, 10), f"kept (green) / dropped (grey), max {tallest}",
               fill="black", font=font)
     canvas.save(path)
@@ -430,14 +493,19 @@ def curate(store: Store, out: Path, settings: CurationSettings) -> CurationRepor
     check_output_folder(out, error=CurationError)
     report = CurationReport(format=settings.format, settings=settings.to_dict(),
                             database=str(store.db_path))
-    images = store.rated_images(
-        adapter=settings.adapter, adapter_version=settings.adapter_version,
-        since=settings.since, until=settings.until,
-        include_self_votes=settings.include_self_votes,
-    )
+    selection: dict[str, Any] = {
+        "adapter": settings.adapter, "adapter_version": settings.adapter_version,
+        "since": settings.since, "until": settings.until, "include_self_votes": settings.include_self_votes,
+    }
+    images = store.rated_images(**selection)
+    votes = store.rated_votes(**selection)
+    model = estimate(votes, settings.rater_settings())
+    report.raters = rater_rows(model, store.user_names(model.raters))
     report.considered = len(images)
-    candidates = [CurationCandidate(image, wilson_lower_bound(image.likes, image.raters, settings.wilson_z))
-                  for image in images]
+    by_image: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for image_id, user_id, value in votes:
+        by_image[image_id].append((user_id, value))
+    candidates = [CurationCandidate.of(image, by_image[image.id], model, settings.wilson_z) for image in images]
     candidates = [c for c in candidates if _passes_rating_filters(c, settings, report)]
 
     intact = _check_files(candidates, store, report)
@@ -462,14 +530,22 @@ def curate(store: Store, out: Path, settings: CurationSettings) -> CurationRepor
     return report
 
 
+def rater_rows(model: RaterModel, names: dict[int, str]) -> list[dict[str, Any]]:
+    """Every rater of the model, heaviest first, with the name the bot stored (None: unknown)."""
+    rows = [{"name": names.get(r.user_id), **r.to_dict()} for r in model.raters.values()]
+    return sorted(rows, key=lambda row: (-row["weight"], -row["votes"], row["user_id"]))
+
+
 def _write_dataset(store: Store, folder: Path, survivors: list[CurationCandidate],
                    pairs: list[tuple[CurationCandidate, CurationCandidate]], settings: CurationSettings,
                    report: CurationReport) -> None:
     for candidate in sorted(survivors, key=lambda c: c.image.id):
         image = candidate.image
         kept = {"image_id": image.id, "sha256": image.sha256, "prompt": image.prompt,
-                "score": image.score, "likes": image.likes, "dislikes": image.dislikes,
-                "wilson": round(candidate.wilson, 4)}
+                "score": round(candidate.score, 4), "likes": image.likes, "dislikes": image.dislikes,
+                "weighted_likes": round(candidate.likes, 4), "weighted_dislikes": round(candidate.dislikes, 4),
+                "wilson": round(candidate.wilson, 4), "posterior": round(candidate.posterior, 4),
+                "why": candidate.why}
         if settings.format != "dpo":  # dpo keeps the images inside its Parquet file
             _place_image(store.image_path(image), folder / file_name(image), settings.link_images)
             kept["file_name"] = file_name(image)
@@ -478,35 +554,39 @@ def _write_dataset(store: Store, folder: Path, survivors: list[CurationCandidate
         report.kept.append(kept)
 
     if settings.format == "dpo":
-        report.dataset_hash = record_dataset_hash(folder, write_parquet(folder, DPO, _pair_rows(store, pairs)))
+        weights = loss_weights([abs(first.posterior - second.posterior) for first, second in pairs])
+        report.dataset_hash = record_dataset_hash(folder, write_parquet(folder, DPO, _pair_rows(store, pairs, weights)))
     else:
         rows = []
-        for candidate in sorted(survivors, key=lambda c: file_name(c.image)):
+        ordered = sorted(survivors, key=lambda c: file_name(c.image))
+        weights = loss_weights([c.posterior if c.label is not False else 1 - c.posterior for c in ordered])
+        for candidate, weight in zip(ordered, weights, strict=True):
             name, prompt = file_name(candidate.image), candidate.image.prompt
-            rows.append(KTO.row(file_name=name, text=prompt, label=candidate.label) if settings.format == "kto"
-                        else SFT.row(file_name=name, text=prompt))
+            rows.append(KTO.row(file_name=name, text=prompt, label=candidate.label, weight=weight)
+                        if settings.format == "kto" else SFT.row(file_name=name, text=prompt, weight=weight))
         metadata = write_metadata(folder, rows)
         # Every file was checked against its sha256 above, so the hash needs no second read.
         report.dataset_hash = record_dataset_hash(
             folder, content_hash(metadata, {file_name(c.image): c.image.sha256 for c in survivors}))
     draw_histogram(
         folder / HISTOGRAM_FILE,
-        [row["score"] for row in report.kept],
-        [row["score"] for row in report.dropped],
+        [round(row["score"]) for row in report.kept],
+        [round(row["score"]) for row in report.dropped],
         f"{settings.format}: {len(report.kept)} kept, {len(report.dropped)} dropped",
     )
     (folder / REPORT_FILE).write_text(_report_json(report.to_dict()), encoding="utf-8")
 
 
-def _pair_rows(store: Store, pairs: list[tuple[CurationCandidate, CurationCandidate]]) -> Iterator[dict[str, Any]]:
-    """dpo rows with the images' bytes, read as they are written. A prompt's pairs come together
-    (`_pairs` groups them), so the last few files read cover every repeat."""
+def _pair_rows(store: Store, pairs: list[tuple[CurationCandidate, CurationCandidate]],
+               weights: list[float]) -> Iterator[dict[str, Any]]:
+    """dpo rows with the images' bytes, read as they are written, and each pair's loss weight. A
+    prompt's pairs come together (`_pairs` groups them), so the last few files read cover every repeat."""
     read = functools.lru_cache(maxsize=64)(lambda image_id, path: path.read_bytes())
-    for first, second in pairs:
+    for (first, second), weight in zip(pairs, weights, strict=True):
         yield DPO.row(caption=first.image.prompt,
                       jpg_0=read(first.image.id, store.image_path(first.image)),
                       jpg_1=read(second.image.id, store.image_path(second.image)),
-                      label_0=1.0 if first.image.score > second.image.score else 0.0)
+                      label_0=1.0 if first.score > second.score else 0.0, weight=weight)
 
 
 def _report_json(data: dict[str, Any]) -> str:

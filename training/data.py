@@ -49,6 +49,8 @@ class Example:
     rejected: Path | None = None
     # kto: whether people liked it.
     desirable: bool = True
+    # Per-example loss weight (the dataset's "weight" column; curation's confidence in the label).
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,8 @@ def _read_pairs(root: Path, image_cache: Path) -> tuple[list[Example], int, str]
             ties += 1
             continue
         preferred, rejected = (first, second) if label > 0.5 else (second, first)
-        examples.append(Example(caption=values["caption"], image=preferred, rejected=rejected))
+        examples.append(Example(caption=values["caption"], image=preferred, rejected=rejected,
+                                weight=float(values.get("weight", 1.0))))
     return examples, ties, digest.hexdigest()
 
 
@@ -140,7 +143,8 @@ def load_dataset(root: str | Path, objective: str, image_cache: Path = DEFAULT_I
             dataset_format.check(row)
             values = row.values
             image = _check_image(root, values["file_name"], row.where)
-            examples.append(Example(caption=str(values["text"]), image=image, desirable=values.get("label", True)))
+            examples.append(Example(caption=str(values["text"]), image=image, desirable=values.get("label", True),
+                                    weight=float(values.get("weight", 1.0))))
         content_hash = dataset_hash(root)  # reads every image the rows name, as import and curation hashed them
     if not examples:
         if objective == "dpo":

@@ -11,6 +11,8 @@ through here, so the folder below means the same thing to all of them:
     OUT/data/train-00000-of-00001.parquet
                                  dpo: Pick-a-Pic's columns, the images inside as bytes:
                                    caption (string), jpg_0, jpg_1 (binary), label_0 (1.0 | 0.0 | 0.5)
+    every format's rows may also hold "weight", a per-example loss weight (curation writes it;
+    without it an example weighs 1)
     OUT/dataset_hash             sha256 over metadata.jsonl, then each image it names (name, NUL,
                                  sha256) in name order; for Parquet, over each row with its images
                                  by sha256: what a trained adapter records it learned from
@@ -86,12 +88,16 @@ class DatasetFormat:
     value_checks: tuple[ValueCheck, ...] = ()
     image_bytes_columns: tuple[str, ...] = ()  # hold an image file's bytes (Parquet only)
     storage: Literal["jsonl", "parquet"] = "jsonl"
+    # Columns a row may have (written after the others, checked when present): every format's
+    # per-example loss `weight` (curation writes it; a row without one weighs 1).
+    optional_columns: tuple[str, ...] = ("weight",)
 
     def row(self, **values: Any) -> dict[str, Any]:
         """A row to write, its columns in this format's order."""
-        if set(values) != set(self.columns):
-            raise ValueError(f"a {self.name} row has the columns {', '.join(self.columns)}, not {', '.join(values)}")
-        return {column: values[column] for column in self.columns}
+        if not set(self.columns) <= set(values) <= set(self.columns) | set(self.optional_columns):
+            raise ValueError(f"a {self.name} row has the columns {', '.join(self.columns)}"
+                             f" (and optionally {', '.join(self.optional_columns)}), not {', '.join(values)}")
+        return {column: values[column] for column in (*self.columns, *self.optional_columns) if column in values}
 
     def check(self, row: MetadataRow) -> None:
         """Raise DatasetError, naming the line, if `row` lacks a column or holds a wrong value."""
@@ -99,16 +105,25 @@ class DatasetFormat:
         if missing:
             raise DatasetError(f"{row.where}: missing column(s) {', '.join(missing)} "
                                f"(a {self.name} dataset needs {', '.join(self.columns)})")
-        for check in self.value_checks:
+        for check in (*self.value_checks, WEIGHT_CHECK):
+            if check.column not in row.values and check.column in self.optional_columns:
+                continue
             value = row.values[check.column]
             if not check.test(value):
                 raise DatasetError(f"{row.where}: {check.column} must be {check.expected}, got {value!r}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _is_probability(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+    return _is_number(value) and 0 <= value <= 1
 
 
+# A per-example loss weight: finite and not negative (0 leaves an example out of the loss).
+WEIGHT_CHECK = ValueCheck(
+    "weight", lambda value: _is_number(value) and 0 <= value < float("inf"), "a number of 0 or more")
 SFT = DatasetFormat("sft", columns=("file_name", "text"), image_columns=("file_name",))
 KTO = DatasetFormat(
     "kto", columns=("file_name", "text", "label"), image_columns=("file_name",),
@@ -211,9 +226,10 @@ def write_parquet(folder: Path, dataset_format: DatasetFormat, rows: Iterable[di
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    types = {"caption": pa.string(), "label_0": pa.float64(),
+    types = {"caption": pa.string(), "label_0": pa.float64(), "weight": pa.float64(),
              **{column: pa.binary() for column in dataset_format.image_bytes_columns}}
-    schema = pa.schema([(column, types[column]) for column in dataset_format.columns])
+    schema = pa.schema([(column, types[column])
+                        for column in (*dataset_format.columns, *dataset_format.optional_columns)])
     path = folder / PARQUET_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = RowsDigest(dataset_format)
@@ -248,9 +264,13 @@ def read_parquet(folder: Path, dataset_format: DatasetFormat) -> Iterator[Metada
         if missing:
             raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} "
                                f"(a {dataset_format.name} dataset needs {', '.join(dataset_format.columns)})")
+        optional = [c for c in dataset_format.optional_columns if c in shard.schema_arrow.names]
         number = 0
-        for batch in shard.iter_batches(batch_size=PARQUET_ROWS_PER_GROUP, columns=list(dataset_format.columns)):
+        for batch in shard.iter_batches(batch_size=PARQUET_ROWS_PER_GROUP,
+                                        columns=[*dataset_format.columns, *optional]):
             for values in batch.to_pylist():
+                # An optional column is one Parquet column for all rows: null where a row has no value.
+                values = {k: v for k, v in values.items() if v is not None or k not in optional}
                 row = MetadataRow(f"{path}: row {number}", values)
                 dataset_format.check(row)
                 number += 1
@@ -270,6 +290,7 @@ class RowsDigest:
         known = image_sha256 or {}
         line = {column: known.get(column) or hashlib.sha256(values[column]).hexdigest()
                 if column in self.format.image_bytes_columns else values[column] for column in self.format.columns}
+        line.update({column: values[column] for column in self.format.optional_columns if column in values})
         self._digest.update(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
 
     def hexdigest(self) -> str:

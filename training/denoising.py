@@ -91,21 +91,23 @@ def micro_batch_loss(st: Models, s: TrainingConfig, examples: list[Example], gen
     with st.accelerator.autocast():
         prediction = st.unet(noisy, timesteps, embeddings).sample
     error = objectives.denoising_error(prediction, target)
+    example_weights = torch.tensor([e.weight for e in examples], device=device)  # (B,) the dataset's weights
     if s.objective == "sft":
-        weights = None
+        weights = example_weights
         if s.snr_gamma:
             snr = compute_snr(st.noise_scheduler, timesteps)
-            weights = objectives.min_snr_weights(snr, s.snr_gamma, v_prediction)
+            weights = weights * objectives.min_snr_weights(snr, s.snr_gamma, v_prediction)
         loss, metrics = objectives.sft(error, weights)
         return loss, metrics, kl_estimate
 
     with torch.no_grad(), adapter_disabled(st.accelerator.unwrap_model(st.unet)), st.accelerator.autocast():
         reference = objectives.denoising_error(st.unet(noisy, timesteps, embeddings).sample, target)
     if s.objective == "dpo":
-        loss, metrics = objectives.dpo(error[:count], error[count:], reference[:count], reference[count:], s.dpo_beta)
+        loss, metrics = objectives.dpo(error[:count], error[count:], reference[:count], reference[count:], s.dpo_beta,
+                                       example_weights)
         return loss, metrics, kl_estimate
     desirable = torch.tensor([e.desirable for e in examples], device=device)
-    loss, metrics, new_kl = objectives.kto(error, reference, desirable, s.kto_beta, kl_estimate)
+    loss, metrics, new_kl = objectives.kto(error, reference, desirable, s.kto_beta, kl_estimate, example_weights)
     return loss, metrics, (new_kl if training else kl_estimate)
 
 

@@ -7,6 +7,8 @@ versions of DPO (Wallace et al. 2023) and KTO (Li et al. 2024) turn preference l
 log-probabilities into losses on errors.
 
 Each returns (loss, metrics): metrics are plain floats for the progress bar and the report.
+Each takes optional per-example loss weights, (B,) (the dataset's "weight" column: curation's
+confidence in the example's label); the loss is the weighted mean, the metrics stay unweighted.
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torc
 
 def sft(model_error: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Plain denoising loss on the dataset's images, optionally Min-SNR weighted."""
-    loss = (model_error * weights).mean() if weights is not None else model_error.mean()
-    return loss, {}
+    return _weighted_mean(model_error, weights), {}
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return (values * weights).mean() if weights is not None else values.mean()
 
 
 def dpo(model_preferred: torch.Tensor, model_rejected: torch.Tensor, reference_preferred: torch.Tensor,
-        reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+        reference_rejected: torch.Tensor, beta: float,
+        weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Diffusion-DPO: lower the preferred image's error more than the rejected one's, relative to the reference.
 
     Both images of a pair share noise and timestep, so their errors are comparable. Ties are
@@ -44,7 +50,7 @@ def dpo(model_preferred: torch.Tensor, model_rejected: torch.Tensor, reference_p
     model_margin = model_preferred - model_rejected
     reference_margin = reference_preferred - reference_rejected
     inside = -0.5 * beta * (model_margin - reference_margin)
-    loss = -F.logsigmoid(inside).mean()
+    loss = _weighted_mean(-F.logsigmoid(inside), weights)
     accuracy = ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()
     return loss, {
         "implicit_acc": accuracy.item(),
@@ -54,7 +60,7 @@ def dpo(model_preferred: torch.Tensor, model_rejected: torch.Tensor, reference_p
 
 
 def kto(model_error: torch.Tensor, reference_error: torch.Tensor, desirable: torch.Tensor, beta: float,
-        kl_estimate: float) -> tuple[torch.Tensor, dict[str, float], float]:
+        kl_estimate: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float], float]:
     """Diffusion-KTO: raise the implicit reward of liked images above a reference point, lower disliked ones.
 
     The implicit reward is beta x (reference error - model error). The reference point is an
@@ -66,7 +72,7 @@ def kto(model_error: torch.Tensor, reference_error: torch.Tensor, desirable: tor
     new_kl = 0.9 * kl_estimate + 0.1 * max(reward.detach().mean().item(), 0.0)
     desirable = desirable.to(reward.dtype)
     value = desirable * torch.sigmoid(reward - new_kl) + (1 - desirable) * torch.sigmoid(new_kl - reward)
-    loss = (1 - value).mean()
+    loss = _weighted_mean(1 - value, weights)
     correct = torch.where(desirable > 0, reward > 0, reward < 0).float() + 0.5 * (reward == 0).float()
     metrics = {
         "implicit_acc": correct.mean().item(),

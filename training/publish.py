@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,9 +108,14 @@ def _run_record(adapter: Path) -> tuple[dict[str, Any], str, str, dict[str, Any]
     return config, str(provenance.get("dataset", "")), provenance["dataset_hash"], metrics
 
 
-def publish(run: Path, name: str, adapters_dir: Path, store: Store, a1111_dir: Path | None = None) -> Published:
+def publish(run: Path, name: str, adapters_dir: Path, store: Store, a1111_dir: Path | None = None,
+            experiment: Mapping[str, Any] | None = None) -> Published:
     """Copy a run's adapter in as NAME's next version and record it, and its kohya copy into
-    `a1111_dir` when given; raises PublishError."""
+    `a1111_dir` when given; raises PublishError.
+
+    With `experiment` (see `Store.record_adapter`) the version is a candidate on trial, not the
+    new default: the loop (training/loop.py) publishes this way, and the A1111 folder gets only
+    NAME@N, not the NAME that means the default."""
     if not ADAPTER_NAME_RE.match(name):
         raise PublishError(f"adapter name {name!r} is not valid: use letters, digits, '-', '_' or '.', "
                            "starting with a letter or digit, at most 64 characters")
@@ -151,7 +157,8 @@ def publish(run: Path, name: str, adapters_dir: Path, store: Store, a1111_dir: P
             except FileExistsError:
                 continue
             try:
-                store.record_adapter(name=name, version=version, file_sha256=sha256, training_run_id=run_id)
+                store.record_adapter(name=name, version=version, file_sha256=sha256, training_run_id=run_id,
+                                     experiment=experiment)
             except StoreError as exc:
                 final.unlink()
                 raise PublishError(
@@ -163,8 +170,8 @@ def publish(run: Path, name: str, adapters_dir: Path, store: Store, a1111_dir: P
     a1111_files: tuple[Path, ...] = ()
     kohya = kohya_copy_of(adapter)
     if a1111_dir is not None and kohya.is_file():
-        a1111_files = tuple(write_a1111_copy(kohya, a1111_dir / f"{label}.safetensors", label)
-                            for label in (f"{name}@{version}", name))
+        labels = (f"{name}@{version}",) if experiment else (f"{name}@{version}", name)
+        a1111_files = tuple(write_a1111_copy(kohya, a1111_dir / f"{label}.safetensors", label) for label in labels)
     return Published(name=name, version=version, path=final, sha256=sha256, training_run_id=run_id,
                      base_model=str(config.get("base_model") or ""), a1111_files=a1111_files)
 
