@@ -14,7 +14,7 @@ from test_train import write_dataset  # pytest puts tests/ on sys.path (no packa
 from loraloop.cli import cli
 from loraloop.config import TrainingConfig
 from loraloop.store import Store
-from training.publish import PublishError, publish, tell_service
+from training.publish import PublishError, publish, refresh_a1111_alias, tell_service
 from training.train import Job, train, validate
 
 
@@ -124,6 +124,38 @@ def test_published_versions_are_laid_out_for_a1111_named_as_the_service_names_th
         assert metadata["sshs_model_hash"] == after_header
         tensors = load_file(file)
         assert tensors.keys() == kohya.keys() and all(torch.equal(tensors[k], kohya[k]) for k in kohya)
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    left, right = load_file(a), load_file(b)
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_a1111s_plain_name_follows_the_default_version_once_a_candidate_is_promoted(tmp_path, trained_run, data_dir):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    first, second = copy_run(trained_run, tmp_path / "first"), copy_run(trained_run, tmp_path / "second")
+    kohya = second / "adapter.kohya.safetensors"
+    with safe_open(str(kohya), framework="pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != "sshs_model_hash"}
+    save_file({k: v * 2 for k, v in load_file(kohya).items()}, kohya, metadata=metadata)  # another adapter
+    folder = data_dir / "adapters-a1111"
+    alias = folder / "disc.safetensors"
+    with Store(data_dir / "loraloop.db", data_dir) as store:
+        publish(first, "disc", data_dir / "adapters", store, folder)
+        publish(second, "disc", data_dir / "adapters", store, folder, experiment={"control_version": 1, "share": 0.5})
+        assert refresh_a1111_alias(store, "disc", folder) is None  # v1 is still what people get
+        assert same_tensors(alias, folder / "disc@1.safetensors")
+        (experiment,) = store.experiments(status="running")
+        store.decide_experiment(experiment.id, decision="promote", reason="better", decided_by="admin", figures={})
+        assert refresh_a1111_alias(store, "disc", folder) == alias
+        assert refresh_a1111_alias(store, "disc", folder) is None  # already right: not rewritten each pass
+    assert same_tensors(alias, folder / "disc@2.safetensors")
+    with safe_open(str(alias), framework="pt") as handle:
+        assert handle.metadata()["ss_output_name"] == "disc"
 
 
 def test_a_checkpoint_can_be_published_with_the_provenance_in_its_adapter(tmp_path, trained_run, data_dir):

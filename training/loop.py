@@ -36,6 +36,7 @@ from loraloop.config import Config
 from loraloop.experiments import GateSettings, Verdict, experiment_verdict
 from loraloop.raters import RaterModel, RaterSettings, estimate
 from loraloop.store import Experiment, Store
+from training.publish import refresh_a1111_alias
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class LoopRunner:
             store.save_rater_weights((r.user_id, r.weight, r.votes, r.agreement) for r in model.raters.values())
             done = Pass(decisions=self._decide(store, model), rounds=[], raters=len(model.raters))
             for name in self.settings.adapters or store.adapter_names():
+                refresh_a1111_alias(store, name, self.config.a1111_adapters_dir)
                 if store.running_experiment(name) is None:
                     result = self._maybe_round(store, model, name)
                     if result is not None:

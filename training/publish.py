@@ -15,7 +15,8 @@ the service names the version, so a prompt from one of our PNGs works there as i
 
     ADAPTERS_DIR/fox/v2.safetensors          the service's (diffusers format)
     ADAPTERS_DIR-a1111/fox@2.safetensors     <lora:fox@2:0.8> in A1111, Forge, ComfyUI
-    ADAPTERS_DIR-a1111/fox.safetensors       <lora:fox:0.8>: the newest version, replaced at each publish
+    ADAPTERS_DIR-a1111/fox.safetensors       <lora:fox:0.8>: the default version, replaced at each publish
+                                             and, under `loraloop loop`, when a candidate is promoted
 
 Each file's `ss_output_name` is its own stem (A1111 lists a LoRA under it, and two files with one
 alias would make `fox` ambiguous); only the header differs from the run's copy, so the
@@ -36,6 +37,7 @@ from typing import Any
 from generation.adapters import VERSION_FILE_RE, AdapterDirectory
 from generation.client import UNAVAILABLE, ServiceClient, ServiceError
 from generation.contract import ADAPTER_NAME_RE
+from loraloop.hashes import lora_hash
 from loraloop.store import AdapterVersion, Store, StoreError
 from training.adapter_files import ADAPTER_FILE, kohya_copy_of, read_provenance, write_a1111_copy
 
@@ -174,6 +176,25 @@ def publish(run: Path, name: str, adapters_dir: Path, store: Store, a1111_dir: P
         a1111_files = tuple(write_a1111_copy(kohya, a1111_dir / f"{label}.safetensors", label) for label in labels)
     return Published(name=name, version=version, path=final, sha256=sha256, training_run_id=run_id,
                      base_model=str(config.get("base_model") or ""), a1111_files=a1111_files)
+
+
+def refresh_a1111_alias(store: Store, name: str, a1111_dir: Path) -> Path | None:
+    """Make A1111's NAME the copy of NAME's default version, when it is not already.
+
+    A candidate is published as NAME@N only; once the gate (or `/admin promote`) makes it the
+    default, `<lora:NAME:...>` should mean it there too. Returns the alias written, or None when
+    it was already right or NAME@N has no A1111 copy (published without one)."""
+    version = store.default_version(name)
+    source = a1111_dir / f"{name}@{version}.safetensors"
+    if version is None or not source.is_file():
+        return None
+    alias = a1111_dir / f"{name}.safetensors"
+    if alias.is_file():
+        with alias.open("rb") as current, source.open("rb") as wanted:
+            if lora_hash(current) == lora_hash(wanted):
+                return None
+    log.info("A1111 folder: %s now means %s@%d", name, name, version)
+    return write_a1111_copy(source, alias, name)
 
 
 async def tell_service(base_url: str, token: str | None, published: Published) -> str:
