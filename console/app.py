@@ -49,6 +49,7 @@ FLAG_KIND = "nsfw"  # what the bot's 🚩 records
 MAX_INIT_IMAGE_BYTES = 8 * 1024 * 1024
 
 CONSOLE_KEY: web.AppKey[Console] = web.AppKey("console")
+SESSION_KEY = web.RequestKey("session", Session)
 routes = web.RouteTableDef()
 
 
@@ -115,7 +116,7 @@ def _console(request: web.Request) -> Console:
 
 
 def _session(request: web.Request) -> Session:
-    return request["session"]
+    return request[SESSION_KEY]
 
 
 def _is_json(request: web.Request) -> bool:
@@ -145,7 +146,7 @@ async def sessions_and_guards(request: web.Request,
     fresh = session is None
     if session is None:
         session = console.sessions.new()
-    request["session"] = session
+    request[SESSION_KEY] = session
     try:
         if request.method == "POST":
             submitted = request.headers.get(auth.CSRF_HEADER)
@@ -171,8 +172,8 @@ def _finish(request: web.Request, response: web.StreamResponse, session: Session
     """The cookie when the session is new or changed (login), and the security headers."""
     if response.prepared:
         return  # a stream (server-sent events) has sent its headers already
-    if request.get("session") is not session or fresh:
-        auth.set_cookie(response, request["session"], secure=request.secure)
+    if request.get(SESSION_KEY) is not session or fresh:
+        auth.set_cookie(response, request[SESSION_KEY], secure=request.secure)
     response.headers.setdefault("Content-Security-Policy", CSP)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "same-origin")
@@ -225,7 +226,7 @@ async def _log_in(request: web.Request, *, name: str, admin: bool, target: str) 
     session.name = name
     session.user_id = await console.store.web_user(name)
     session.admin = session.admin or admin
-    request["session"] = session
+    request[SESSION_KEY] = session
     log.info("console: %s logged in%s", session.identity, " as admin" if session.admin else "")
     # The token leaves the address bar (and the history) at once, as Jupyter's does.
     raise web.HTTPSeeOther(target)
@@ -260,7 +261,7 @@ def _render_login(request: web.Request, target: str, error: str, status: int = 4
 async def logout(request: web.Request) -> web.StreamResponse:
     console = _console(request)
     console.sessions.end(_session(request))
-    request["session"] = console.sessions.new()
+    request[SESSION_KEY] = console.sessions.new()
     raise web.HTTPSeeOther("/")
 
 
