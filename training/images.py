@@ -15,6 +15,7 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -59,7 +60,9 @@ def new_figure(size: tuple[int, int] = (640, 400)) -> Figure:
 def figure_bytes(figure: Figure, fmt: str) -> bytes:
     """The figure as "png" or "svg" bytes."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+    # SVG text as text, not glyph outlines: a screen reader and a search can read the labels.
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        figure.savefig(buffer, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
     return buffer.getvalue()
 
 
