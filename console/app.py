@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -36,7 +37,7 @@ from console.auth import RateLimiter, Session, Sessions
 from console.follow import Followers
 from console.jobs import KINDS, AdminJobs, JobError
 from generation.client import ServiceClient, ServiceError
-from generation.contract import ASPECTS, SCHEDULERS, AdapterInfo, InvalidRequest, JobRequest, size_for
+from generation.contract import ASPECTS, SCHEDULERS, AdapterInfo, AdapterRef, InvalidRequest, JobRequest, size_for
 from loraloop import experiments
 from loraloop.bans import BANS_FILE, Bans
 from loraloop.config import Config, Secrets, is_loopback
@@ -216,11 +217,12 @@ async def login_page(request: web.Request) -> dict[str, Any]:
     if token is not None:
         if not console.logins.allow(request.remote or "?") or not console.sessions.is_admin_token(token):
             raise web.HTTPForbidden(text="That login link is not valid (any more): use the one printed at start.")
-        await _log_in(request, name=_session(request).name or "admin", admin=True, target=target)
+        raise await _log_in(request, name=_session(request).name or "admin", admin=True, target=target)
     return {"next": _local_path(request.query.get("next")), "error": None}
 
 
-async def _log_in(request: web.Request, *, name: str, admin: bool, target: str) -> None:
+async def _log_in(request: web.Request, *, name: str, admin: bool, target: str) -> web.HTTPSeeOther:
+    """Give the session an identity (and admin rights): a fresh session id, and the redirect to raise."""
     console = _console(request)
     session = console.sessions.renew(_session(request))
     session.name = name
@@ -229,7 +231,7 @@ async def _log_in(request: web.Request, *, name: str, admin: bool, target: str) 
     request[SESSION_KEY] = session
     log.info("console: %s logged in%s", session.identity, " as admin" if session.admin else "")
     # The token leaves the address bar (and the history) at once, as Jupyter's does.
-    raise web.HTTPSeeOther(target)
+    return web.HTTPSeeOther(target)
 
 
 @routes.post("/login")
@@ -241,12 +243,12 @@ async def login(request: web.Request) -> web.StreamResponse:
     if token:
         if not console.logins.allow(request.remote or "?") or not console.sessions.is_admin_token(token):
             return _render_login(request, target, "That is not the admin token.", status=403)
-        await _log_in(request, name=_session(request).name or "admin", admin=True, target=_local_path(target, "/admin"))
+        raise await _log_in(request, name=_session(request).name or "admin", admin=True,
+                            target=_local_path(target, "/admin"))
     name = str(form.get("name", "")).strip().lower()
     if not auth.NAME_RE.fullmatch(name):
         return _render_login(request, target, "Pick a name of letters, digits, '.', '_' or '-' (at most 32).")
-    await _log_in(request, name=name, admin=False, target=target)
-    raise AssertionError("unreachable: _log_in redirects")
+    raise await _log_in(request, name=name, admin=False, target=target)
 
 
 def _render_login(request: web.Request, target: str, error: str, status: int = 400) -> web.Response:
@@ -349,9 +351,8 @@ async def _request_from_form(console: Console, form: Any, identity: str) -> tupl
         serving = await console.store.call(experiments.serving, first.name)
         version, arm = experiments.choose_arm(serving, random.random())
         if version is not None:
-            pinned = type(first).from_dict({"name": f"{first.name}@{version}", "weight": first.weight})
-            request = JobRequest.from_dict({**request.to_dict(), "adapters": [
-                pinned.to_dict(), *(a.to_dict() for a in request.adapters[1:])]})
+            pinned = AdapterRef(f"{first.name}@{version}", first.weight)
+            request = dataclasses.replace(request, adapters=(pinned, *request.adapters[1:]))
             experiment_id = serving.experiment_id if arm else None
     return request, arm, experiment_id
 
@@ -408,13 +409,18 @@ async def _generation_for(request: web.Request) -> tuple[Any, list[ListedImage]]
     return generation, images
 
 
+def _followable(generation: Any) -> bool:
+    """A job this console follows: unfinished, and asked for here (the bot follows its own)."""
+    web_requested = generation.requester_id is not None and generation.requester_id < 0
+    return web_requested and generation.status in ("queued", "running")
+
+
 @routes.get("/jobs/{job_id}")
 @page("job.html")
 async def job_page(request: web.Request) -> dict[str, Any]:
     generation, images = await _generation_for(request)
     votes = await _my_votes(request, images)
-    return {"generation": generation, "images": images, "votes": votes,
-            "live": generation.status in ("queued", "running")}
+    return {"generation": generation, "images": images, "votes": votes, "live": _followable(generation)}
 
 
 @routes.get("/jobs/{job_id}/events")
@@ -424,10 +430,13 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     job_id = request.match_info["job_id"]
     if job_id not in console.followers.jobs:
         generation, images = await _generation_for(request)
-        events = _single({"state": generation.status, "final": True, "error": generation.error,
-                          "images": [{"id": i.id} for i in images]})
-    else:
-        events = console.followers.listen(job_id)
+        if not _followable(generation):
+            final = {"state": generation.status, "final": True, "error": generation.error,
+                     "images": [{"id": i.id} for i in images]}
+            return await _stream(request, _single(final))
+        # Asked for before this console (re)started: follow it again; a job the service forgot fails here.
+        console.followers.start(job_id, generation.id, blind=generation.arm is not None)
+    events = console.followers.listen(job_id)
     return await _stream(request, events)
 
 
@@ -791,7 +800,9 @@ class RunningConsole:
         return f"{self.url}/login?" + urlencode({"token": self.console.admin_token})
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        """Stop serving (idempotent): the console's event streams end, its follow tasks are cancelled."""
+        if self.runner.server is not None:
+            await self.runner.cleanup()
 
 
 async def start_console(config: Config, secrets: Secrets, service_url: str, host: str | None = None,

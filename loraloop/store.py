@@ -1148,14 +1148,16 @@ class Store:
         return _listed_image(rows[0])
 
     def unrated_images(self, user_id: int, *, limit: int = 1, skip: Iterable[int] = ()) -> list[ListedImage]:
-        """Images this user has neither voted on nor flagged, nor asked for, nor deleted: what
-        rate-a-batch shows next (newest first; `skip`: ids passed over in this session)."""
+        """Images this user has neither voted on nor flagged nor asked for, not deleted and not
+        flagged unsafe by anyone: what rate-a-batch shows next (newest first; `skip`: ids passed
+        over in this session)."""
         skipped = json.dumps(sorted(set(skip)))
         rows = self._rows(
             _LISTED_IMAGES + """
             WHERE i.deleted_at IS NULL AND g.requester_id IS NOT :user
               AND NOT EXISTS (SELECT 1 FROM ratings r WHERE r.image_id = i.id AND r.user_id = :user)
-              AND NOT EXISTS (SELECT 1 FROM flags f WHERE f.image_id = i.id AND f.user_id = :user)
+              AND NOT EXISTS (SELECT 1 FROM flags f WHERE f.image_id = i.id
+                              AND (f.user_id = :user OR f.kind = 'nsfw'))
               AND i.id NOT IN (SELECT value FROM json_each(:skip))
             ORDER BY i.id DESC LIMIT :limit
             """,

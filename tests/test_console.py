@@ -205,3 +205,27 @@ def test_the_votes_behind_a_like_rate_are_those_adapter_stats_counts(store):
     assert len(behind) == stats[("fox", 1)].votes == 2
     assert sorted((v.name, v.value) for v in behind) == [("web:bob", 1), ("web:carol", -1)]
     assert [v.image_id for v in store.adapter_votes(None, None)] == [base] and stats[(None, None)].votes == 1
+
+
+async def test_a_job_asked_for_before_the_console_restarted_still_reaches_the_store(running, browser, make_service):
+    console, config = running
+    csrf = await log_in(browser, console.url, "alice")
+    service_url = console.console.client.base_url
+    async with aiohttp.ClientSession() as raw:
+        await raw.post(f"{service_url}/v1/queue/pause", headers={"Authorization": f"Bearer {SERVICE_TOKEN}"})
+    submitted = await browser.post(f"{console.url}/generate", data={"csrf": csrf, "prompt": "a fox"},
+                                   allow_redirects=False)
+    job_path = submitted.headers["Location"]
+    await console.stop()
+    again = await start_console(config, Secrets(None, SERVICE_TOKEN, console_token=ADMIN_TOKEN), service_url, port=0)
+    try:
+        async with aiohttp.ClientSession() as raw:
+            await raw.post(f"{service_url}/v1/queue/resume", headers={"Authorization": f"Bearer {SERVICE_TOKEN}"})
+            events = await raw.get(f"{again.url}{job_path}/events")
+            last = [line for line in (await events.text()).splitlines() if line.startswith("data:")][-1]
+        assert '"final": true' in last and '"state": "done"' in last
+        with Store.from_config(config) as store:
+            generation = store.generation_for_job(job_path.rsplit("/", 1)[1])
+            assert generation.status == "done" and len(store.images_for_generation(generation.id)) == 1
+    finally:
+        await again.stop()
