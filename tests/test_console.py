@@ -9,6 +9,7 @@ drives a real one).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 
 import aiohttp
@@ -229,3 +230,30 @@ async def test_a_job_asked_for_before_the_console_restarted_still_reaches_the_st
             assert generation.status == "done" and len(store.images_for_generation(generation.id)) == 1
     finally:
         await again.stop()
+
+
+async def test_a_jobs_page_hears_its_queue_position_each_step_its_previews_and_then_its_stored_images(
+        make_service, tiny_model_dir, browser):
+    service = await make_service(preview_every=1, default_steps=3)
+    config = Config().replace("service", model=str(tiny_model_dir))
+    console = await start_console(config, Secrets(None, None), service.url, port=0)
+    try:
+        csrf = await log_in(browser, console.url, "alice")
+        async with aiohttp.ClientSession() as raw:
+            await raw.post(f"{service.url}/v1/queue/pause")
+            submitted = await browser.post(f"{console.url}/generate", data={"csrf": csrf, "prompt": "a fox"},
+                                           allow_redirects=False)
+            events = []
+            async with raw.get(f"{console.url}{submitted.headers['Location']}/events") as stream:
+                async for line in stream.content:
+                    if line.startswith(b"data:"):
+                        events.append(json.loads(line[5:]))
+                        if len(events) == 1:
+                            await raw.post(f"{service.url}/v1/queue/resume")
+        assert events[0]["state"] == "queued" and events[0]["position"] == 0
+        steps = [e["step"] for e in events if e["state"] == "running" and e["total_steps"]]
+        assert steps == sorted(steps) and steps[-1] == 3
+        assert any(e.get("preview") for e in events)
+        assert events[-1]["final"] and [i["width"] for i in events[-1]["images"]] == [64]
+    finally:
+        await console.stop()
