@@ -42,7 +42,7 @@ def like_rate_chart(rows: Sequence[AdapterStats], fmt: str = "svg") -> bytes:
     below = [rate - low for rate, (low, _) in zip(rates, intervals, strict=True)]
     above = [high - rate for rate, (_, high) in zip(rates, intervals, strict=True)]
     axes.bar(positions, rates, color="#2e8b57", yerr=[below, above], capsize=4, ecolor="0.3")
-    axes.set_xticks(positions, [f"{label(row)}\n{row.votes} votes" for row in rated])
+    axes.set_xticks(positions, [f"{label(row)}\n{row.votes} vote{'' if row.votes == 1 else 's'}" for row in rated])
     axes.set_ylim(0, 1)
     axes.set_ylabel("like rate (95% interval)")
     axes.set_title("like rate per adapter version")

@@ -3,8 +3,10 @@ tiny model, the real console and a real SQLite store.
 
 Alice generates and watches her job wait in the queue and finish; Bob rates a batch with the
 keyboard and flags one image; the admin logs in with the printed link, finds the flag in the
-moderation queue, curates, trains a tiny adapter at the model's native size, publishes it, and
-Alice generates with it; Bob's vote on that image shows in the adapter's like rate.
+moderation queue, curates, trains a tiny adapter at the model's native size, publishes it and
+compares it with the base model; Alice generates with it, and Bob's vote on that image shows in
+the adapter's like rate beside the base model's (Bob's two likes and Alice's own dislike:
+self-votes count in the like rate, as in `/stats`, but never in curation).
 
 The screenshots it takes are the README's. Regenerate them with:
 
@@ -84,6 +86,11 @@ async def test_generate_rate_moderate_curate_train_publish_and_see_the_like_rate
                 await client.resume()
             foxes = alice.get_by_role("img", name=PROMPT, exact=True)
             await expect(foxes).to_have_count(3)
+            # Rating on the page itself (fetch with the CSRF header, no reload): Alice dislikes one of hers.
+            dislike = alice.get_by_role("button", name=f"Dislike: {PROMPT}").first
+            await dislike.click()
+            await expect(dislike).to_have_attribute("aria-pressed", "true")
+            await expect(alice.locator(".rate [data-dislikes]").first).to_have_text("1")
 
             # Bob rates a batch with the keyboard: two likes, then a flag.
             await bob.goto(f"{url}/rate")
@@ -125,6 +132,12 @@ async def test_generate_rate_moderate_curate_train_publish_and_see_the_like_rate
             await admin.get_by_role("button", name="Publish").click()
             await expect(admin.locator("#admin-job-state")).to_have_text("done", timeout=SLOW)
             await expect(admin.locator("#admin-job-message")).to_contain_text("published fox@1")
+            await admin.goto(f"{url}/admin")
+            await expect(admin.get_by_label("Columns")).to_have_value("base,fox")
+            await admin.get_by_label("Steps", exact=True).fill("2")
+            await admin.get_by_role("button", name="Compare").click()
+            await expect(admin.locator("#admin-job-state")).to_have_text("done", timeout=SLOW)
+            await expect(admin.get_by_role("img", name="Comparison grid: compare base,fox")).to_be_visible()
 
             # Alice draws with the new style (autocompleted from the service's list); Bob likes it.
             await alice.goto(f"{url}/")
@@ -143,6 +156,7 @@ async def test_generate_rate_moderate_curate_train_publish_and_see_the_like_rate
             await admin.goto(f"{url}/admin/adapters")
             row = admin.get_by_role("row").filter(has_text="fox v1")
             await expect(row).to_contain_text("100%")
+            await expect(admin.get_by_role("row").filter(has_text="base model")).to_contain_text("67%")
             await expect(admin.get_by_role("img", name="Bar chart: like rate per adapter version")).to_be_visible()
             await admin.screenshot(path=folder / "adapters.png", full_page=True)
             await row.get_by_role("link").click()
