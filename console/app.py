@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 FLAG_KIND = "nsfw"  # what the bot's 🚩 records
 MAX_INIT_IMAGE_BYTES = 8 * 1024 * 1024
+VOTES_SHOWN = 500  # the votes behind one like-rate point: the newest, not a page of 30,000 rows
 
 CONSOLE_KEY: web.AppKey[Console] = web.AppKey("console")
 SESSION_KEY = web.RequestKey("session", Session)
@@ -692,8 +693,8 @@ async def adapter_votes(request: web.Request) -> dict[str, Any]:
     adapter = request.query.get("adapter") or None
     version_text = request.query.get("version", "")
     version = int(version_text) if version_text.lstrip("-").isdigit() else None
-    votes = await _console(request).store.adapter_votes(adapter, version)
-    return {"adapter": adapter, "version": version, "votes": votes}
+    votes = await _console(request).store.adapter_votes(adapter, version, limit=VOTES_SHOWN)
+    return {"adapter": adapter, "version": version, "votes": votes, "limit": VOTES_SHOWN}
 
 
 @routes.get("/admin/runs")

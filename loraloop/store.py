@@ -1131,7 +1131,8 @@ class Store:
               AND (:include_deleted OR i.deleted_at IS NULL)
               AND (NOT :flagged OR EXISTS (SELECT 1 FROM flags f WHERE f.image_id = i.id))
               AND (:requester IS NULL OR g.requester_id = :requester)
-              AND (:min_score IS NULL OR COALESCE(t.likes, 0) - COALESCE(t.dislikes, 0) >= :min_score)
+              AND (:min_score IS NULL OR (SELECT COALESCE(SUM(r.value), 0) FROM ratings r
+                                          WHERE r.image_id = i.id) >= :min_score)
             ORDER BY i.id DESC LIMIT :limit OFFSET :offset
             """,
             {"since": None if since is None else _timestamp(since),
@@ -1165,19 +1166,23 @@ class Store:
         )
         return [_listed_image(row) for row in rows]
 
-    def adapter_votes(self, adapter: str | None, version: int | None) -> list[AdapterVote]:
-        """The votes behind one row of `adapter_stats` (adapter None: the base model), newest first."""
-        rows = self._rows(
-            """SELECT r.image_id, r.user_id, u.name, r.value, r.updated_at FROM ratings r
-               JOIN images i ON i.id = r.image_id
-               LEFT JOIN users u ON u.user_id = r.user_id
-               WHERE CASE WHEN :adapter IS NULL
-                     THEN NOT EXISTS (SELECT 1 FROM generation_adapters ga WHERE ga.generation_id = i.generation_id)
-                     ELSE EXISTS (SELECT 1 FROM generation_adapters ga WHERE ga.generation_id = i.generation_id
-                                  AND ga.name = :adapter AND ga.version IS :version) END
-               ORDER BY r.updated_at DESC, r.image_id""",
-            {"adapter": adapter, "version": version},
-        )
+    def adapter_votes(self, adapter: str | None, version: int | None, limit: int = 500) -> list[AdapterVote]:
+        """The newest `limit` votes behind one row of `adapter_stats` (adapter None: the base model)."""
+        columns = "r.image_id, r.user_id, u.name, r.value, r.updated_at"
+        if adapter is None:
+            sql = f"""SELECT {columns} FROM ratings r JOIN images i ON i.id = r.image_id
+                      LEFT JOIN users u ON u.user_id = r.user_id
+                      WHERE NOT EXISTS (SELECT 1 FROM generation_adapters ga WHERE ga.generation_id = i.generation_id)
+                      ORDER BY r.updated_at DESC, r.image_id LIMIT ?"""
+            rows = self._rows(sql, (limit,))
+        else:
+            sql = f"""SELECT {columns} FROM generation_adapters ga
+                      JOIN images i ON i.generation_id = ga.generation_id
+                      JOIN ratings r ON r.image_id = i.id
+                      LEFT JOIN users u ON u.user_id = r.user_id
+                      WHERE ga.name = ? AND {"ga.version = ?" if version is not None else "ga.version IS NULL"}
+                      ORDER BY r.updated_at DESC, r.image_id LIMIT ?"""
+            rows = self._rows(sql, (adapter, version, limit) if version is not None else (adapter, limit))
         return [AdapterVote(**dict(row)) for row in rows]
 
     def training_runs(self, limit: int = 100) -> list[TrainingRun]:
@@ -1526,13 +1531,14 @@ WEB_PREFIX = "web:"
 _LISTED_IMAGES = """
     SELECT i.id, i.generation_id, g.job_id, g.prompt, g.negative_prompt, i.seed, i.width, i.height,
            i.created_at, g.requester_id, i.deleted_at, g.arm,
-           COALESCE(t.likes, 0) AS likes, COALESCE(t.dislikes, 0) AS dislikes,
+           (SELECT COUNT(*) FROM ratings r WHERE r.image_id = i.id AND r.value = 1) AS likes,
+           (SELECT COUNT(*) FROM ratings r WHERE r.image_id = i.id AND r.value = -1) AS dislikes,
            (SELECT group_concat(DISTINCT f.kind) FROM flags f WHERE f.image_id = i.id) AS flag_kinds,
            (SELECT json_group_array(json_array(ga.name, ga.version)) FROM generation_adapters ga
             WHERE ga.generation_id = i.generation_id) AS adapters_json
-    FROM images i JOIN generations g ON g.id = i.generation_id
-    LEFT JOIN (SELECT image_id, SUM(value = 1) AS likes, SUM(value = -1) AS dislikes
-               FROM ratings GROUP BY image_id) t ON t.image_id = i.id"""
+    FROM images i JOIN generations g ON g.id = i.generation_id"""
+# Tallies are per-row subqueries on the ratings primary key (image_id first), so a page of 48
+# counts the votes of 48 images, not of every image (bench/console.py).
 
 
 def _listed_image(row: sqlite3.Row) -> ListedImage:
