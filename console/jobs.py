@@ -106,8 +106,7 @@ class AdminJobs:
         job = AdminJob(id=next(self._ids), kind=kind, title=title)
         self.jobs[job.id] = job
         self._loop = asyncio.get_running_loop()
-        future = self._loop.run_in_executor(self._pool, self._run, job, work)
-        future.add_done_callback(lambda _: None)
+        self._loop.run_in_executor(self._pool, self._run, job, work)
         log.info("admin job %d: %s queued", job.id, title)
         return job
 
@@ -279,6 +278,22 @@ class AdminJobs:
             return {"message": "; ".join(lines) or f"nothing to do ({done.raters} raters weighed)"}
 
         return work, "one loop pass"
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """The failures whose message is written for a person (what to change), shown on the job's page;
+    anything else is a bug, shown as a reference to the log."""
+    from generation.client import ServiceError
+    from generation.pipeline import ModelLoadError
+    from loraloop.store import StoreError
+    from training.checkpoint import Interrupted
+    from training.compare import CompareError
+    from training.dataset import DatasetError
+    from training.publish import PublishError
+    from training.train import TrainError
+
+    return (JobError, DatasetError, TrainError, Interrupted, CompareError, PublishError, StoreError, ServiceError,
+            ModelLoadError)
 
 
 def _number(text: str, kind: type, what: str) -> Any:

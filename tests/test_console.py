@@ -257,3 +257,18 @@ async def test_a_jobs_page_hears_its_queue_position_each_step_its_previews_and_t
         assert events[-1]["final"] and [i["width"] for i in events[-1]["images"]] == [64]
     finally:
         await console.stop()
+
+
+async def test_an_admin_job_that_cannot_run_says_why_on_its_page_without_server_paths(running, browser, data_dir):
+    console, _ = running
+    admin = await browser.get(console.login_url)
+    csrf = csrf_of(await admin.text())
+    refused = await browser.post(f"{console.url}/admin/jobs/train", data={"csrf": csrf, "dataset": "none",
+                                                                         "name": "fox"})
+    assert "pick a curated dataset" in await refused.text()
+    started = await browser.post(f"{console.url}/admin/jobs/curate", data={"csrf": csrf, "dataset": "liked"},
+                                 allow_redirects=False)
+    events = await browser.get(f"{console.url}{started.headers['Location']}/events")
+    final = json.loads([line for line in (await events.text()).splitlines() if line.startswith("data:")][-1][5:])
+    assert final["state"] == "failed" and final["message"]
+    assert str(data_dir) not in final["message"]
