@@ -28,6 +28,7 @@ COPY loraloop ./loraloop
 COPY generation ./generation
 COPY bot ./bot
 COPY training ./training
+COPY console ./console
 RUN pip install .
 COPY config.toml /app/config.toml
 

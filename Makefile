@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make run    installs into .venv and starts the service on the tiny offline model
+#   make run    installs into .venv and starts the service and the web console on the tiny offline model
 #   make test   installs into .venv (CPU torch) and runs the test suite
 # Then `. .venv/bin/activate` puts `loraloop` on the PATH of your shell (make cannot change it for you).
 VENV ?= .venv
@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 	@echo "loraloop is installed in $(VENV): run '. $(VENV)/bin/activate' to put the loraloop command on your PATH"
 
+# `loraloop run` prints the console's URL and its admin login link; with DISCORD_TOKEN set it runs the bot too.
 run: install
-	$(VENV)/bin/loraloop serve
+	$(VENV)/bin/loraloop run
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

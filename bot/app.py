@@ -22,6 +22,7 @@ from bot.imagine import Generate
 from bot.limits import Limits
 from bot.reactions import Votes
 from bot.views import DYNAMIC_ITEMS
+from loraloop.bans import BANS_FILE
 from loraloop.config import Config
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class LoraloopBot(discord.Client):
         self.settings = config.bot
         self.service = service
         self.store = store
-        self.limits = limits or Limits(config.bot, bans_path=config.data_dir / "bans.json")
+        self.limits = limits or Limits(config.bot, bans_path=config.data_dir / BANS_FILE)
         self.tree = CommandTree(self)
         self.generate = Generate(self)
         self.votes = Votes(self)

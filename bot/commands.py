@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Literal
 import discord
 from discord import app_commands
 
-from bot.imagine import Spec, describe_error, size_for
+from bot.imagine import Spec, describe_error
+from generation.contract import size_for
 
 if TYPE_CHECKING:
     from bot.app import LoraloopBot

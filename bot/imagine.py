@@ -42,21 +42,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ASPECTS = {"1:1": (1, 1), "2:3": (2, 3), "3:2": (3, 2), "16:9": (16, 9), "9:16": (9, 16)}
-
 # Discord lets an interaction token post for 15 minutes; stop trusting it a little before.
 TOKEN_LIFETIME_S = 14 * 60
 # Discord's smallest upload limit, for messages sent without an interaction to ask.
 DEFAULT_FILESIZE_LIMIT = 10 * 1024 * 1024
 # JSON error codes Discord answers when an interaction token is no longer usable.
 DEAD_TOKEN_CODES = {50027, 10015}
-
-
-def size_for(aspect: str, base: int) -> tuple[int, int]:
-    """Width and height for an aspect: the short side is `base`, the long one a multiple of 8."""
-    w, h = ASPECTS[aspect]
-    long_side = round(base * max(w, h) / min(w, h) / 8) * 8
-    return (base, base) if w == h else (long_side, base) if w > h else (base, long_side)
 
 
 @dataclass(frozen=True)

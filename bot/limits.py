@@ -4,20 +4,19 @@
 short sentence saying why and what to do; the command shows it ephemerally. The checks are
 in-memory and cheap so they run before the interaction is deferred.
 
-Bans outlive restarts: they are kept in a small JSON file next to the database (`bans.json`),
-written atomically, because a ban lifted by a crash would be a bug a moderator notices.
+Bans outlive restarts: they live in `DATA_DIR/bans.json` through `loraloop.bans.Bans`, which the
+web console shares, so a ban made in either place holds in both.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraloop.bans import Bans
 from loraloop.config import BotConfig
 
 log = logging.getLogger(__name__)
@@ -46,52 +45,24 @@ class Limits:
         self.config = config
         self._clock = clock
         self._users: dict[int, _UserState] = {}
-        self._bans_path = bans_path
-        self._banned: set[int] = self._load_bans()
+        self.bans = Bans(bans_path)
         # Whole words or phrases, case-insensitive: "gore" blocks "Gore!" but not "gorey".
         self._blocked = [
             (term, re.compile(rf"(?<!\w){re.escape(term)}(?!\w)", re.IGNORECASE))
             for term in config.blocked_terms if term.strip()
         ]
 
-    # ---- bans --------------------------------------------------------------------------------
-
-    def _load_bans(self) -> set[int]:
-        if self._bans_path is None or not self._bans_path.exists():
-            return set()
-        try:
-            return {int(uid) for uid in json.loads(self._bans_path.read_text())["banned"]}
-        except (ValueError, KeyError, TypeError) as exc:
-            # Refusing to start is safer than silently unbanning everyone.
-            raise RuntimeError(f"{self._bans_path}: cannot read bans ({exc}); fix or delete the file") from exc
-
-    def _save_bans(self) -> None:
-        if self._bans_path is None:
-            return
-        self._bans_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._bans_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"banned": sorted(self._banned)}))
-        os.replace(tmp, self._bans_path)
+    # ---- bans (loraloop/bans.py: the file the web console shares) --------------------------
 
     def ban(self, user_id: int) -> bool:
         """Ban a user; False if they already were."""
-        if user_id in self._banned:
-            return False
-        self._banned.add(user_id)
-        self._save_bans()
-        log.info("banned user %s", user_id)
-        return True
+        return self.bans.ban(user_id)
 
     def unban(self, user_id: int) -> bool:
-        if user_id not in self._banned:
-            return False
-        self._banned.discard(user_id)
-        self._save_bans()
-        log.info("unbanned user %s", user_id)
-        return True
+        return self.bans.unban(user_id)
 
     def is_banned(self, user_id: int) -> bool:
-        return user_id in self._banned
+        return self.bans.is_banned(user_id)
 
     # ---- checks ------------------------------------------------------------------------------
 

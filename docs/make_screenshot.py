@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python -m docs.make_screenshot            # ~30 s, offline
     .venv/bin/python -m docs.make_screenshot -o /tmp/shot.png --prompt "a lighthouse at dusk"
 
-Nothing here is staged: `loraloop run`'s own code (`run_service_and_bot`) starts the generation
+Nothing here is staged: `loraloop run`'s own code (`run_all`) starts the generation
 service on the tiny model and the real discord.py bot against the fake Discord of the tests
 (tests/fake_discord.py). Alice asks for two images, Bob and Carol vote, and this file then
 draws the channel as the fake recorded it: authors, text, attachments, reactions and buttons,
@@ -36,7 +36,7 @@ from fake_discord import FakeDiscord  # noqa: E402
 
 from loraloop.config import Secrets  # noqa: E402
 from loraloop.context import AppContext  # noqa: E402
-from loraloop.run import run_service_and_bot  # noqa: E402
+from loraloop.run import run_all  # noqa: E402
 from loraloop.tiny import tiny_model_path  # noqa: E402
 
 # Discord's dark theme.
@@ -94,6 +94,9 @@ model = "{model_dir}"
 port = {free_port()}
 default_steps = 8
 
+[console]
+port = {free_port()}
+
 [bot]
 base_size = 128
 cooldown_seconds = 0.0
@@ -102,7 +105,7 @@ progress_interval = 0.0
     fake = FakeDiscord()
     await fake.start()
     fake.point_discord_py_here()
-    product = asyncio.create_task(run_service_and_bot(AppContext(str(config)), Secrets("fake-token", None)))
+    product = asyncio.create_task(run_all(AppContext(str(config)), Secrets("fake-token", None)))
     try:
         await fake.wait_for(lambda: fake.connected and fake.commands, timeout=90)
         interaction = await fake.slash("imagine", {"prompt": prompt, "count": 2, "seed": 42}, user=fake.alice)

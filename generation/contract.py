@@ -409,6 +409,8 @@ class Health:
     device: str
     queue_depth: int
     paused: bool = False
+    # The model's native image side (what a request without width/height gets); 0 while loading.
+    native_size: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -421,4 +423,16 @@ class Health:
             device=str(data["device"]),
             queue_depth=int(data["queue_depth"]),
             paused=bool(data.get("paused", False)),
+            native_size=int(data.get("native_size", 0)),
         )
+
+
+# The shapes a person may ask for, by name (Discord's /imagine and the web console offer the same).
+ASPECTS = {"1:1": (1, 1), "2:3": (2, 3), "3:2": (3, 2), "16:9": (16, 9), "9:16": (9, 16)}
+
+
+def size_for(aspect: str, base: int) -> tuple[int, int]:
+    """Width and height for an aspect: the short side is `base`, the long one a multiple of 8."""
+    w, h = ASPECTS[aspect]
+    long_side = round(base * max(w, h) / min(w, h) / 8) * 8
+    return (base, base) if w == h else (long_side, base) if w > h else (base, long_side)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -54,7 +53,7 @@ from generation.metrics import Metrics
 from generation.openapi import build_document
 from generation.queue import FairQueue, QueueRefused
 from generation.worker import Worker
-from loraloop.config import Config, Secrets
+from loraloop.config import Config, Secrets, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +214,7 @@ class GenerationService:
             device=self.worker.device if self.worker else "loading",
             queue_depth=self.queue.depth(),
             paused=self.queue.paused,
+            native_size=self.native_size if self.worker and self.worker.model else 0,
         )
 
     # -- the worker's reports (JobSink), on the loop -----------------------------------------
@@ -517,20 +517,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 def exposure_refusal(host: str, token: str | None) -> str | None:
     """Why the service must not listen on `host` without a token, or None when it may."""
-    if token or _is_loopback(host):
+    if token or is_loopback(host):
         return None
     return (f"Refusing to listen on {host or 'every interface'} without LORALOOP_SERVICE_TOKEN: anyone who can "
             "reach it could use the GPU. Set LORALOOP_SERVICE_TOKEN (clients send it as a bearer token) "
             "or listen on 127.0.0.1")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost may resolve to any interface
 
 
 def create_app(config: Config, secrets: Secrets) -> web.Application:

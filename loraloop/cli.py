@@ -15,6 +15,7 @@ import logging
 import click
 
 from bot.cli import commands as bot_commands
+from console.cli import commands as console_commands
 from generation.cli import commands as generation_commands
 from loraloop import __version__
 from loraloop.context import AppContext
@@ -44,7 +45,8 @@ def cli(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     ctx.obj = AppContext(config_path)
 
 
-for command in [*run_commands, *generation_commands, *training_commands, *db_commands, *bot_commands]:
+for command in [*run_commands, *generation_commands, *training_commands, *db_commands, *bot_commands,
+                *console_commands]:
     cli.add_command(command)
 
 

@@ -33,6 +33,17 @@ SERVICE_TOKEN_ENV = "LORALOOP_SERVICE_TOKEN"
 # A file holding the service token, read when LORALOOP_SERVICE_TOKEN is unset; `serve` writes a
 # new random one there on first start (the Docker image points it into the data volume).
 SERVICE_TOKEN_FILE_ENV = "LORALOOP_SERVICE_TOKEN_FILE"
+CONSOLE_TOKEN_ENV = "LORALOOP_CONSOLE_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` reaches only this machine: what the service and the console may bind without a token."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to any interface
 
 
 class ConfigError(Exception):
@@ -490,6 +501,31 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+@_numbers_checked
+class ConsoleConfig:
+    # The web console (console/): playground, rating, moderation and the admin dashboards.
+    # Loopback by default; another address needs LORALOOP_CONSOLE_TOKEN, like the service.
+    host: str = "127.0.0.1"
+    port: int = 8766
+    # Short side of a non-square aspect in pixels; 0: the model's native size (what 1:1 gets).
+    base_size: int = 0
+    # Generation requests one person may send per minute: more lets one browser fill the queue.
+    submissions_per_minute: int = 6
+    # Votes and flags one person may cast per minute (rate-a-batch at a brisk pace is ~60).
+    votes_per_minute: int = 120
+    # Images per gallery or moderation page: more is one longer, slower page.
+    page_size: int = field(default=48, metadata={"max": 500})
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535, "port", "must be between 1 and 65535")
+        _require(self.base_size == 0 or (self.base_size >= 8 and self.base_size % 8 == 0), "base_size",
+                 "must be 0 or a multiple of 8")
+        _require(self.submissions_per_minute >= 1, "submissions_per_minute", "must be at least 1")
+        _require(self.votes_per_minute >= 1, "votes_per_minute", "must be at least 1")
+        _require(self.page_size >= 1, "page_size", "must be at least 1")
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
@@ -499,6 +535,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     # The file this was read from (None: defaults only); relative paths resolve against it.
     source: Path | None = None
 
@@ -555,6 +592,8 @@ class Secrets:
     service_token: str | None
     # Opens GET /metrics only, so a Prometheus server's config never holds the token that spends the GPU.
     metrics_token: str | None = None
+    # The web console's admin token; unset, the console makes a new one at each start.
+    console_token: str | None = None
 
     @classmethod
     def from_env(cls) -> Secrets:
@@ -562,6 +601,7 @@ class Secrets:
             discord_token=os.environ.get("DISCORD_TOKEN") or None,
             service_token=os.environ.get(SERVICE_TOKEN_ENV) or _token_from_file(),
             metrics_token=os.environ.get("LORALOOP_METRICS_TOKEN") or None,
+            console_token=os.environ.get(CONSOLE_TOKEN_ENV) or None,
         )
 
 

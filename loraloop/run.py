@@ -1,10 +1,13 @@
-"""`loraloop run`: the generation service and the Discord bot together, for a single machine.
+"""`loraloop run`: the generation service, the web console and the Discord bot together, on one machine.
 
+    loraloop run                    # service on [service] host:port, console on [console] host:port
     export DISCORD_TOKEN=...        # see the README's "Discord setup"
-    loraloop run                    # service on [service] host:port, bot talking to it
+    loraloop run                    # ... and the bot, all three on one store
 
-The service may also run alone on a GPU box (`loraloop serve`) with `loraloop bot` elsewhere;
-this command is the one-machine shortcut and shares one event loop between the two. With
+Without DISCORD_TOKEN it runs the service and the console (what `make run` starts): generate,
+rate, curate, train and publish in a browser. The service may also run alone on a GPU box
+(`loraloop serve`) with `loraloop bot` and `loraloop console` elsewhere; this command is the
+one-machine shortcut and shares one event loop between them. With
 `[loop] start_with_run = true` it also starts `loraloop loop` (rounds that run themselves) as a
 child process: training holds the GIL for long stretches, which the bot's event loop must never
 wait on, so it gets a process of its own, stopped when this command stops.
@@ -24,30 +27,44 @@ from loraloop.context import AppContext, pass_app
 
 log = logging.getLogger(__name__)
 
-NO_TOKEN_HINT = (
-    "\n\nTo try the generation service without Discord: `loraloop serve --model tiny`, then "
-    "`loraloop imagine \"a red fox\" -o fox.png` in another terminal."
-)
 
 
-async def run_service_and_bot(app: AppContext, secrets: Secrets) -> None:
-    """Start the service, point the bot at it, and stop both when either ends."""
-    from bot.cli import run_bot
+async def run_all(app: AppContext, secrets: Secrets) -> None:
+    """Start the service and the console in front of it, and the bot when there is a Discord token;
+    stop them all when any ends (or on Ctrl-C)."""
+    from console.app import exposure_refusal as console_refusal
+    from console.app import start_console
+    from console.cli import announce
     from generation.server import exposure_refusal, start_service
 
     settings = app.config.service
     refusal = exposure_refusal(settings.host, secrets.service_token)
     if refusal:
         raise click.ClickException(f"{refusal} ([service] host).")
+    refusal = console_refusal(app.config.console.host, secrets.console_token)
+    if refusal:
+        raise click.ClickException(f"{refusal} ([console] host).")
     service = await start_service(app.config, secrets, host=settings.host, port=settings.port)
     log.info("generation service ready at %s (model %s)", service.url, settings.model)
-    loop = await start_loop(app, service.url) if app.config.loop.start_with_run else None
+    loop = None
     try:
-        app.config = app.config.replace("bot", service_url=service.url)
-        await run_bot(app, secrets.discord_token or "", secrets.service_token)
+        console = await start_console(app.config, secrets, service.url)
+        try:
+            announce(console.url, console.login_url)
+            loop = await start_loop(app, service.url) if app.config.loop.start_with_run else None
+            if secrets.discord_token:
+                from bot.cli import run_bot
+
+                app.config = app.config.replace("bot", service_url=service.url)
+                await run_bot(app, secrets.discord_token, secrets.service_token)
+            else:
+                log.info("no DISCORD_TOKEN: running the service and the web console only")
+                await asyncio.Event().wait()
+        finally:
+            if loop is not None:
+                await stop_loop(loop)
+            await console.stop()
     finally:
-        if loop is not None:
-            await stop_loop(loop)
         await service.stop()
 
 
@@ -76,20 +93,21 @@ async def stop_loop(process: asyncio.subprocess.Process) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), help="Service port (default: [service] port).")
 @pass_app
 def run(app: AppContext, model: str | None, port: int | None) -> None:
-    """Run the generation service and the Discord bot together on this machine.
+    """Run the generation service and the web console (and, with DISCORD_TOKEN, the bot) on this machine.
 
     \b
     Examples:
+      loraloop run                        # service + console; open the URL it prints
       export DISCORD_TOKEN=...            # see the README: Discord setup
-      loraloop run                        # the model from config.toml ("tiny" by default: offline)
+      loraloop run                        # service + console + bot, one store
       loraloop run --model stable-diffusion-v1-5/stable-diffusion-v1-5
     """
-    from bot.cli import MISSING_TOKEN
     from generation.pipeline import ModelLoadError
 
-    secrets = Secrets.from_env()
-    if not secrets.discord_token:
-        raise click.ClickException(MISSING_TOKEN + NO_TOKEN_HINT)
+    try:
+        secrets = Secrets.from_env()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     changes = {k: v for k, v in {"model": model, "port": port}.items() if v}
     if changes:
         try:
@@ -97,7 +115,7 @@ def run(app: AppContext, model: str | None, port: int | None) -> None:
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
     try:
-        asyncio.run(run_service_and_bot(app, secrets))
+        asyncio.run(run_all(app, secrets))
     except KeyboardInterrupt:
         log.info("stopped")
     except ModelLoadError as exc:
@@ -105,8 +123,9 @@ def run(app: AppContext, model: str | None, port: int | None) -> None:
     except OSError as exc:
         settings = app.config.service
         raise click.ClickException(
-            f"Cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}. "
-            "Stop whatever uses that port, or pick another with --port."
+            f"Cannot listen on {settings.host}:{settings.port} (service) or {app.config.console.host}:"
+            f"{app.config.console.port} (console): {exc.strerror or exc}. "
+            "Stop whatever uses that port, or pick another with --port or [console] port."
         ) from None
 
 

@@ -29,7 +29,9 @@ The API (every write is one transaction; those Discord can repeat are idempotent
 - flags (kept apart from taste): `flag(image_id, user_id, "nsfw" | "artifact")`, `unflag`,
   `flags_for`.
 - users: `opt_out`, `opt_in`, `is_opted_out` (opted-out users' images and votes never reach a
-  dataset).
+  dataset), `web_user` (the web console's `web:<name>` identities, negative ids beside Discord's).
+- the web console: `listed_images` (gallery and moderation queue, filtered), `listed_image`,
+  `unrated_images` (rate-a-batch), `adapter_votes` (the votes behind a like rate), `training_runs`.
 - stats: `adapter_stats` (per adapter version: images, votes, like rate), `top_images`
   (best net score since a time, a week by default), `counts`.
 - training: `record_training_run`, `update_training_run`, `training_run`, `record_adapter`,
@@ -422,6 +424,43 @@ class RatedImage:
     @property
     def score(self) -> int:
         return self.likes - self.dislikes
+
+
+@dataclass(frozen=True)
+class ListedImage:
+    """An image as the web console lists it (gallery, moderation queue, rate-a-batch)."""
+
+    id: int
+    generation_id: int
+    job_id: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    created_at: str
+    requester_id: int | None
+    likes: int
+    dislikes: int
+    flags: tuple[str, ...]
+    deleted: bool
+    adapters: tuple[tuple[str, int | None], ...]  # (name, version) the image was made with
+    blind: bool  # served in an A/B experiment: show the style without its version
+
+    @property
+    def score(self) -> int:
+        return self.likes - self.dislikes
+
+
+@dataclass(frozen=True)
+class AdapterVote:
+    """One vote behind a point of an adapter version's like rate."""
+
+    image_id: int
+    user_id: int
+    name: str | None
+    value: int
+    updated_at: str
 
 
 @dataclass(frozen=True)
@@ -991,6 +1030,22 @@ class Store:
         rows = self._rows("SELECT opted_out FROM users WHERE user_id = ?", (user_id,))
         return bool(rows and rows[0]["opted_out"])
 
+    def web_user(self, name: str) -> int:
+        """The user id of the web console's identity `web:<name>`, made on first use.
+
+        Discord's user ids are positive snowflakes; web identities get negative ids, so both
+        live in the same `users`, `ratings` and `flags` rows and every query treats them alike."""
+        label = f"{WEB_PREFIX}{name}"
+        with self._write() as conn:
+            row = conn.execute("SELECT user_id FROM users WHERE name = ? AND user_id < 0", (label,)).fetchone()
+            if row:
+                return int(row[0])
+            lowest = conn.execute("SELECT MIN(user_id) FROM users WHERE user_id < 0").fetchone()[0]
+            user_id = (lowest or 0) - 1
+            conn.execute("INSERT INTO users (user_id, opted_out, name, updated_at) VALUES (?, 0, ?, ?)",
+                         (user_id, label, self._now()))
+            return user_id
+
     # --- stats -----------------------------------------------------------------------------
 
     def adapter_stats(self, name: str | None = None) -> list[AdapterStats]:
@@ -1049,6 +1104,91 @@ class Store:
             {"since": _timestamp(since), "guild_id": guild_id, "limit": limit},
         )
         return [TopImage(**dict(row)) for row in rows]
+
+    def listed_images(
+        self,
+        *,
+        adapter: str | None = None,
+        adapter_version: int | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        min_score: int | None = None,
+        flagged: bool = False,
+        include_deleted: bool = False,
+        requester_id: int | None = None,
+        limit: int = 48,
+        offset: int = 0,
+    ) -> list[ListedImage]:
+        """Images newest first with their raw tallies (every vote, as /stats counts them): the
+        console's gallery, or with `flagged` its moderation queue (images with a flag, not deleted)."""
+        rows = self._rows(
+            _LISTED_IMAGES + """
+            WHERE (:since IS NULL OR i.created_at >= :since)
+              AND (:until IS NULL OR i.created_at < :until)
+              AND (:adapter IS NULL OR EXISTS (
+                    SELECT 1 FROM generation_adapters ga WHERE ga.generation_id = i.generation_id
+                    AND ga.name = :adapter AND (:version IS NULL OR ga.version = :version)))
+              AND (:include_deleted OR i.deleted_at IS NULL)
+              AND (NOT :flagged OR EXISTS (SELECT 1 FROM flags f WHERE f.image_id = i.id))
+              AND (:requester IS NULL OR g.requester_id = :requester)
+              AND (:min_score IS NULL OR (SELECT COALESCE(SUM(r.value), 0) FROM ratings r
+                                          WHERE r.image_id = i.id) >= :min_score)
+            ORDER BY i.id DESC LIMIT :limit OFFSET :offset
+            """,
+            {"since": None if since is None else _timestamp(since),
+             "until": None if until is None else _timestamp(until), "adapter": adapter,
+             "version": adapter_version, "include_deleted": int(include_deleted), "flagged": int(flagged),
+             "requester": requester_id, "min_score": min_score, "limit": limit, "offset": offset},
+        )
+        return [_listed_image(row) for row in rows]
+
+    def listed_image(self, image_id: int) -> ListedImage:
+        rows = self._rows(_LISTED_IMAGES + " WHERE i.id = ?", (image_id,))
+        if not rows:
+            raise NotFoundError(f"no image with id {image_id}")
+        return _listed_image(rows[0])
+
+    def unrated_images(self, user_id: int, *, limit: int = 1, skip: Iterable[int] = ()) -> list[ListedImage]:
+        """Images this user has neither voted on nor flagged nor asked for, not deleted and not
+        flagged unsafe by anyone: what rate-a-batch shows next (newest first; `skip`: ids passed
+        over in this session)."""
+        skipped = json.dumps(sorted(set(skip)))
+        rows = self._rows(
+            _LISTED_IMAGES + """
+            WHERE i.deleted_at IS NULL AND g.requester_id IS NOT :user
+              AND NOT EXISTS (SELECT 1 FROM ratings r WHERE r.image_id = i.id AND r.user_id = :user)
+              AND NOT EXISTS (SELECT 1 FROM flags f WHERE f.image_id = i.id
+                              AND (f.user_id = :user OR f.kind = 'nsfw'))
+              AND i.id NOT IN (SELECT value FROM json_each(:skip))
+            ORDER BY i.id DESC LIMIT :limit
+            """,
+            {"user": user_id, "skip": skipped, "limit": limit},
+        )
+        return [_listed_image(row) for row in rows]
+
+    def adapter_votes(self, adapter: str | None, version: int | None, limit: int = 500) -> list[AdapterVote]:
+        """The newest `limit` votes behind one row of `adapter_stats` (adapter None: the base model)."""
+        columns = "r.image_id, r.user_id, u.name, r.value, r.updated_at"
+        if adapter is None:
+            sql = f"""SELECT {columns} FROM ratings r JOIN images i ON i.id = r.image_id
+                      LEFT JOIN users u ON u.user_id = r.user_id
+                      WHERE NOT EXISTS (SELECT 1 FROM generation_adapters ga WHERE ga.generation_id = i.generation_id)
+                      ORDER BY r.updated_at DESC, r.image_id LIMIT ?"""
+            rows = self._rows(sql, (limit,))
+        else:
+            sql = f"""SELECT {columns} FROM generation_adapters ga
+                      JOIN images i ON i.generation_id = ga.generation_id
+                      JOIN ratings r ON r.image_id = i.id
+                      LEFT JOIN users u ON u.user_id = r.user_id
+                      WHERE ga.name = ? AND {"ga.version = ?" if version is not None else "ga.version IS NULL"}
+                      ORDER BY r.updated_at DESC, r.image_id LIMIT ?"""
+            rows = self._rows(sql, (adapter, version, limit) if version is not None else (adapter, limit))
+        return [AdapterVote(**dict(row)) for row in rows]
+
+    def training_runs(self, limit: int = 100) -> list[TrainingRun]:
+        """Recorded training runs (what `adapters publish` recorded), newest first."""
+        rows = self._rows("SELECT id FROM training_runs ORDER BY id DESC LIMIT ?", (limit,))
+        return [self.training_run(row["id"]) for row in rows]
 
     def counts(self) -> dict[str, int]:
         """Rows per table, for `loraloop db stats`."""
@@ -1385,6 +1525,35 @@ class Store:
         return {row["user_id"]: row["name"] for row in rows if wanted is None or row["user_id"] in wanted}
 
 
+WEB_PREFIX = "web:"
+
+# One image with its tallies, flags and adapters, as the console lists them; callers add WHERE.
+_LISTED_IMAGES = """
+    SELECT i.id, i.generation_id, g.job_id, g.prompt, g.negative_prompt, i.seed, i.width, i.height,
+           i.created_at, g.requester_id, i.deleted_at, g.arm,
+           (SELECT COUNT(*) FROM ratings r WHERE r.image_id = i.id AND r.value = 1) AS likes,
+           (SELECT COUNT(*) FROM ratings r WHERE r.image_id = i.id AND r.value = -1) AS dislikes,
+           (SELECT group_concat(DISTINCT f.kind) FROM flags f WHERE f.image_id = i.id) AS flag_kinds,
+           (SELECT json_group_array(json_array(ga.name, ga.version)) FROM generation_adapters ga
+            WHERE ga.generation_id = i.generation_id) AS adapters_json
+    FROM images i JOIN generations g ON g.id = i.generation_id"""
+# Tallies are per-row subqueries on the ratings primary key (image_id first), so a page of 48
+# counts the votes of 48 images, not of every image (bench/console.py).
+
+
+def _listed_image(row: sqlite3.Row) -> ListedImage:
+    return ListedImage(
+        id=row["id"], generation_id=row["generation_id"], job_id=row["job_id"], prompt=row["prompt"],
+        negative_prompt=row["negative_prompt"], seed=row["seed"], width=row["width"], height=row["height"],
+        created_at=row["created_at"], requester_id=row["requester_id"], likes=row["likes"],
+        dislikes=row["dislikes"],
+        flags=tuple(sorted(row["flag_kinds"].split(","))) if row["flag_kinds"] else (),
+        deleted=row["deleted_at"] is not None,
+        adapters=tuple((name, version) for name, version in json.loads(row["adapters_json"] or "[]")),
+        blind=row["arm"] is not None,
+    )
+
+
 # The images of a curation selection and the votes on them that count: never an opted-out
 # user's, and the requester's own only with :self_votes. `rated_images` and `rated_votes` share it
 # so the tallies and the rater model always see the same votes.
@@ -1530,12 +1699,21 @@ class AsyncStore:
     opt_out = _on_store_thread(Store.opt_out)
     opt_in = _on_store_thread(Store.opt_in)
     is_opted_out = _on_store_thread(Store.is_opted_out)
+    web_user = _on_store_thread(Store.web_user)
 
     # --- stats -----------------------------------------------------------------------------
 
     adapter_stats = _on_store_thread(Store.adapter_stats)
     top_images = _on_store_thread(Store.top_images)
     counts = _on_store_thread(Store.counts)
+
+    # --- the web console's lists -----------------------------------------------------------
+
+    listed_images = _on_store_thread(Store.listed_images)
+    listed_image = _on_store_thread(Store.listed_image)
+    unrated_images = _on_store_thread(Store.unrated_images)
+    adapter_votes = _on_store_thread(Store.adapter_votes)
+    training_runs = _on_store_thread(Store.training_runs)
 
     # --- training --------------------------------------------------------------------------
 

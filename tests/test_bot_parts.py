@@ -9,8 +9,9 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from bot.imagine import Spec, fit_for_discord, size_for
+from bot.imagine import Spec, fit_for_discord
 from bot.reactions import Meaning, meanings
+from generation.contract import size_for
 
 
 def test_aspects_keep_the_short_side_and_round_the_long_one_to_a_multiple_of_8():

@@ -11,7 +11,7 @@ from loraloop.cli import cli
 def test_every_verb_is_registered():
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for verb in ("run", "serve", "imagine", "bot", "db", "dataset", "train", "compare", "adapters"):
+    for verb in ("run", "serve", "imagine", "bot", "db", "dataset", "train", "compare", "adapters", "console"):
         assert f"\n  {verb} " in result.output, verb
 
 
@@ -23,9 +23,9 @@ def test_python_dash_m_loraloop_is_the_same_command():
     assert "Usage: python -m loraloop" in result.stdout
 
 
-def test_run_without_a_discord_token_says_how_to_get_one_and_how_to_try_without(monkeypatch):
-    monkeypatch.delenv("DISCORD_TOKEN", raising=False)
-    result = CliRunner().invoke(cli, ["run"])
+def test_run_refuses_a_public_console_without_an_admin_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("LORALOOP_CONSOLE_TOKEN", raising=False)
+    (tmp_path / "config.toml").write_text('[console]\nhost = "0.0.0.0"\n')
+    result = CliRunner().invoke(cli, ["--config", str(tmp_path / "config.toml"), "run"])
     assert result.exit_code == 1
-    assert "DISCORD_TOKEN is not set" in result.output
-    assert "loraloop serve --model tiny" in result.output
+    assert "without LORALOOP_CONSOLE_TOKEN" in result.output

@@ -63,7 +63,7 @@ def test_the_dockerfile_command_exists_in_the_project():
 
 def test_the_dockerfile_copies_every_package_the_distribution_installs():
     copied = " ".join(i["value"] for i in instructions() if i["instruction"] == "COPY")
-    for package in ("loraloop", "generation", "bot", "training"):
+    for package in ("loraloop", "generation", "bot", "training", "console"):
         assert package in copied
 
 

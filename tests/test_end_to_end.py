@@ -20,7 +20,7 @@ from fake_discord import FakeDiscord
 from loraloop.cli import cli
 from loraloop.config import Secrets
 from loraloop.context import AppContext
-from loraloop.run import run_service_and_bot
+from loraloop.run import run_all
 from loraloop.store import Store
 
 pytestmark = pytest.mark.timeout(240)
@@ -39,6 +39,9 @@ model = "{model_dir}"
 port = {free_port()}
 default_steps = 4
 batch_wait_ms = 20
+
+[console]
+port = {free_port()}
 
 [bot]
 base_size = 64
@@ -103,7 +106,7 @@ async def test_votes_become_a_published_style_that_the_bot_then_uses(tiny_model_
     fake.point_discord_py_here(monkeypatch)
     config = write_config(tmp_path / "config.toml", fake, tiny_model_dir)
     app = AppContext(str(config))
-    product = asyncio.create_task(run_service_and_bot(app, Secrets(discord_token="fake-token", service_token=None)))
+    product = asyncio.create_task(run_all(app, Secrets(discord_token="fake-token", service_token=None)))
     try:
         await fake.wait_for(lambda: fake.connected and fake.commands, timeout=60)
         assert "no styles yet" in " ".join(await answered(fake, "styles"))

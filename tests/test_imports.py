@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("loraloop", "bot", "generation", "training")
+PACKAGES = ("loraloop", "bot", "generation", "training", "console")
 FLOOR = ("loraloop.config", "loraloop.store", "loraloop.raters", "loraloop.experiments", "loraloop.context",
-         "loraloop.tiny")
-ABOVE_THE_FLOOR = ("bot", "generation", "training")
+         "loraloop.tiny", "loraloop.bans")
+ABOVE_THE_FLOOR = ("bot", "generation", "training", "console")
 
 
 def modules() -> list[str]:
@@ -39,7 +39,7 @@ def import_alone(module: str) -> subprocess.CompletedProcess[str]:
 
 def test_every_module_imports_first_in_a_fresh_interpreter():
     names = modules()
-    assert len(names) > 30, "the module list should cover the four packages"
+    assert len(names) > 30, "the module list should cover the five packages"
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         results = dict(zip(names, pool.map(import_alone, names), strict=True))
     failures = {name: result.stderr.strip().splitlines()[-1] for name, result in results.items()

@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from loraloop.config import CurationConfig
 from loraloop.raters import RaterModel, RaterSettings, estimate
@@ -87,6 +87,7 @@ from training.dataset import (
     write_metadata,
     write_parquet,
 )
+from training.images import score_histogram
 
 log = logging.getLogger(__name__)
 
@@ -443,44 +444,6 @@ def _place_image(source: Path, target: Path, link: bool) -> None:
     shutil.copyfile(source, target)
 
 
-def draw_histogram(path: Path, kept_scores: list[int], dropped_scores: list[int],
-                   title: str) -> None:
-    """Net score (weighted likes - dislikes, rounded) per image, kept stacked on dropped, scores
-    clipped to +-10."""
-    limit = 10
-    bins = list(range(-limit, limit + 1))
-    kept = Counter(max(-limit, min(limit, s)) for s in kept_scores)
-    dropped = Counter(max(-limit, min(limit, s)) for s in dropped_scores)
-    tallest = max([kept[b] + dropped[b] for b in bins] + [1])
-
-    width, height, left, bottom, top = 720, 360, 50, 40, 40
-    bar = (width - left - 20) // len(bins)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    draw.text((left, 10), title, fill="black", font=font)
-    plot_height = height - top - bottom
-    base_y = height - bottom
-    for i, value in enumerate(bins):
-        x0 = left + i * bar + 2
-        x1 = x0 + bar - 4
-        dropped_h = round(plot_height * dropped[value] / tallest)
-        kept_h = round(plot_height * kept[value] / tallest)
-        if dropped_h:
-            draw.rectangle([x0, base_y - dropped_h, x1, base_y], fill=(170, 170, 170))
-        if kept_h:
-            draw.rectangle([x0, base_y - dropped_h - kept_h, x1, base_y - dropped_h],
-                           fill=(46, 139, 87))
-        label = f"{value}" if abs(value) < limit else ("<=-10" if value < 0 else ">=10")
-        if value % 5 == 0:
-            draw.text((x0, base_y + 6), label, fill="black", font=font)
-    draw.line([left, base_y, width - 20, base_y], fill="black")
-    draw.text((left, base_y + 20), "weighted net score (likes - dislikes)", fill="black", font=font)
-    draw.text((width - 200, 10), f"kept (green) / dropped (grey), max {tallest}",
-              fill="black", font=font)
-    canvas.save(path)
-
-
 def curate(store: Store, out: Path, settings: CurationSettings) -> CurationReport:
     """Select rated images from `store` and write them to `out` in `settings.format`.
 
@@ -568,11 +531,9 @@ def _write_dataset(store: Store, folder: Path, survivors: list[CurationCandidate
         # Every file was checked against its sha256 above, so the hash needs no second read.
         report.dataset_hash = record_dataset_hash(
             folder, content_hash(metadata, {file_name(c.image): c.image.sha256 for c in survivors}))
-    draw_histogram(
-        folder / HISTOGRAM_FILE,
-        [round(row["score"]) for row in report.kept],
-        [round(row["score"]) for row in report.dropped],
-        f"{settings.format}: {len(report.kept)} kept, {len(report.dropped)} dropped",
+    score_histogram(
+        [row["score"] for row in report.kept], [row["score"] for row in report.dropped],
+        f"{settings.format}: {len(report.kept)} kept, {len(report.dropped)} dropped", folder / HISTOGRAM_FILE,
     )
     (folder / REPORT_FILE).write_text(_report_json(report.to_dict()), encoding="utf-8")
 

@@ -1,17 +1,29 @@
-"""Pictures a person looks at after training: labelled image grids and the loss curve, drawn with Pillow.
+"""Pictures a person looks at after training: labelled image grids (Pillow) and charts (matplotlib).
 
-matplotlib is not a dependency, and a loss curve needs only lines, a frame and a few labels.
+The charts are matplotlib figures built with its object API on the Agg canvas, never pyplot, so
+they hold no global state and can be drawn from any thread (the web console draws the same
+figures as SVG that `train` and `dataset curate` save as PNG).
+
+    loss_curve(train_points, validation_points, run_dir / "loss.png")
+    score_histogram(kept_scores, dropped_scores, "42 of 60 images kept", out / "score_histogram.png")
+    svg = figure_bytes(loss_figure(train_points, validation_points), "svg")
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
+SCORE_LIMIT = 10  # the histogram clips scores to +-10: beyond that the shape says nothing more
 
 
 def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, width: int) -> None:
@@ -38,47 +50,75 @@ def labelled_grid(images: Sequence[Sequence[Image.Image]], row_labels: Sequence[
     return grid
 
 
+def new_figure(size: tuple[int, int] = (640, 400)) -> Figure:
+    """A figure of `size` pixels at 100 dpi, on the Agg canvas (no display, no pyplot)."""
+    figure = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def figure_bytes(figure: Figure, fmt: str) -> bytes:
+    """The figure as "png" or "svg" bytes."""
+    buffer = io.BytesIO()
+    # SVG text as text, not glyph outlines: a screen reader and a search can read the labels.
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        figure.savefig(buffer, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+    return buffer.getvalue()
+
+
+def loss_figure(train: Sequence[tuple[int, float]], validation: Sequence[tuple[int, float]],
+                size: tuple[int, int] = (640, 400)) -> Figure:
+    """Training loss (grey, with a smoothed line in blue) and validation loss (orange dots) against step."""
+    figure = new_figure(size)
+    axes = figure.add_subplot()
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    if not train and not validation:
+        axes.set_title("no steps were trained")
+        return figure
+    axes.set_title("loss: train (grey, smoothed blue), validation (orange)")
+    if train:
+        steps = [s for s, _ in train]
+        axes.plot(steps, [v for _, v in train], color="0.75", linewidth=1, label="train")
+        # An exponential moving average, as TensorBoard smooths: the trend through noisy micro-batches.
+        smoothed, average = [], train[0][1]
+        for _, value in train:
+            average = 0.9 * average + 0.1 * value
+            smoothed.append(average)
+        axes.plot(steps, smoothed, color="#1e5ac8", linewidth=2, label="train (smoothed)")
+    if validation:
+        axes.plot([s for s, _ in validation], [v for _, v in validation], "o", color="#e67814", label="validation")
+    axes.legend(loc="upper right", fontsize="small")
+    axes.grid(alpha=0.3)
+    return figure
+
+
 def loss_curve(train: Sequence[tuple[int, float]], validation: Sequence[tuple[int, float]], path: Path,
                size: tuple[int, int] = (640, 400)) -> Path:
-    """Plot training loss (grey, with a smoothed line in blue) and validation loss (orange dots) against step."""
-    width, height = size
-    left, right, top, bottom = 60, 20, 30, 40
-    image = Image.new("RGB", size, BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    points = [*train, *validation]
-    if not points:
-        _text(draw, (left, height // 2), "no steps were trained", width)
-        image.save(path)
-        return path
-    steps = [s for s, _ in points]
-    values = [v for _, v in points]
-    low_step, high_step = min(steps), max(max(steps), min(steps) + 1)
-    low, high = min(values), max(values)
-    if high - low < 1e-12:
-        low, high = low - 0.5, high + 0.5
+    """Save `loss_figure` to `path` (PNG, or SVG by the suffix)."""
+    path.write_bytes(figure_bytes(loss_figure(train, validation, size), path.suffix.lstrip(".") or "png"))
+    return path
 
-    def xy(step: float, value: float) -> tuple[float, float]:
-        x = left + (step - low_step) / (high_step - low_step) * (width - left - right)
-        y = top + (high - value) / (high - low) * (height - top - bottom)
-        return x, y
 
-    draw.rectangle([left, top, width - right, height - bottom], outline=INK)
-    for fraction in (0.0, 0.5, 1.0):
-        value = low + fraction * (high - low)
-        _, y = xy(low_step, value)
-        _text(draw, (4, y - 6), f"{value:.4g}", left - 6)
-    _text(draw, (left, height - bottom + 6), f"step {low_step}", 120)
-    _text(draw, (width - right - 80, height - bottom + 6), f"step {high_step}", 80)
-    _text(draw, (left, 8), "loss: train (grey, smoothed blue), validation (orange)", width - left)
-    if len(train) > 1:
-        draw.line([xy(s, v) for s, v in train], fill=(190, 190, 190), width=1)
-        smoothed, average = [], train[0][1]
-        for step, value in train:
-            average = 0.9 * average + 0.1 * value
-            smoothed.append(xy(step, average))
-        draw.line(smoothed, fill=(30, 90, 200), width=2)
-    for step, value in validation:
-        x, y = xy(step, value)
-        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(230, 120, 20))
-    image.save(path)
+def score_histogram(kept_scores: Sequence[float], dropped_scores: Sequence[float], title: str, path: Path,
+                    size: tuple[int, int] = (720, 360)) -> Path:
+    """Net score (weighted likes - dislikes, rounded) per image, kept stacked on dropped, clipped to +-10."""
+    bins = list(range(-SCORE_LIMIT, SCORE_LIMIT + 1))
+
+    def counts(scores: Sequence[float]) -> list[int]:
+        clipped = [max(-SCORE_LIMIT, min(SCORE_LIMIT, round(s))) for s in scores]
+        return [clipped.count(b) for b in bins]
+
+    kept, dropped = counts(kept_scores), counts(dropped_scores)
+    figure = new_figure(size)
+    axes = figure.add_subplot()
+    axes.bar(bins, dropped, color="0.67", label="dropped")
+    axes.bar(bins, kept, bottom=dropped, color="#2e8b57", label="kept")
+    axes.set_xticks([-SCORE_LIMIT, -5, 0, 5, SCORE_LIMIT], [f"≤-{SCORE_LIMIT}", "-5", "0", "5", f"≥{SCORE_LIMIT}"])
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("weighted net score (likes - dislikes)")
+    axes.set_ylabel("images")
+    axes.set_title(title, fontsize="medium")
+    axes.legend(loc="upper left", fontsize="small")
+    path.write_bytes(figure_bytes(figure, path.suffix.lstrip(".") or "png"))
     return path

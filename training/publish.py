@@ -41,10 +41,11 @@ from loraloop.hashes import lora_hash
 from loraloop.store import AdapterVersion, Store, StoreError
 from training.adapter_files import ADAPTER_FILE, kohya_copy_of, read_provenance, write_a1111_copy
 
+# Written into the run directory after its first publish, so publishing it again reuses the run's record.
+from training.runs import RUN_ID_FILE
+
 log = logging.getLogger(__name__)
 
-# Written into the run directory after its first publish, so publishing it again reuses the run's record.
-RUN_ID_FILE = "training_run_id"
 
 
 class PublishError(Exception):
