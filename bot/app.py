@@ -38,8 +38,12 @@ STYLES_TTL_S = 60.0
 class CommandTree(app_commands.CommandTree):
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         """No traceback ever reaches a user: log it, answer with a reference."""
+        from bot.commands import OptionRefused
+
         if isinstance(error, app_commands.CheckFailure):
             text = str(error) or "You can't use that command here."
+        elif isinstance(error, OptionRefused):
+            text = str(error)
         else:
             log.error("interaction %s (/%s) failed", interaction.id,
                       interaction.command.qualified_name if interaction.command else "?", exc_info=error)

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Literal
 import discord
 from discord import app_commands
 
-from bot.imagine import Spec, describe_error, size_for
+from bot.imagine import MAX_STYLES, Spec, describe_error, size_for
+from generation.contract import ADAPTER_NAME_RE, ADAPTER_VERSION_RE, AdapterRef
 
 if TYPE_CHECKING:
     from bot.app import LoraloopBot
@@ -30,6 +31,71 @@ log = logging.getLogger(__name__)
 Aspect = Literal["1:1", "2:3", "3:2", "16:9", "9:16"]
 # Discord's own ceiling on a string option's max_length.
 DISCORD_MAX_STRING = 6000
+STYLE_WEIGHT_RANGE = (0.0, 2.0)
+
+
+class OptionRefused(app_commands.AppCommandError):
+    """An option Discord could not check for us; its message is shown to the person as is."""
+
+
+def parse_styles(text: str) -> tuple[AdapterRef, ...]:
+    """"fox:0.8, ink@2:0.5" as adapters with weights (1 where none is given); ValueError says
+    what is wrong in a sentence."""
+    styles = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        name, _, weight_text = entry.partition(":")
+        name = name.strip()
+        base, _, version = name.partition("@")
+        if not ADAPTER_NAME_RE.match(base) or (version and not ADAPTER_VERSION_RE.match(version)):
+            raise ValueError(f"{name!r} is not a style name; see /styles (write them like fox:0.8, ink@2:0.5).")
+        try:
+            weight = float(weight_text) if weight_text.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"The weight of {name} is not a number (write fox:0.8).") from None
+        low, high = STYLE_WEIGHT_RANGE
+        if not low <= weight <= high:
+            raise ValueError(f"The weight of {name} must be between {low:g} and {high:g}.")
+        styles.append(AdapterRef(name, weight))
+    return tuple(styles)
+
+
+class StylesTransformer(app_commands.Transformer):
+    """The `styles` option: parsed here, so the command body gets adapters, and autocompleted
+    one entry at a time (the entries before the one being typed are kept as written)."""
+
+    def __init__(self, bot: "LoraloopBot") -> None:
+        self.bot = bot
+
+    async def transform(self, interaction: discord.Interaction, value: str) -> tuple[AdapterRef, ...]:
+        try:
+            styles = parse_styles(value)
+        except ValueError as exc:
+            raise OptionRefused(str(exc)) from None
+        if len(styles) > MAX_STYLES:
+            raise OptionRefused(f"At most {MAX_STYLES} styles per image; you named {len(styles)}.")
+        return styles
+
+    async def autocomplete(self, interaction: discord.Interaction, value: str) -> list[app_commands.Choice[str]]:
+        head, _, typing_now = value.rpartition(",")
+        prefix = f"{head}, " if head else ""
+        wanted = typing_now.strip().lower()
+        taken = {part.split(":")[0].split("@")[0].strip() for part in head.split(",")}
+        names = await _style_names(self.bot)
+        choices = [prefix + n for n in names if wanted in n.lower() and n not in taken]
+        # Discord refuses a choice over 100 characters, and more than 25 of them.
+        return [app_commands.Choice(name=c, value=c) for c in choices if len(c) <= 100][:25]
+
+
+async def _style_names(bot: "LoraloopBot") -> list[str]:
+    """The shared styles' names, for autocomplete (personal styles are never offered)."""
+    try:
+        styles = await bot.styles()
+    except Exception as exc:  # noqa: BLE001  autocomplete has no way to show an error; offer nothing
+        log.warning("style autocomplete: service unavailable: %s", exc)
+        return []
+    return sorted({a.name for a in styles})
 
 
 def register(bot: "LoraloopBot") -> None:
@@ -45,6 +111,7 @@ def register(bot: "LoraloopBot") -> None:
         negative="What to keep out of the image",
         style="A trained style (see /styles)",
         style_weight="How strongly the style applies (0 to 2; 1 is as trained)",
+        styles=f"More styles with weights, like fox:0.8, ink@2:0.5 (at most {MAX_STYLES} in all)",
         aspect="Shape of the image",
         steps="Denoising steps: more is slower and often finer",
         guidance="How literally to follow the prompt (about 7 is usual)",
@@ -59,6 +126,7 @@ def register(bot: "LoraloopBot") -> None:
         negative: str | None = None,
         style: str | None = None,
         style_weight: app_commands.Range[float, 0.0, 2.0] = 1.0,
+        styles: app_commands.Transform[tuple[AdapterRef, ...], StylesTransformer(bot)] = (),
         aspect: Aspect = "1:1",
         steps: MaxSteps | None = None,
         guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
@@ -69,19 +137,19 @@ def register(bot: "LoraloopBot") -> None:
     ) -> None:
         """Make images from a prompt; rate them with reactions to teach the bot."""
         width, height = size_for(aspect, settings.base_size)
-        spec = Spec(prompt=prompt, negative=negative or "", style=style or None, style_weight=style_weight,
+        stacked = ((AdapterRef(style, style_weight),) if style else ()) + tuple(styles)
+        if len(stacked) > MAX_STYLES:
+            await interaction.response.send_message(
+                f"At most {MAX_STYLES} styles per image, counting `style`; you named {len(stacked)}.", ephemeral=True)
+            return
+        spec = Spec(prompt=prompt, negative=negative or "", styles=stacked,
                     width=width, height=height, steps=steps, guidance=guidance, seed=seed, count=count,
                     strength=strength if image is not None else None)
         await bot.generate.start(interaction, spec, image)
 
     @imagine.autocomplete("style")
     async def style_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        try:
-            styles = await bot.styles()
-        except Exception as exc:  # noqa: BLE001  autocomplete has no way to show an error; offer nothing
-            log.warning("style autocomplete: service unavailable: %s", exc)
-            return []
-        names = sorted({a.name for a in styles})
+        names = await _style_names(bot)
         wanted = current.lower()
         return [app_commands.Choice(name=n, value=n) for n in names if wanted in n.lower()][:25]
 

@@ -50,6 +50,8 @@ TOKEN_LIFETIME_S = 14 * 60
 DEFAULT_FILESIZE_LIMIT = 10 * 1024 * 1024
 # JSON error codes Discord answers when an interaction token is no longer usable.
 DEAD_TOKEN_CODES = {50027, 10015}
+# Styles one /imagine may stack: each more adapter dilutes the others and costs a little time.
+MAX_STYLES = 3
 
 
 def size_for(aspect: str, base: int) -> tuple[int, int]:
@@ -65,8 +67,8 @@ class Spec:
 
     prompt: str
     negative: str = ""
-    style: str | None = None
-    style_weight: float = 1.0
+    # The adapters to stack, in order; a name may pin a version ("ink@2").
+    styles: tuple[AdapterRef, ...] = ()
     width: int | None = None
     height: int | None = None
     steps: int | None = None
@@ -77,12 +79,14 @@ class Spec:
     strength: float | None = None
     # Served in an A/B experiment: the image's message must not say which version made it.
     blind: bool = False
+    # 🔍 upscale: the stored image this job enlarges, recorded as the generation's parent.
+    parent_image_id: int | None = None
 
     def request(self, requester: int) -> JobRequest:
         return JobRequest(
             prompt=self.prompt,
             negative_prompt=self.negative,
-            adapters=(AdapterRef(self.style, self.style_weight),) if self.style else (),
+            adapters=self.styles,
             steps=self.steps,
             guidance=self.guidance,
             seed=self.seed,
@@ -98,12 +102,11 @@ class Spec:
     def from_generation(cls, generation: Generation) -> Spec:
         """The settings of a recorded generation (for 🔁 and 🎨), without its seed."""
         params = generation.parameters
-        adapter = generation.adapters[0] if generation.adapters else None
         return cls(
             prompt=generation.prompt,
             negative=generation.negative_prompt,
-            style=adapter["name"] if adapter else None,
-            style_weight=float(adapter.get("weight", 1.0)) if adapter else 1.0,
+            styles=tuple(AdapterRef(str(a["name"]).partition("@")[0], float(a.get("weight", 1.0)))
+                         for a in generation.adapters),
             width=params.get("width"),
             height=params.get("height"),
             steps=params.get("steps"),
@@ -410,16 +413,28 @@ class Generate:
 
     async def _serve(self, spec: Spec) -> tuple[Spec, Spec, int | None, str | None]:
         """(what to request, what to show, experiment id, arm): a style named without a version
-        gets its default version pinned, or, while an experiment runs, an arm drawn for this
-        request (`loraloop.experiments.choose_arm`)."""
-        if spec.style is None or "@" in spec.style:
-            return spec, spec, None, None
-        serving = await self.bot.store.call(experiments.serving, spec.style)
-        version, arm = experiments.choose_arm(serving, random.random())
-        if version is None:
-            return spec, spec, None, None  # no recorded version: the service picks its newest file
+        gets its default version pinned, or, while an experiment runs and it is the only style
+        asked for, an arm drawn for this request (`loraloop.experiments.choose_arm`).
+
+        Stacked styles always get their default versions: an arm's images must differ from the
+        other arm's by the candidate alone, and a generation records one experiment at most."""
+        pinned: list[AdapterRef] = []
+        experiment_id: int | None = None
+        arm: str | None = None
+        for style in spec.styles:
+            if "@" in style.name:
+                pinned.append(style)
+                continue
+            serving = await self.bot.store.call(experiments.serving, style.name)
+            if len(spec.styles) == 1:
+                version, arm = experiments.choose_arm(serving, random.random())
+                experiment_id = serving.experiment_id if arm is not None else None
+            else:
+                version = serving.version
+            # No recorded version: the service picks its newest file.
+            pinned.append(style if version is None else replace(style, name=f"{style.name}@{version}"))
         shown_spec = replace(spec, blind=arm is not None)
-        return replace(shown_spec, style=f"{spec.style}@{version}"), shown_spec, serving.experiment_id, arm
+        return replace(shown_spec, styles=tuple(pinned)), shown_spec, experiment_id, arm
 
     async def _run(self, interaction: discord.Interaction, spec: Spec, job_key: str) -> None:
         reply = InteractionReply(interaction)
@@ -439,7 +454,7 @@ class Generate:
             job_id=job_id, prompt=spec.prompt, negative_prompt=spec.negative,
             requester_id=user_id, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
             parameters=parameters, adapters=[a.to_dict() for a in request.adapters],
-            experiment_id=experiment_id, arm=arm,
+            experiment_id=experiment_id, arm=arm, parent_image_id=spec.parent_image_id,
         )
         from bot.views import progress_view
 

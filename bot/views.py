@@ -7,6 +7,7 @@ images and generations). The bot registers the classes with `add_dynamic_items` 
 
     🔁 reroll     the same settings with a new seed (anyone may reroll)
     🎨 variation  img2img from this image at low strength
+    🔍 upscale    2x: this image enlarged, then img2img with its prompt, seed and styles
     🗑 delete     the requester or an admin removes the image message
     ❌ cancel     the requester or an admin stops a queued or running job
 """
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot.imagine import Spec
+from generation.contract import AdapterRef
 
 if TYPE_CHECKING:
     from bot.app import LoraloopBot
@@ -83,6 +85,38 @@ class VaryButton(discord.ui.DynamicItem[discord.ui.Button], template=r"loraloop:
         path = bot.store.data_dir / image.path
         spec = replace(Spec.from_generation(generation), count=1, width=image.width, height=image.height,
                        init_image=await asyncio.to_thread(path.read_bytes), strength=bot.settings.variation_strength)
+        await bot.generate.start(interaction, spec)
+
+
+class UpscaleButton(discord.ui.DynamicItem[discord.ui.Button], template=r"loraloop:upscale"):
+    def __init__(self) -> None:
+        super().__init__(discord.ui.Button(emoji="🔍", label="Upscale", custom_id="loraloop:upscale",
+                                           style=discord.ButtonStyle.secondary))
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> UpscaleButton:
+        return cls()
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        found = await _generation_for(interaction)
+        if found is None:
+            return
+        image, generation = found
+        bot = _bot(interaction)
+        width, height = image.width * 2, image.height * 2
+        if width * height > bot.settings.upscale_max_pixels:
+            await interaction.response.send_message(
+                f"This image is already as large as upscaling goes here ({width}×{height} would be over "
+                f"{bot.settings.upscale_max_pixels:,} pixels).", ephemeral=True)
+            return
+        # The versions that made the original, pinned: a newer one since would be another picture.
+        styles = tuple(AdapterRef(a["name"] if a.get("version") is None else f"{a['name']}@{a['version']}",
+                                  float(a.get("weight", 1.0))) for a in generation.adapters)
+        path = bot.store.data_dir / image.path
+        spec = replace(Spec.from_generation(generation), styles=styles, count=1, width=width, height=height,
+                       seed=image.seed, init_image=await asyncio.to_thread(path.read_bytes),
+                       strength=bot.settings.upscale_strength, parent_image_id=image.id)
         await bot.generate.start(interaction, spec)
 
 
@@ -149,7 +183,7 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button],
 
 def image_view(requester: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
-    for item in (RerollButton(), VaryButton(), DeleteButton(requester)):
+    for item in (RerollButton(), VaryButton(), UpscaleButton(), DeleteButton(requester)):
         view.add_item(item)
     return view
 
@@ -160,4 +194,4 @@ def progress_view(job_id: str, requester: int) -> discord.ui.View:
     return view
 
 
-DYNAMIC_ITEMS = (RerollButton, VaryButton, DeleteButton, CancelButton)
+DYNAMIC_ITEMS = (RerollButton, VaryButton, UpscaleButton, DeleteButton, CancelButton)

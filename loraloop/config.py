@@ -241,6 +241,11 @@ class BotConfig:
     flag_emoji: str = "🚩"
     # img2img strength of the 🎨 variation button: lower stays closer to the original.
     variation_strength: float = 0.35
+    # 🔍 upscale (2x, then img2img with the same prompt, seed and styles): how far the second pass
+    # may move from the enlarged image (lower keeps it, higher adds detail and drifts), and the
+    # largest output in pixels (the second pass costs about 4x the first per step).
+    upscale_strength: float = 0.35
+    upscale_max_pixels: int = 1024 * 1024
     # Largest image attachment accepted for img2img.
     max_attachment_bytes: int = 8 * 1024 * 1024
     # Generation messages re-read at start to pick up votes made while the bot was offline.
@@ -261,6 +266,8 @@ class BotConfig:
                  "values must be 1 (like) or -1 (dislike)")
         _require(self.flag_emoji not in self.rating_emojis, "flag_emoji", "must differ from the rating emojis")
         _require(0 < self.variation_strength <= 1, "variation_strength", "must be in (0, 1]")
+        _require(0 < self.upscale_strength <= 1, "upscale_strength", "must be in (0, 1]")
+        _require(self.upscale_max_pixels >= 64 * 64, "upscale_max_pixels", "must be at least 4096 (64x64)")
         _require(self.catch_up_messages >= 0, "catch_up_messages", "must not be negative")
 
 

@@ -296,6 +296,17 @@ def _m0005_experiments(db: Database) -> None:
     )
 
 
+@_migration("0006_upscale_parent")
+def _m0006_upscale_parent(db: Database) -> None:
+    # A generation made from one image of another (🔍 upscale): which image it enlarged.
+    db.executescript(
+        """
+        ALTER TABLE generations ADD COLUMN parent_image_id INTEGER REFERENCES images(id);
+        CREATE INDEX generations_parent ON generations(parent_image_id);
+        """
+    )
+
+
 # --- records --------------------------------------------------------------------------------
 
 
@@ -320,6 +331,8 @@ class Generation:
     # The A/B experiment this request was served in, and its arm ("control" or "candidate").
     experiment_id: int | None = None
     arm: str | None = None
+    # The image this generation enlarged (🔍 upscale); None for a generation from a prompt.
+    parent_image_id: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Generation:
@@ -673,13 +686,14 @@ class Store:
         status: str = "queued",
         experiment_id: int | None = None,
         arm: str | None = None,
+        parent_image_id: int | None = None,
     ) -> int:
         """Record a generation request; the same job id again returns the first row's id.
 
         `adapters`: dicts (or contract objects) with "name", optional "version", "weight",
         "sha256"; a name pinned as "pixel@3" with no version is split into name and version.
         `experiment_id`, `arm`: the A/B experiment this request was served in, and its arm
-        ("control" or "candidate").
+        ("control" or "candidate"). `parent_image_id`: the image an upscale enlarged.
         """
         if status not in GENERATION_STATUSES:
             raise ValueError(f"status must be one of {', '.join(GENERATION_STATUSES)}")
@@ -700,11 +714,11 @@ class Store:
             cursor = conn.execute(
                 """INSERT INTO generations (job_id, requester_id, guild_id, channel_id, prompt,
                        negative_prompt, parameters_json, adapters_json, status, created_at,
-                       experiment_id, arm)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       experiment_id, arm, parent_image_id)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (job_id, requester_id, guild_id, channel_id, prompt, negative_prompt,
                  json.dumps(dict(parameters or {}), sort_keys=True), json.dumps(adapter_list),
-                 status, self._now(), experiment_id, arm),
+                 status, self._now(), experiment_id, arm, parent_image_id),
             )
             generation_id = _inserted_id(cursor)
             conn.executemany(

@@ -1,0 +1,114 @@
+"""The Discord features past /imagine: several styles, 🔍 upscale, /describe, the NSFW policy and
+personal styles. The real discord.py client against the fake Discord, a real SQLite store, and
+the real service on the tiny model (the fixtures are test_bot.py's)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+from test_bot import (  # noqa: F401  pytest fixtures, found by name
+    bots,
+    custom_ids,
+    fake,
+    finished,
+    refused_with,
+    service,
+    services,
+    store,
+    votes,
+    wait_until,
+)
+
+from bot.commands import parse_styles
+from generation.contract import AdapterRef
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def image_size(fake, message: dict) -> tuple[int, int]:
+    with Image.open(io.BytesIO(fake.attachment_bytes(message["attachments"][0]))) as image:
+        return image.size
+
+
+# ---- several styles -----------------------------------------------------------------------------
+
+
+def test_a_styles_option_reads_names_versions_and_weights():
+    assert parse_styles("fox:0.8, ink@2:0.5,pixel") == (
+        AdapterRef("fox", 0.8), AdapterRef("ink@2", 0.5), AdapterRef("pixel", 1.0))
+    for bad, words in (("fox:lots", "not a number"), ("../up", "not a style name"), ("fox:3", "between 0 and 2")):
+        with pytest.raises(ValueError, match=words):
+            parse_styles(bad)
+
+
+async def test_three_styles_reach_the_service_the_provenance_and_the_stats(  # noqa: F811
+        fake, store, bots, service, tiny_model_dir, data_dir):
+    from generation.testing import write_lora
+
+    for seed, name in enumerate(("fox", "ink", "pixel"), start=1):
+        write_lora(tiny_model_dir, data_dir / "adapters" / name / "v1.safetensors", seed=seed)
+    await service.reload_adapters()
+    await bots.start(service)
+
+    typed = await fake.slash("imagine", {"prompt": "a fox", "styles": "fox:0.8, in"}, focused="styles")
+    await fake.wait_for(lambda: typed.acknowledged_at is not None)
+    assert typed.choices == [{"name": "fox:0.8, ink", "value": "fox:0.8, ink"}]
+
+    interaction = await fake.slash("imagine", {"prompt": "an inked pixel fox", "style": "fox", "style_weight": 0.8,
+                                               "styles": "ink@1:0.5, pixel", "steps": 2})
+    await finished(fake, interaction)
+    (message,) = fake.image_messages()
+    assert "fox v1 + ink v1 + pixel v1" in message["content"]
+    generation = await store.generation(1)
+    assert [(a["name"], a["version"], a["weight"]) for a in generation.adapters] == [
+        ("fox", 1, 0.8), ("ink", 1, 0.5), ("pixel", 1, 1.0)]
+
+    await fake.react(int(message["id"]), "👍", fake.bob)
+    image = await store.image_for_message(int(message["id"]))
+    await wait_until(lambda: votes(store, image.id), {int(fake.bob["id"]): 1})
+    stats = await fake.slash("stats")
+    await fake.wait_for(lambda: stats.followup_ids)
+    text = fake.messages[stats.followup_ids[0]]["embeds"][0]["description"]
+    for name in ("fox", "ink", "pixel"):
+        assert f"**{name} v1**: 1 images, 1 votes, 100% liked" in text, "each adapter version gets the vote"
+
+
+async def test_more_than_three_styles_or_a_bad_one_is_refused_before_any_work(fake, bots):  # noqa: F811
+    await bots.start()
+    four = await fake.slash("imagine", {"prompt": "a fox", "style": "fox", "styles": "a, b, c"})
+    await refused_with(fake, four, "At most 3 styles")
+    bad = await fake.slash("imagine", {"prompt": "a fox", "styles": "fox:lots"})
+    await refused_with(fake, bad, "not a number")
+
+
+# ---- 🔍 upscale ---------------------------------------------------------------------------------
+
+
+async def test_upscale_posts_a_twice_as_large_image_with_its_parent_recorded(  # noqa: F811
+        fake, store, bots, service):
+    bot = await bots.start(service)
+    first = await fake.slash("imagine", {"prompt": "a lighthouse", "steps": 4, "seed": 11})
+    await finished(fake, first)
+    (original,) = fake.image_messages()
+    upscale = next(i for i in custom_ids(original) if i == "loraloop:upscale")
+    clicked = await fake.click(int(original["id"]), upscale, user=fake.bob)
+    await fake.wait_for(lambda: len(fake.image_messages()) == 2, timeout=60)
+    assert clicked.ack_seconds < 3
+    larger = fake.image_messages()[1]
+    assert image_size(fake, larger) == (128, 128) and "seed 11" in larger["content"]
+    assert "upscale" in "".join(custom_ids(larger)), "the upscaled image has its own buttons"
+    await fake.wait_for(lambda: fake.bot_reactions(int(larger["id"])) == ["👍", "👎", "🚩"])
+    parent = await store.image_for_message(int(original["id"]))
+    child = await store.image_for_message(int(larger["id"]))
+    generation = await store.generation(child.generation_id)
+    assert generation.parent_image_id == parent.id and generation.requester_id == int(fake.bob["id"])
+    assert generation.parameters["strength"] == bot.settings.upscale_strength
+
+    # Past the largest output the config allows, the button says so and starts nothing.
+    await bots.stop(bot)
+    await bots.start(service, upscale_max_pixels=64 * 64)
+    refused = await fake.click(int(original["id"]), upscale, user=fake.bob)
+    await refused_with(fake, refused, "as large as upscaling goes")
+    assert len(fake.image_messages()) == 2
