@@ -77,7 +77,8 @@ class StylesTransformer(app_commands.Transformer):
             raise OptionRefused(f"At most {MAX_STYLES} styles per image; you named {len(styles)}.")
         return styles
 
-    async def autocomplete(self, interaction: discord.Interaction, value: str) -> list[app_commands.Choice[str]]:
+    async def autocomplete(self, interaction: discord.Interaction,  # type: ignore[override]  # a str option
+                           value: str) -> list[app_commands.Choice[str]]:
         head, _, typing_now = value.rpartition(",")
         prefix = f"{head}, " if head else ""
         wanted = typing_now.strip().lower()
@@ -152,6 +153,34 @@ def register(bot: "LoraloopBot") -> None:
         names = await _style_names(bot)
         wanted = current.lower()
         return [app_commands.Choice(name=n, value=n) for n in names if wanted in n.lower()][:25]
+
+    @tree.command()
+    @app_commands.describe(image="The picture to describe")
+    async def describe(interaction: discord.Interaction, image: discord.Attachment) -> None:
+        """Turn an image into a prompt you can /imagine."""
+        from bot.views import describe_view
+
+        refusal = bot.generate.attachment_refusal(image)
+        if refusal is not None:
+            await interaction.response.send_message(refusal, ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        try:
+            data = await image.read()
+            description = await bot.service.describe(data)
+        except discord.HTTPException as exc:
+            log.warning("interaction %s: attachment download failed: %s", interaction.id, exc)
+            await interaction.followup.send("I couldn't download that attachment; try uploading it again.")
+            return
+        except Exception as exc:  # noqa: BLE001  the user gets one sentence; describe_error logs the rest
+            await interaction.followup.send(describe_error(exc, str(interaction.id)))
+            return
+        if not description.caption.strip():
+            await interaction.followup.send("I couldn't find words for that image; try another one.")
+            return
+        # The caption rides in the embed: the button reads it back from there, even after a restart.
+        embed = discord.Embed(title="A prompt from your image", description=description.caption[:4000])
+        await interaction.followup.send(embed=embed, view=describe_view())
 
     @tree.command()
     async def styles(interaction: discord.Interaction) -> None:

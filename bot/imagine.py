@@ -290,6 +290,7 @@ def describe_error(exc: Exception, job_ref: str) -> str:
             "requester_limit": "You already have the most jobs the queue takes from one person; "
                                "wait for one to finish.",
             "unavailable": "The image service is not reachable right now; try again in a minute.",
+            "captioner_unavailable": "Describing images is not available on this server right now.",
         }
         if code in friendly:
             return friendly[code]
@@ -323,13 +324,18 @@ class Generate:
             log.info("refused %s for user %s: %s", interaction.id, interaction.user.id, refusal.reason)
             return refusal.message
         if attachment is not None:
-            if not (attachment.content_type or "").startswith("image/"):
-                return f"{attachment.filename} is not an image; attach a PNG, JPEG or WebP."
-            if attachment.size > self.settings.max_attachment_bytes:
-                mib = self.settings.max_attachment_bytes / (1024 * 1024)
-                return f"{attachment.filename} is too large; attach an image under {mib:.0f} MiB."
+            return self.attachment_refusal(attachment)
         # The style is checked by the service on submit (its answer lists the styles there are):
         # a local cache could be stale right after an adapter is published.
+        return None
+
+    def attachment_refusal(self, attachment: discord.Attachment) -> str | None:
+        """Why an attached image is not taken (not an image, too large); None: it is."""
+        if not (attachment.content_type or "").startswith("image/"):
+            return f"{attachment.filename} is not an image; attach a PNG, JPEG or WebP."
+        if attachment.size > self.settings.max_attachment_bytes:
+            mib = self.settings.max_attachment_bytes / (1024 * 1024)
+            return f"{attachment.filename} is too large; attach an image under {mib:.0f} MiB."
         return None
 
     async def start(self, interaction: discord.Interaction, spec: Spec,

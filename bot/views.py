@@ -10,6 +10,7 @@ images and generations). The bot registers the classes with `add_dynamic_items` 
     🔍 upscale    2x: this image enlarged, then img2img with its prompt, seed and styles
     🗑 delete     the requester or an admin removes the image message
     ❌ cancel     the requester or an admin stops a queued or running job
+    ✨ imagine    under a /describe answer: /imagine its caption
 """
 
 from __future__ import annotations
@@ -181,6 +182,35 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button],
         await interaction.followup.send("Cancelled.", ephemeral=True)
 
 
+class ImagineCaptionButton(discord.ui.DynamicItem[discord.ui.Button], template=r"loraloop:imagine-caption"):
+    def __init__(self) -> None:
+        super().__init__(discord.ui.Button(emoji="✨", label="Imagine this", custom_id="loraloop:imagine-caption",
+                                           style=discord.ButtonStyle.primary))
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> ImagineCaptionButton:
+        return cls()
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot = _bot(interaction)
+        embeds = interaction.message.embeds if interaction.message else []
+        caption = (embeds[0].description or "") if embeds else ""
+        if not caption.strip():
+            await interaction.response.send_message("This message no longer holds a prompt; use /describe again.",
+                                                    ephemeral=True)
+            return
+        prompt = caption[:bot.settings.max_prompt_chars]
+        side = bot.settings.base_size
+        await bot.generate.start(interaction, Spec(prompt=prompt, width=side, height=side))
+
+
+def describe_view() -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(ImagineCaptionButton())
+    return view
+
+
 def image_view(requester: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     for item in (RerollButton(), VaryButton(), UpscaleButton(), DeleteButton(requester)):
@@ -194,4 +224,4 @@ def progress_view(job_id: str, requester: int) -> discord.ui.View:
     return view
 
 
-DYNAMIC_ITEMS = (RerollButton, VaryButton, UpscaleButton, DeleteButton, CancelButton)
+DYNAMIC_ITEMS = (RerollButton, VaryButton, UpscaleButton, DeleteButton, CancelButton, ImagineCaptionButton)

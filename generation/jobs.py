@@ -205,14 +205,20 @@ def build_spec(request: JobRequest, config: ServiceConfig, catalog: AdapterCatal
 
 def decode_init_image(data: str, max_pixels: int) -> Image.Image:
     """An RGB image from base64, refusing anything that is not a whole, reasonably sized image."""
+    return decode_image_field(data, "init_image", max_pixels)
+
+
+def decode_image_field(data: str, name: str, max_pixels: int) -> Image.Image:
+    """The RGB image a request's base64 field `name` holds; InvalidRequest naming the field if it
+    is not a whole, reasonably sized PNG, JPEG or WebP (blocking: run it off the loop)."""
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequest("'init_image' is not valid base64.", ErrorCode.INVALID_IMAGE) from None
+        raise InvalidRequest(f"'{name}' is not valid base64.", ErrorCode.INVALID_IMAGE) from None
     try:
         image, _ = decode_untrusted(raw, max_pixels)
     except ImageRefused as exc:
-        raise InvalidRequest(f"'init_image' is refused: {exc.message}.", ErrorCode.INVALID_IMAGE) from None
+        raise InvalidRequest(f"'{name}' is refused: {exc.message}.", ErrorCode.INVALID_IMAGE) from None
     return image.convert("RGB")
 
 

@@ -8,7 +8,7 @@ import io
 
 import pytest
 from PIL import Image
-from test_bot import (  # noqa: F401  pytest fixtures, found by name
+from test_bot import (  # noqa: F401  pytest fixtures, found by name (pyproject: F811 here)
     bots,
     custom_ids,
     fake,
@@ -27,8 +27,8 @@ from generation.contract import AdapterRef
 pytestmark = pytest.mark.timeout(90)
 
 
-def image_size(fake, message: dict) -> tuple[int, int]:
-    with Image.open(io.BytesIO(fake.attachment_bytes(message["attachments"][0]))) as image:
+def image_size(discord_fake, message: dict) -> tuple[int, int]:
+    with Image.open(io.BytesIO(discord_fake.attachment_bytes(message["attachments"][0]))) as image:
         return image.size
 
 
@@ -43,7 +43,7 @@ def test_a_styles_option_reads_names_versions_and_weights():
             parse_styles(bad)
 
 
-async def test_three_styles_reach_the_service_the_provenance_and_the_stats(  # noqa: F811
+async def test_three_styles_reach_the_service_the_provenance_and_the_stats(
         fake, store, bots, service, tiny_model_dir, data_dir):
     from generation.testing import write_lora
 
@@ -75,7 +75,7 @@ async def test_three_styles_reach_the_service_the_provenance_and_the_stats(  # n
         assert f"**{name} v1**: 1 images, 1 votes, 100% liked" in text, "each adapter version gets the vote"
 
 
-async def test_more_than_three_styles_or_a_bad_one_is_refused_before_any_work(fake, bots):  # noqa: F811
+async def test_more_than_three_styles_or_a_bad_one_is_refused_before_any_work(fake, bots):
     await bots.start()
     four = await fake.slash("imagine", {"prompt": "a fox", "style": "fox", "styles": "a, b, c"})
     await refused_with(fake, four, "At most 3 styles")
@@ -86,7 +86,7 @@ async def test_more_than_three_styles_or_a_bad_one_is_refused_before_any_work(fa
 # ---- 🔍 upscale ---------------------------------------------------------------------------------
 
 
-async def test_upscale_posts_a_twice_as_large_image_with_its_parent_recorded(  # noqa: F811
+async def test_upscale_posts_a_twice_as_large_image_with_its_parent_recorded(
         fake, store, bots, service):
     bot = await bots.start(service)
     first = await fake.slash("imagine", {"prompt": "a lighthouse", "steps": 4, "seed": 11})
@@ -112,3 +112,57 @@ async def test_upscale_posts_a_twice_as_large_image_with_its_parent_recorded(  #
     refused = await fake.click(int(original["id"]), upscale, user=fake.bob)
     await refused_with(fake, refused, "as large as upscaling goes")
     assert len(fake.image_messages()) == 2
+
+
+# ---- /describe ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def describing(tiny_model_dir, tiny_blip_dir, data_dir):
+    """The real service on the tiny model, with the tiny BLIP as its captioner."""
+    from generation.client import ServiceClient
+    from generation.server import start_service
+    from loraloop.config import Config, Secrets
+
+    config = (Config().replace("service", model=str(tiny_model_dir), device="cpu", default_steps=2)
+              .replace("dataset", caption_model=str(tiny_blip_dir), caption_device="cpu"))
+    running = await start_service(config, Secrets(discord_token=None, service_token=None))
+    client = ServiceClient(running.url)
+    client.running = running
+    yield client
+    await client.close()
+    await running.stop()
+
+
+async def test_describe_answers_with_a_caption_and_imagine_this_starts_a_job(fake, store, bots,
+                                                                            describing):
+    from test_bot import png_bytes
+
+    await bots.start(describing)
+    upload = fake.upload("lake.png", png_bytes(size=48, color=(20, 90, 200)))
+    interaction = await fake.slash("describe", {"image": upload})
+    await fake.wait_for(lambda: interaction.followup_ids, timeout=60)
+    assert interaction.callback_type == 5, "deferred before the caption is made"
+    answer = fake.messages[interaction.followup_ids[0]]
+    caption = answer["embeds"][0]["description"]
+    assert caption.strip() and custom_ids(answer) == ["loraloop:imagine-caption"]
+
+    clicked = await fake.click(int(answer["id"]), "loraloop:imagine-caption", user=fake.bob)
+    await fake.wait_for(lambda: fake.image_messages(), timeout=60)
+    assert clicked.ack_seconds < 3
+    (message,) = fake.image_messages()
+    image = await store.image_for_message(int(message["id"]))
+    generation = await store.generation(image.generation_id)
+    assert generation.prompt == caption[:500] and generation.requester_id == int(fake.bob["id"])
+
+
+async def test_describe_refuses_what_is_not_an_image(fake, bots, describing):
+    await bots.start(describing)
+    text = fake.upload("notes.txt", b"hello", content_type="text/plain")
+    refused = await fake.slash("describe", {"image": text})
+    await refused_with(fake, refused, "notes.txt", "not an image")
+    broken = fake.upload("fox.png", b"not a png at all", content_type="image/png")
+    interaction = await fake.slash("describe", {"image": broken})
+    await fake.wait_for(lambda: interaction.followup_ids, timeout=30)
+    answer = fake.messages[interaction.followup_ids[0]]["content"]
+    assert "'image' is refused" in answer and "Traceback" not in answer

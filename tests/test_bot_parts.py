@@ -10,8 +10,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from bot.imagine import Spec, fit_for_discord, size_for
-from generation.contract import AdapterRef
 from bot.reactions import Meaning, meanings
+from generation.contract import AdapterRef
 
 
 def test_aspects_keep_the_short_side_and_round_the_long_one_to_a_multiple_of_8():
