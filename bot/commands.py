@@ -225,6 +225,10 @@ def register(bot: "LoraloopBot") -> None:
                 label = discord.utils.escape_markdown(item.prompt[:80])
                 links.append(f"{item.score:+d} [{label}]({where})" if where else f"{item.score:+d} {label}")
             embed.add_field(name="Top images this week", value="\n".join(links)[:1024], inline=False)
+        safety = await bot.store.safety_counts(interaction.guild_id)
+        if safety["checked"]:
+            embed.add_field(name="Safety check", value=f"{safety['checked']} images checked, {safety['flagged']} "
+                            f"flagged, {safety['blocked']} held back from their channel", inline=False)
         running = await bot.gate.lines()
         if running:
             embed.add_field(name="Experiments", value="\n".join(running)[:1024], inline=False)

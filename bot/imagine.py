@@ -185,6 +185,9 @@ class Reply(Protocol):
     @property
     def token_alive(self) -> bool: ...  # False: edits are no longer seen, so outcomes are sent
 
+    @property
+    def age_restricted(self) -> bool: ...  # the channel is one Discord marks age-restricted (NSFW)
+
     async def edit(self, **kwargs: Any) -> None: ...
 
     async def send(self, **kwargs: Any) -> discord.Message: ...
@@ -198,6 +201,8 @@ class ChannelReply:
     """
 
     token_alive = False
+    # A job resumed after a restart knows its channel by id only: treated as an ordinary channel.
+    age_restricted = False
 
     def __init__(self, channel: discord.abc.Messageable, user_id: int) -> None:
         self.channel = channel
@@ -232,6 +237,12 @@ class InteractionReply:
     @property
     def token_alive(self) -> bool:
         return not self.token_dead and time.monotonic() - self.started < TOKEN_LIFETIME_S
+
+    @property
+    def age_restricted(self) -> bool:
+        # DMs and channels discord.py could not resolve have no is_nsfw(): ordinary channels.
+        is_nsfw = getattr(self.interaction.channel, "is_nsfw", None)
+        return bool(is_nsfw()) if callable(is_nsfw) else False
 
     async def edit(self, **kwargs: Any) -> None:
         """Edit the deferred message; skipped once the token is gone (progress is optional)."""
@@ -552,16 +563,31 @@ class Generate:
         # The client raises when a stream breaks off, so ending without a final state is a bug.
         raise RuntimeError(f"the event stream of job {job_id} ended without a final state")
 
+    def nsfw_policy(self, reply: Reply) -> str:
+        """What to do with an image the safety check flagged, where this reply posts: "post",
+        "spoiler" or "block" (`[bot] nsfw_channel_policy` in age-restricted channels, else `nsfw_policy`)."""
+        return self.settings.nsfw_channel_policy if reply.age_restricted else self.settings.nsfw_policy
+
     async def _post_image(self, reply: Reply, generation_id: int, job_id: str, user_id: int, spec: Spec,
                           status: JobStatus, image: ImageResult) -> None:
         from bot.views import image_view
 
         png = await self.bot.service.image(job_id, image.index)
+        policy = self.nsfw_policy(reply) if image.nsfw else "post"
         image_id = await self.bot.store.add_image(generation_id, index=image.index, seed=image.seed,
-                                                  width=image.width, height=image.height, png=png)
+                                                  width=image.width, height=image.height, png=png,
+                                                  nsfw=image.nsfw, blocked=policy == "block")
+        if policy == "block":
+            log.info("job %s: image %d held back by the safety check", job_id, image.index)
+            await reply.send(content=f"🚫 Image {image.index + 1} of **{shown(spec.prompt)}** was held back: the "
+                                     "safety check flagged it, and this channel does not show such images.",
+                             ephemeral=True)
+            return
         # Re-encoding an oversized (or experiment's) image is CPU work: keep it off the event loop.
         files = await asyncio.to_thread(fit_for_discord, png, reply.filesize_limit, f"{job_id}-{image.index}",
                                         spec.blind)
+        for file in files:
+            file.spoiler = policy == "spoiler"
         async with self.bot.votes.posting():
             message = await reply.send(content=provenance(spec.prompt, image, status, spec.blind), files=files,
                                        view=image_view(user_id))

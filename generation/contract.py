@@ -273,18 +273,22 @@ class ImageResult:
     width: int
     height: int
     sha256: str
+    # The safety check's verdict: True flagged, False passed, None when the service runs no check.
+    nsfw: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ImageResult:
+        nsfw = data.get("nsfw")
         return cls(
             index=int(data["index"]),
             seed=int(data["seed"]),
             width=int(data["width"]),
             height=int(data["height"]),
             sha256=str(data["sha256"]),
+            nsfw=None if nsfw is None else bool(nsfw),
         )
 
 

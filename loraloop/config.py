@@ -153,9 +153,17 @@ class ServiceConfig:
     # torch.compile compiles them before the first job; each costs start-up time.
     warmup_sizes: list[list[int]] = field(default_factory=list)
     warmup_batch_sizes: list[int] = field(default_factory=list)
+    # The image safety check: diffusers' StableDiffusionSafetyChecker from a model id (for example
+    # "CompVis/stable-diffusion-safety-checker"), a local directory, or "tiny" (random, offline).
+    # Empty: no check, every image's verdict is "unchecked". Costs one small CLIP pass per image.
+    safety_checker: str = ""
+    # Added to every concept score (diffusers' `adjustment`): above 0 flags more images, including
+    # benign ones; below 0 fewer. 2 flags everything, which is how the tests force a flag.
+    safety_adjustment: float = 0.0
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "port", "must be between 1 and 65535")
+        _require(-2.0 <= self.safety_adjustment <= 2.0, "safety_adjustment", "must be between -2 and 2")
         for key in ("max_queue", "max_per_requester", "max_batch", "max_steps", "max_count",
                     "max_prompt_chars", "max_pixels", "max_body_bytes", "keep_finished", "max_image_pixels"):
             _require(getattr(self, key) >= 1, key, "must be at least 1")
@@ -250,6 +258,12 @@ class BotConfig:
     max_attachment_bytes: int = 8 * 1024 * 1024
     # Generation messages re-read at start to pick up votes made while the bot was offline.
     catch_up_messages: int = 200
+    # What happens to an image the service's safety check flags. Outside age-restricted channels:
+    # "block" (the person is told, the image is kept out of the channel and of every dataset) or
+    # "spoiler" (posted behind a spoiler). In channels Discord marks age-restricted: "post",
+    # "spoiler" or "block".
+    nsfw_policy: typing.Literal["block", "spoiler"] = "block"
+    nsfw_channel_policy: typing.Literal["post", "spoiler", "block"] = "post"
 
     def __post_init__(self) -> None:
         _require(self.max_active_per_user >= 1, "max_active_per_user", "must be at least 1")

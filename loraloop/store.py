@@ -307,6 +307,19 @@ def _m0006_upscale_parent(db: Database) -> None:
     )
 
 
+@_migration("0007_safety_verdicts")
+def _m0007_safety_verdicts(db: Database) -> None:
+    # The service's safety check per image (NULL: not checked, 0 passed, 1 flagged), and when the
+    # bot's policy kept a flagged image out of its channel: such an image has no message, and it
+    # and every flagged image stay out of datasets (curation sees the verdict as an 'nsfw' flag).
+    db.executescript(
+        """
+        ALTER TABLE images ADD COLUMN nsfw INTEGER CHECK (nsfw IN (0, 1));
+        ALTER TABLE images ADD COLUMN blocked_at TEXT;
+        """
+    )
+
+
 # --- records --------------------------------------------------------------------------------
 
 
@@ -355,6 +368,8 @@ class Image:
     path: str  # relative to the data directory
     message_id: int | None
     created_at: str
+    nsfw: bool | None = None  # the service's safety verdict; None: not checked
+    blocked: bool = False  # flagged and kept out of its channel by the bot's policy
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Image:
@@ -362,6 +377,7 @@ class Image:
             id=row["id"], generation_id=row["generation_id"], index=row["image_index"],
             seed=row["seed"], width=row["width"], height=row["height"], sha256=row["sha256"],
             path=row["path"], message_id=row["message_id"], created_at=row["created_at"],
+            nsfw=None if row["nsfw"] is None else bool(row["nsfw"]), blocked=row["blocked_at"] is not None,
         )
 
 
@@ -822,10 +838,12 @@ class Store:
         return relative
 
     def add_image(
-        self, generation_id: int, *, index: int, seed: int, width: int, height: int, png: bytes
+        self, generation_id: int, *, index: int, seed: int, width: int, height: int, png: bytes,
+        nsfw: bool | None = None, blocked: bool = False,
     ) -> int:
         """Store an image's bytes by sha256 and record it; the same generation and index again
-        returns the first row's id."""
+        returns the first row's id. `nsfw`: the safety check's verdict (None: not checked);
+        `blocked`: the bot's policy kept it out of its channel."""
         sha256 = hashlib.sha256(png).hexdigest()
         relative = self._store_file(sha256, png)
         with self._write() as conn:
@@ -838,8 +856,9 @@ class Store:
             try:
                 cursor = conn.execute(
                     """INSERT INTO images (generation_id, image_index, seed, width, height,
-                           sha256, path, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (generation_id, index, seed, width, height, sha256, relative, self._now()),
+                           sha256, path, created_at, nsfw, blocked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (generation_id, index, seed, width, height, sha256, relative, self._now(),
+                     None if nsfw is None else int(nsfw), self._now() if blocked else None),
                 )
             except sqlite3.IntegrityError:
                 raise NotFoundError(f"no generation with id {generation_id}") from None
@@ -1055,6 +1074,7 @@ class Store:
               AND (:guild_id IS NULL OR g.guild_id = :guild_id)
               AND i.deleted_at IS NULL
               AND NOT EXISTS (SELECT 1 FROM flags f WHERE f.image_id = i.id AND f.kind = 'nsfw')
+              AND i.nsfw IS NOT 1
             GROUP BY i.id
             HAVING likes > 0
             ORDER BY likes - dislikes DESC, likes DESC, i.id
@@ -1063,6 +1083,17 @@ class Store:
             {"since": _timestamp(since), "guild_id": guild_id, "limit": limit},
         )
         return [TopImage(**dict(row)) for row in rows]
+
+    def safety_counts(self, guild_id: int | None = None) -> dict[str, int]:
+        """Images the safety check saw, flagged, and that the bot's policy kept out of their channel."""
+        rows = self._rows(
+            """SELECT COUNT(i.nsfw) AS checked, COALESCE(SUM(i.nsfw = 1), 0) AS flagged,
+                      COUNT(i.blocked_at) AS blocked
+               FROM images i JOIN generations g ON g.id = i.generation_id
+               WHERE :guild_id IS NULL OR g.guild_id = :guild_id""",
+            {"guild_id": guild_id},
+        )
+        return {key: rows[0][key] for key in ("checked", "flagged", "blocked")}
 
     def counts(self) -> dict[str, int]:
         """Rows per table, for `loraloop db stats`."""
@@ -1344,9 +1375,11 @@ class Store:
                 FROM counted GROUP BY image_id
             ),
             flagged AS (
-                SELECT f.image_id, group_concat(DISTINCT f.kind) AS kinds
-                FROM flags f JOIN selected s ON s.id = f.image_id
-                GROUP BY f.image_id
+                -- People's flags, and the safety check's verdict as an 'nsfw' flag of its own.
+                SELECT image_id, group_concat(DISTINCT kind) AS kinds FROM (
+                    SELECT f.image_id, f.kind FROM flags f JOIN selected s ON s.id = f.image_id
+                    UNION ALL SELECT s.id, 'nsfw' FROM selected s WHERE s.nsfw = 1
+                ) GROUP BY image_id
             )
             SELECT s.id, s.generation_id, s.sha256, s.path, s.width, s.height, s.prompt,
                    s.negative_prompt, s.requester_id, s.created_at, s.phash,
@@ -1570,3 +1603,4 @@ class AsyncStore:
     pending_announcements = _on_store_thread(Store.pending_announcements)
     mark_announced = _on_store_thread(Store.mark_announced)
     rater_weights = _on_store_thread(Store.rater_weights)
+    safety_counts = _on_store_thread(Store.safety_counts)

@@ -166,3 +166,61 @@ async def test_describe_refuses_what_is_not_an_image(fake, bots, describing):
     await fake.wait_for(lambda: interaction.followup_ids, timeout=30)
     answer = fake.messages[interaction.followup_ids[0]]["content"]
     assert "'image' is refused" in answer and "Traceback" not in answer
+
+
+# ---- the NSFW policy ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_safety_dir(tmp_path_factory) -> str:
+    from loraloop.tiny import tiny_safety_checker_path
+
+    return str(tiny_safety_checker_path(tmp_path_factory.mktemp("tiny-safety-data")))
+
+
+@pytest.fixture
+async def flagging(services, tiny_safety_dir):
+    """The real service whose tiny safety checker flags every image (adjustment 2, see tiny.py)."""
+    return await services(safety_checker=tiny_safety_dir, safety_adjustment=2.0)
+
+
+async def test_a_flagged_image_is_blocked_in_an_ordinary_channel_and_kept_out_of_datasets(
+        fake, store, bots, flagging, data_dir):
+    from loraloop.store import Store
+
+    await bots.start(flagging)
+    interaction = await fake.slash("imagine", {"prompt": "a questionable fox", "steps": 2})
+    await finished(fake, interaction)
+    assert fake.image_messages() == [], "the image never reaches the channel"
+    told = [fake.messages[i] for i in interaction.followup_ids if "held back" in fake.messages[i]["content"]]
+    assert len(told) == 1 and told[0]["flags"] & 64, "only the requester is told"
+    (image,) = await store.images_for_generation(1)
+    assert image.nsfw is True and image.blocked and image.message_id is None
+    with Store(data_dir / "loraloop.db", data_dir) as reader:
+        (rated,) = reader.rated_images()
+    assert "nsfw" in rated.flags, "curation drops it like a flagged image"
+
+    stats = await fake.slash("stats")
+    await fake.wait_for(lambda: stats.followup_ids)
+    fields = {f["name"]: f["value"] for f in fake.messages[stats.followup_ids[0]]["embeds"][0]["fields"]}
+    assert fields["Safety check"] == "1 images checked, 1 flagged, 1 held back from their channel"
+
+
+async def test_a_flagged_image_is_posted_in_an_age_restricted_channel(fake, store, bots, flagging):
+    fake.channels[fake.channel_id]["nsfw"] = True
+    await bots.start(flagging)
+    interaction = await fake.slash("imagine", {"prompt": "a questionable fox", "steps": 2})
+    await finished(fake, interaction)
+    (message,) = fake.image_messages()
+    assert not message["attachments"][0]["filename"].startswith("SPOILER_")
+    image = await store.image_for_message(int(message["id"]))
+    assert image.nsfw is True and not image.blocked
+
+
+async def test_under_the_spoiler_policy_a_flagged_image_is_posted_as_a_spoiler(fake, store, bots, flagging):
+    await bots.start(flagging, nsfw_policy="spoiler")
+    interaction = await fake.slash("imagine", {"prompt": "a questionable fox", "steps": 2})
+    await finished(fake, interaction)
+    (message,) = fake.image_messages()
+    assert message["attachments"][0]["filename"].startswith("SPOILER_")
+    await fake.wait_for(lambda: fake.bot_reactions(int(message["id"])) == ["👍", "👎", "🚩"])

@@ -72,3 +72,40 @@ async def test_describe_without_a_loadable_captioner_says_so(start, tmp_path):
     status, answer = await post(f"{running.url}/v1/describe", {"image": png_base64()})
     assert status == 503 and answer["error"]["code"] == "captioner_unavailable"
     assert str(tmp_path) not in answer["error"]["message"], "no server path reaches the client"
+
+
+# ---- the safety verdict -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_safety_dir(tmp_path_factory) -> str:
+    from loraloop.tiny import tiny_safety_checker_path
+
+    return str(tiny_safety_checker_path(tmp_path_factory.mktemp("tiny-safety-data")))
+
+
+async def verdicts(running, count: int = 2) -> list:
+    from generation.client import ServiceClient
+    from generation.contract import JobRequest
+
+    async with ServiceClient(running.url) as client:
+        accepted = await client.submit(JobRequest(prompt="a fox", count=count, width=64, height=64, seed=3))
+        async for status in client.events(accepted.id):
+            if status.state.finished:
+                assert status.state.value == "done", status.error
+                return [image.nsfw for image in status.images]
+    raise AssertionError("the event stream ended early")
+
+
+async def test_each_image_carries_the_safety_checkers_verdict(start, tiny_safety_dir):
+    assert await verdicts(await start()) == [None, None], "no checker configured: unchecked"
+    assert await verdicts(await start(safety_checker=tiny_safety_dir)) == [False, False]
+    # A stricter adjustment raises every concept's score: at 2, the tiny checker flags everything.
+    assert await verdicts(await start(safety_checker=tiny_safety_dir, safety_adjustment=2.0)) == [True, True]
+
+
+async def test_a_safety_checker_that_does_not_load_stops_the_service_at_start(start, tmp_path):
+    from generation.safety import SafetyCheckerUnavailable
+
+    with pytest.raises(SafetyCheckerUnavailable, match="cannot load the safety checker"):
+        await start(safety_checker=str(tmp_path / "missing"))
