@@ -136,9 +136,12 @@ class LoraloopBot(discord.Client):
         return bool(roles & set(self.settings.admin_role_ids)) or interaction.permissions.administrator
 
     async def styles(self, refresh: bool = False) -> list[AdapterInfo]:
-        """The service's adapters, cached for a minute (autocomplete asks on every keystroke)."""
+        """The service's shared adapters (never anyone's personal style), cached for a minute
+        (autocomplete asks on every keystroke)."""
+        from loraloop.profiles import personal_owner
+
         if refresh or self._styles is None or time.monotonic() - self._styles_at > STYLES_TTL_S:
-            self._styles = list(await self.service.adapters())
+            self._styles = [a for a in await self.service.adapters() if personal_owner(a.name) is None]
             self._styles_at = time.monotonic()
         return self._styles
 

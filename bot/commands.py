@@ -22,6 +22,7 @@ from discord import app_commands
 
 from bot.imagine import MAX_STYLES, Spec, describe_error, size_for
 from generation.contract import ADAPTER_NAME_RE, ADAPTER_VERSION_RE, AdapterRef
+from loraloop.profiles import personal_adapter_name, personal_owner
 
 if TYPE_CHECKING:
     from bot.app import LoraloopBot
@@ -120,6 +121,7 @@ def register(bot: "LoraloopBot") -> None:
         count="How many images",
         image="A starting image to transform",
         strength="With an image: how far to move away from it (0 to 1)",
+        personal="Add your personal style, learned from your own votes (see /profile)",
     )
     async def imagine(
         interaction: discord.Interaction,
@@ -135,10 +137,22 @@ def register(bot: "LoraloopBot") -> None:
         count: MaxCount = 1,
         image: discord.Attachment | None = None,
         strength: app_commands.Range[float, 0.05, 1.0] = 0.6,
+        personal: bool = False,
     ) -> None:
         """Make images from a prompt; rate them with reactions to teach the bot."""
         width, height = size_for(aspect, settings.base_size)
         stacked = ((AdapterRef(style, style_weight),) if style else ()) + tuple(styles)
+        if any(personal_owner(s.name) not in (None, interaction.user.id) for s in stacked):
+            await interaction.response.send_message("That is someone else's personal style; only they can use it. "
+                                                    "/profile tells you about yours.", ephemeral=True)
+            return
+        if personal:
+            profile = await bot.store.profile(interaction.user.id)
+            if profile is None or profile.status == "deleted" or profile.version is None:
+                await interaction.response.send_message(
+                    "You have no personal style yet: /profile says how to get one.", ephemeral=True)
+                return
+            stacked += (AdapterRef(f"{personal_adapter_name(interaction.user.id)}@{profile.version}"),)
         if len(stacked) > MAX_STYLES:
             await interaction.response.send_message(
                 f"At most {MAX_STYLES} styles per image, counting `style`; you named {len(stacked)}.", ephemeral=True)
@@ -238,10 +252,42 @@ def register(bot: "LoraloopBot") -> None:
     async def optout(interaction: discord.Interaction) -> None:
         """Keep your prompts, images and votes out of every future training dataset."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        await bot.store.opt_out(interaction.user.id)
+        await bot.store.opt_out(interaction.user.id)  # and deletes their personal style
         log.info("user %s opted out of datasets", interaction.user.id)
-        await interaction.followup.send("Done: nothing of yours goes into future training datasets. "
-                                        "/optin undoes this.", ephemeral=True)
+        await interaction.followup.send("Done: nothing of yours goes into future training datasets, and your "
+                                        "personal style (if any) is deleted. /optin undoes the first.",
+                                        ephemeral=True)
+
+    @tree.command()
+    @app_commands.describe(action="show (the default), train from your votes, or delete your personal style")
+    async def profile(interaction: discord.Interaction,
+                      action: Literal["show", "train", "delete"] = "show") -> None:
+        """Your personal style: learned from your own votes, usable only by you."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        user_id = interaction.user.id
+        needed = bot.config.loop.personal_min_votes
+        if action == "delete":
+            deleted = await bot.store.delete_profile(user_id)
+            log.info("user %s deleted their personal style", user_id)
+            await interaction.followup.send(
+                "Deleted: nobody can use your personal style any more, and its files go at the loop's next pass."
+                if deleted else "You have no personal style to delete.", ephemeral=True)
+            return
+        votes = await bot.store.user_votes(user_id)
+        if action == "train":
+            if await bot.store.is_opted_out(user_id):
+                text = "You opted out of training; /optin first if you want a personal style."
+            elif votes < needed:
+                text = f"A personal style needs {needed} of your votes; you have {votes}. Rate more images with 👍 👎."
+            elif await bot.store.request_profile(user_id):
+                log.info("user %s asked for a personal style (%d votes)", user_id, votes)
+                text = (f"Queued: your personal style trains from your {votes} votes at the loop's next pass. "
+                        "/profile shows when it is ready.")
+            else:
+                text = "Your personal style is training right now; /profile shows when it is ready."
+            await interaction.followup.send(text, ephemeral=True)
+            return
+        await interaction.followup.send(await profile_text(bot, user_id, votes, needed), ephemeral=True)
 
     @tree.command()
     async def optin(interaction: discord.Interaction) -> None:
@@ -259,6 +305,28 @@ def register(bot: "LoraloopBot") -> None:
         command.guild_only = not in_dms
         command.allowed_contexts = app_commands.AppCommandContext(guild=True, dm_channel=in_dms,
                                                                   private_channel=in_dms)
+
+
+async def profile_text(bot: "LoraloopBot", user_id: int, votes: int, needed: int) -> str:
+    """What /profile shows: the state, the votes behind the style, and how it pleases its owner."""
+    profile = await bot.store.profile(user_id)
+    if profile is None or profile.status == "deleted":
+        if votes < needed:
+            return f"No personal style yet: it needs {needed} of your votes and you have {votes}."
+        return f"No personal style yet: you have {votes} votes, enough for `/profile action:train`."
+    lines = {"requested": "Queued: it trains at the loop's next pass.", "training": "Training now.",
+             "failed": f"The last training failed: {profile.error}.", "ready": "Ready."}
+    text = [f"**Your personal style**: {lines[profile.status]}"]
+    if profile.version is not None:
+        name = personal_adapter_name(user_id)
+        text.append(f"Version {profile.version}, learned from {profile.votes} of your votes (you have {votes} now). "
+                    "Use it with `/imagine personal:true`.")
+        with_it, rate_with = await bot.store.own_like_rate(user_id, name)
+        without, rate_without = await bot.store.own_like_rate(user_id, None)
+        shown = lambda rate: "n/a" if rate is None else f"{rate:.0%}"  # noqa: E731  a format, not logic
+        text.append(f"You liked {shown(rate_with)} of {with_it} rated images made with it, "
+                    f"{shown(rate_without)} of {without} without a personal style.")
+    return "\n".join(text)
 
 
 def admin_group(bot: "LoraloopBot") -> app_commands.Group:

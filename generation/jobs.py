@@ -36,6 +36,7 @@ from generation.contract import (
 )
 from generation.images import ImageRefused, decode_untrusted
 from loraloop.config import ServiceConfig
+from loraloop.profiles import personal_owner, requester_id
 
 ADAPTER_WEIGHT_RANGE = (-2.0, 2.0)
 MAX_REQUESTER_CHARS = 200
@@ -160,6 +161,11 @@ def build_spec(request: JobRequest, config: ServiceConfig, catalog: AdapterCatal
         )
     adapters = []
     for ref in request.adapters:
+        owner = personal_owner(ref.name)
+        # A personal style answers to its owner alone, whoever else learns its name.
+        if owner is not None and owner != requester_id(request.requester):
+            raise InvalidRequest(f"{ref.name} is someone's personal style; only they can use it.",
+                                 ErrorCode.UNKNOWN_ADAPTER)
         _in_range(f"weight of adapter {ref.name}", ref.weight, *ADAPTER_WEIGHT_RANGE)
         adapters.append(AppliedAdapter(catalog.resolve(ref), ref.name, ref.weight))
     if len({a.file.name for a in adapters}) != len(adapters):

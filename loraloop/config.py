@@ -499,9 +499,16 @@ class LoopConfig:
     vote_budget: int = 400
     # Discord channel id where decisions are announced; 0: the log only.
     admin_channel_id: int = field(default=0, metadata={"max": 2**63 - 1})  # a snowflake is 64-bit
+    # Personal styles: the votes a person must have cast before /profile train (or the loop) trains
+    # one from their votes alone. Fewer learns from noise; Midjourney asks for 200 pair rankings.
+    personal_min_votes: int = 200
+    # Whether the loop trains a personal style for everyone who reaches personal_min_votes, not only
+    # for those who ask with /profile train. Each costs one training run.
+    personal_auto: bool = False
 
     def __post_init__(self) -> None:
         _require(self.poll_seconds > 0, "poll_seconds", "must be positive")
+        _require(self.personal_min_votes >= 1, "personal_min_votes", "must be at least 1")
         _require(self.min_new_votes > 0, "min_new_votes", "must be positive")
         _require(0 < self.share < 1, "share", "must be between 0 and 1")
         _require(0.5 < self.confidence < 1, "confidence", "must be between 0.5 and 1")

@@ -320,6 +320,26 @@ def _m0007_safety_verdicts(db: Database) -> None:
     )
 
 
+@_migration("0008_profiles")
+def _m0008_profiles(db: Database) -> None:
+    # Personal styles (loraloop/profiles.py): one row per person who asked for one (or whom the
+    # loop trained one for), its state, the adapter version serving now and the votes behind it.
+    db.executescript(
+        """
+        CREATE TABLE profiles (
+            user_id INTEGER PRIMARY KEY,
+            status TEXT NOT NULL CHECK (status IN ('requested', 'training', 'ready', 'failed', 'deleted')),
+            version INTEGER,                      -- of adapter personal-<user_id>; NULL until trained
+            votes INTEGER,                        -- the person's votes that version learned from
+            error TEXT,                           -- why the last training failed
+            requested_at TEXT,
+            trained_at TEXT,
+            updated_at TEXT NOT NULL
+        );
+        """
+    )
+
+
 # --- records --------------------------------------------------------------------------------
 
 
@@ -451,6 +471,19 @@ class RatedImage:
     @property
     def score(self) -> int:
         return self.likes - self.dislikes
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A person's personal style (table `profiles`)."""
+
+    user_id: int
+    status: str  # requested, training, ready, failed, deleted
+    version: int | None
+    votes: int | None
+    error: str | None
+    requested_at: str | None
+    trained_at: str | None
 
 
 @dataclass(frozen=True)
@@ -1004,6 +1037,92 @@ class Store:
 
     # --- users -----------------------------------------------------------------------------
 
+    # --- personal styles -------------------------------------------------------------------
+
+    def profile(self, user_id: int) -> Profile | None:
+        rows = self._rows("SELECT * FROM profiles WHERE user_id = ?", (user_id,))
+        return _profile(rows[0]) if rows else None
+
+    def profiles(self, status: str | None = None) -> list[Profile]:
+        rows = self._rows("SELECT * FROM profiles WHERE :status IS NULL OR status = :status ORDER BY user_id",
+                          {"status": status})
+        return [_profile(row) for row in rows]
+
+    def request_profile(self, user_id: int) -> bool:
+        """Ask the loop to train (or retrain) USER's personal style; False if it is training now."""
+        now = self._now()
+        with self._write() as conn:
+            cursor = conn.execute(
+                """INSERT INTO profiles (user_id, status, requested_at, updated_at) VALUES (?, 'requested', ?, ?)
+                   ON CONFLICT (user_id) DO UPDATE SET status = 'requested', requested_at = excluded.requested_at,
+                       error = NULL, updated_at = excluded.updated_at
+                   WHERE profiles.status != 'training'""",
+                (user_id, now, now),
+            )
+            return cursor.rowcount > 0
+
+    def set_profile(self, user_id: int, status: str, *, version: int | None = None, votes: int | None = None,
+                    error: str | None = None) -> None:
+        """The loop's record of a training: "training", "ready" (with its version and votes) or "failed"."""
+        if status not in ("training", "ready", "failed"):
+            raise ValueError("status must be training, ready or failed")
+        now = self._now()
+        with self._write() as conn:
+            conn.execute(
+                """INSERT INTO profiles (user_id, status, updated_at) VALUES (?, ?, ?)
+                   ON CONFLICT (user_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at""",
+                (user_id, status, now),
+            )
+            if status == "ready":
+                conn.execute("UPDATE profiles SET version = ?, votes = ?, trained_at = ?, error = NULL"
+                             " WHERE user_id = ?", (version, votes, now, user_id))
+            elif status == "failed":
+                conn.execute("UPDATE profiles SET error = ? WHERE user_id = ?", (error, user_id))
+
+    def delete_profile(self, user_id: int) -> bool:
+        """Retire USER's personal style: nobody may use it from now on, and the loop removes its
+        files at its next pass. False if there was none."""
+        with self._write() as conn:
+            return self._delete_profile(conn, user_id)
+
+    def _delete_profile(self, conn: sqlite3.Connection, user_id: int) -> bool:
+        cursor = conn.execute(
+            "UPDATE profiles SET status = 'deleted', version = NULL, updated_at = ?"
+            " WHERE user_id = ? AND status != 'deleted'", (self._now(), user_id))
+        return cursor.rowcount > 0
+
+    def user_votes(self, user_id: int) -> int:
+        """The votes USER has cast on images still in the store (their own images too)."""
+        rows = self._rows("SELECT COUNT(*) AS n FROM ratings r JOIN images i ON i.id = r.image_id"
+                          " WHERE r.user_id = ? AND i.deleted_at IS NULL", (user_id,))
+        return int(rows[0]["n"])
+
+    def voters_with(self, min_votes: int) -> list[int]:
+        """Users (not opted out) with at least MIN_VOTES votes: whom the loop may train a personal style for."""
+        rows = self._rows(
+            """SELECT r.user_id FROM ratings r JOIN images i ON i.id = r.image_id
+               WHERE i.deleted_at IS NULL
+                 AND r.user_id NOT IN (SELECT user_id FROM users WHERE opted_out)
+               GROUP BY r.user_id HAVING COUNT(*) >= ? ORDER BY r.user_id""", (min_votes,))
+        return [row["user_id"] for row in rows]
+
+    def own_like_rate(self, user_id: int, adapter: str | None) -> tuple[int, float | None]:
+        """(votes, like rate) of USER's own votes on images made with ADAPTER (None: with no
+        personal style at all), so /profile can show whether it pleases its owner."""
+        rows = self._rows(
+            """SELECT COUNT(*) AS votes, COALESCE(SUM(r.value = 1), 0) AS likes
+               FROM ratings r JOIN images i ON i.id = r.image_id
+               WHERE r.user_id = :user
+                 AND (CASE WHEN :adapter IS NULL
+                      THEN NOT EXISTS (SELECT 1 FROM generation_adapters ga WHERE ga.generation_id = i.generation_id
+                                       AND ga.name LIKE 'personal-%')
+                      ELSE EXISTS (SELECT 1 FROM generation_adapters ga WHERE ga.generation_id = i.generation_id
+                                   AND ga.name = :adapter) END)""",
+            {"user": user_id, "adapter": adapter},
+        )
+        votes, likes = rows[0]["votes"], rows[0]["likes"]
+        return votes, (likes / votes if votes else None)
+
     def _set_opted_out(self, user_id: int, opted_out: bool) -> None:
         with self._write() as conn:
             conn.execute(
@@ -1012,6 +1131,8 @@ class Store:
                        SET opted_out = excluded.opted_out, updated_at = excluded.updated_at""",
                 (user_id, int(opted_out), self._now()),
             )
+            if opted_out:  # a personal style is learned from their votes: it goes with them
+                self._delete_profile(conn, user_id)
 
     def opt_out(self, user_id: int) -> None:
         """Keep this user's prompts, images and votes out of every future dataset."""
@@ -1362,11 +1483,13 @@ class Store:
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
         include_self_votes: bool = False,
+        voter: int | None = None,
     ) -> list[RatedImage]:
         """Every image in the selection with its likes and dislikes, oldest first.
 
         Votes by opted-out users never count; the requester's own vote counts only with
         `include_self_votes`. Images with no votes are included (curation reports them).
+        `voter`: only the images this user voted on, and only their votes (a personal style's data).
         """
         rows = self._rows(
             _SELECTED_VOTES + """,
@@ -1392,7 +1515,7 @@ class Store:
             LEFT JOIN users u ON u.user_id = s.requester_id
             ORDER BY s.created_at, s.id
             """,
-            _selection(adapter, adapter_version, since, until, include_self_votes),
+            _selection(adapter, adapter_version, since, until, include_self_votes, voter),
         )
         return [
             RatedImage(
@@ -1416,11 +1539,12 @@ class Store:
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
         include_self_votes: bool = False,
+        voter: int | None = None,
     ) -> list[tuple[int, int, int]]:
         """The votes `rated_images` tallies for the same selection, one (image_id, user_id,
         value) each: what the rater model (`loraloop.raters.estimate`) reads."""
         sql = _SELECTED_VOTES + " SELECT image_id, user_id, value FROM counted ORDER BY image_id, user_id"
-        params = _selection(adapter, adapter_version, since, until, include_self_votes)
+        params = _selection(adapter, adapter_version, since, until, include_self_votes, voter)
         # Plain tuples, not sqlite3.Row: a large server has hundreds of thousands of votes.
         rows = self._retrying(lambda: self.db.conn.execute(sql, params).fetchall())
         return [(row[0], row[1], row[2]) for row in rows]
@@ -1445,18 +1569,27 @@ _SELECTED_VOTES = """
                 SELECT 1 FROM generation_adapters ga
                 WHERE ga.generation_id = i.generation_id AND ga.name = :adapter
                   AND (:version IS NULL OR ga.version = :version)))
+          AND (:voter IS NULL OR EXISTS (
+                SELECT 1 FROM ratings rv WHERE rv.image_id = i.id AND rv.user_id = :voter))
     ),
     counted AS (
         SELECT r.image_id, r.user_id, r.value
         FROM ratings r JOIN selected s ON s.id = r.image_id
         WHERE (:self_votes OR r.user_id IS NOT s.requester_id)
+          AND (:voter IS NULL OR r.user_id = :voter)
           AND r.user_id NOT IN (SELECT user_id FROM users WHERE opted_out)
     )"""
 
 
+def _profile(row: sqlite3.Row) -> Profile:
+    return Profile(user_id=row["user_id"], status=row["status"], version=row["version"], votes=row["votes"],
+                   error=row["error"], requested_at=row["requested_at"], trained_at=row["trained_at"])
+
+
 def _selection(adapter: str | None, adapter_version: int | None, since: dt.datetime | None,
-               until: dt.datetime | None, include_self_votes: bool) -> dict[str, Any]:
+               until: dt.datetime | None, include_self_votes: bool, voter: int | None = None) -> dict[str, Any]:
     return {
+        "voter": voter,
         "since": None if since is None else _timestamp(since),
         "until": None if until is None else _timestamp(until),
         "adapter": adapter, "version": adapter_version,
@@ -1604,3 +1737,8 @@ class AsyncStore:
     mark_announced = _on_store_thread(Store.mark_announced)
     rater_weights = _on_store_thread(Store.rater_weights)
     safety_counts = _on_store_thread(Store.safety_counts)
+    profile = _on_store_thread(Store.profile)
+    request_profile = _on_store_thread(Store.request_profile)
+    delete_profile = _on_store_thread(Store.delete_profile)
+    user_votes = _on_store_thread(Store.user_votes)
+    own_like_rate = _on_store_thread(Store.own_like_rate)

@@ -224,3 +224,104 @@ async def test_under_the_spoiler_policy_a_flagged_image_is_posted_as_a_spoiler(f
     (message,) = fake.image_messages()
     assert message["attachments"][0]["filename"].startswith("SPOILER_")
     await fake.wait_for(lambda: fake.bot_reactions(int(message["id"])) == ["👍", "👎", "🚩"])
+
+
+# ---- personal styles ----------------------------------------------------------------------------
+
+
+def picture(seed: int) -> bytes:
+    """Noise, so no two pictures are near-duplicates that curation would collapse into one."""
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+async def voted_on(store, fake, user: dict, values: list[int]) -> None:
+    """Images someone else asked for, each rated by USER (a like or a dislike)."""
+    for n, value in enumerate(values):
+        generation = await store.record_generation(job_id=f"job-{fake.snowflake()}", prompt=f"a fox {n}",
+                                                   requester_id=int(fake.carol["id"]), status="done")
+        image = await store.add_image(generation, index=0, seed=n, width=32, height=32, png=picture(n))
+        await store.set_vote(image, int(user["id"]), value, "x")
+
+
+def loop_runner(tiny_model_dir, service):
+    from loraloop.config import Config
+    from training.loop import LoopRunner
+
+    config = (Config().replace("service", model=str(tiny_model_dir))
+              .replace("training", resolution=32, rank=2, alpha=2.0, max_steps=2, batch_size=2,
+                       validation_split=0.0, log_with="none", checkpoint_every=1000)
+              .replace("loop", personal_min_votes=4))
+    return LoopRunner(config, service_url=service.running.url)
+
+
+async def answer(fake, interaction) -> str:
+    await fake.wait_for(lambda: interaction.followup_ids, timeout=30)
+    return fake.messages[interaction.followup_ids[-1]]["content"]
+
+
+@pytest.mark.timeout(180)
+async def test_a_personal_style_is_trained_from_ones_own_votes_used_and_refused_to_others(
+        fake, store, bots, service, tiny_model_dir, data_dir):
+    import asyncio
+
+    from generation.client import ServiceError
+    from generation.contract import JobRequest
+
+    bob = int(fake.bob["id"])
+    name = f"personal-{bob}"
+    await voted_on(store, fake, fake.bob, [1, -1, 1, -1, 1])
+    await bots.start(service, loop={"personal_min_votes": 4})
+    assert "needs 4 of your votes; you have 0" in await answer(fake, await fake.slash(
+        "profile", {"action": "train"}, user=fake.alice))
+    assert "Queued" in await answer(fake, await fake.slash("profile", {"action": "train"}, user=fake.bob))
+
+    runner = loop_runner(tiny_model_dir, service)
+    done = await asyncio.to_thread(runner.step)
+    (trained,) = done.personal
+    assert trained.error is None and trained.adapter == name and trained.candidate_version == 1
+    assert (data_dir / "adapters" / name / "v1.safetensors").is_file()
+    assert json_lines(trained.dataset) == {True: 3, False: 2}, "kto on bob's likes and dislikes alone"
+    shown = await answer(fake, await fake.slash("profile", user=fake.bob))
+    assert "Ready" in shown and "Version 1, learned from 5 of your votes" in shown
+
+    used = await fake.slash("imagine", {"prompt": "my kind of fox", "personal": True, "steps": 2}, user=fake.bob)
+    await finished(fake, used)
+    (message,) = fake.image_messages()
+    assert f"{name} v1" in message["content"]
+    assert name not in [a.name for a in await bots.running[0][0].styles(refresh=True)], "never listed"
+
+    stolen = await fake.slash("imagine", {"prompt": "a fox", "styles": name}, user=fake.alice)
+    await refused_with(fake, stolen, "someone else's personal style")
+    nothing = await fake.slash("imagine", {"prompt": "a fox", "personal": True}, user=fake.alice)
+    await refused_with(fake, nothing, "no personal style yet")
+    with pytest.raises(ServiceError, match="personal style") as refused:
+        await service.submit(JobRequest(prompt="a fox", adapters=(AdapterRef(name),),
+                                        requester=f"discord:{fake.alice['id']}"))
+    assert refused.value.code == "unknown_adapter", "the service refuses it too, whatever the client"
+
+    assert "Deleted" in await answer(fake, await fake.slash("profile", {"action": "delete"}, user=fake.bob))
+    gone = await fake.slash("imagine", {"prompt": "a fox", "personal": True}, user=fake.bob)
+    await refused_with(fake, gone, "no personal style yet")
+    assert (await asyncio.to_thread(runner.step)).removed == [name]
+    assert not (data_dir / "adapters" / name).exists()
+
+
+def json_lines(dataset) -> dict[bool, int]:
+    import json
+    from collections import Counter
+
+    rows = [json.loads(line) for line in (dataset / "metadata.jsonl").read_text().splitlines()]
+    return dict(Counter(row["label"] for row in rows))
+
+
+async def test_opting_out_deletes_ones_personal_style(fake, store, bots):
+    bob = int(fake.bob["id"])
+    await store.request_profile(bob)
+    await bots.start()
+    await answer(fake, await fake.slash("optout", user=fake.bob))
+    assert (await store.profile(bob)).status == "deleted"

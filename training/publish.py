@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,19 @@ def publish(run: Path, name: str, adapters_dir: Path, store: Store, a1111_dir: P
         a1111_files = tuple(write_a1111_copy(kohya, a1111_dir / f"{label}.safetensors", label) for label in labels)
     return Published(name=name, version=version, path=final, sha256=sha256, training_run_id=run_id,
                      base_model=str(config.get("base_model") or ""), a1111_files=a1111_files)
+
+
+def remove_adapter(name: str, adapters_dir: Path) -> bool:
+    """Delete NAME's folder of versions from the adapters directory (a personal style whose owner
+    deleted it or opted out); False if there was none. The store keeps its history."""
+    if not ADAPTER_NAME_RE.match(name):
+        raise PublishError(f"adapter name {name!r} is not valid")
+    folder = adapters_dir / name
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    shutil.rmtree(folder)
+    log.info("removed adapter %s from %s", name, adapters_dir)
+    return True
 
 
 async def tell_service(base_url: str, token: str | None, published: Published) -> str:
