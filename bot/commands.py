@@ -174,7 +174,11 @@ def register(bot: "LoraloopBot") -> None:
         """Turn an image into a prompt you can /imagine."""
         from bot.views import describe_view
 
-        refusal = bot.generate.attachment_refusal(image)
+        limits = bot.limits
+        place = limits.check_place(interaction.channel_id, interaction.guild_id is None)
+        refusal = (place.message if place else None) or (
+            "You can't use the image tools on this server; ask a moderator if you think that's wrong."
+            if limits.is_banned(interaction.user.id) else bot.generate.attachment_refusal(image))
         if refusal is not None:
             await interaction.response.send_message(refusal, ephemeral=True)
             return
