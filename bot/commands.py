@@ -155,7 +155,8 @@ def register(bot: "LoraloopBot") -> None:
             stacked += (AdapterRef(f"{personal_adapter_name(interaction.user.id)}@{profile.version}"),)
         if len(stacked) > MAX_STYLES:
             await interaction.response.send_message(
-                f"At most {MAX_STYLES} styles per image, counting `style`; you named {len(stacked)}.", ephemeral=True)
+                f"At most {MAX_STYLES} styles per image, counting `style` and `personal`; you named {len(stacked)}.",
+                ephemeral=True)
             return
         spec = Spec(prompt=prompt, negative=negative or "", styles=stacked,
                     width=width, height=height, steps=steps, guidance=guidance, seed=seed, count=count,

@@ -450,7 +450,8 @@ class Generate:
                 version = serving.version
             # No recorded version: the service picks its newest file.
             pinned.append(style if version is None else replace(style, name=f"{style.name}@{version}"))
-        shown_spec = replace(spec, blind=arm is not None)
+        # An upscale of an experiment's image pins its version and stays as blind as the original.
+        shown_spec = replace(spec, blind=spec.blind or arm is not None)
         return replace(shown_spec, styles=tuple(pinned)), shown_spec, experiment_id, arm
 
     async def _run(self, interaction: discord.Interaction, spec: Spec, job_key: str) -> None:
