@@ -1183,11 +1183,12 @@ def main(argv: list[str] | None = None) -> None:
                                     training=dataclasses.replace(TRAINING[s.objective], **overrides))
                 for s in cells(args.objective, args.scenario, args.taste, args.seed)]
         if args.scenario == [COMMUNITIES]:  # personal styles: its own run (see run_communities)
+            kto = dataclasses.replace(TRAINING["kto"], **overrides)
             for seed in args.seed:
-                report = asyncio.run(run_communities(LoopSettings(model=str(model), seed=seed),
+                report = asyncio.run(run_communities(LoopSettings(model=str(model), seed=seed, training=kto),
                                                      root / f"communities-{seed}"))
                 if args.report:
-                    args.report.write_text(json.dumps(report, indent=1))
+                    args.report.with_name(f"{args.report.stem}-{seed}.json").write_text(json.dumps(report, indent=1))
                 print(communities_table(report), flush=True)
             return
         if args.results:
