@@ -946,10 +946,177 @@ def summarize(reports: list[dict[str, Any]], goal: float = 20.0) -> str:
     return "\n".join(lines)
 
 
+# --- scenario "communities": personal styles against one shared style (issue 15) ---------------
+#
+#   OMP_NUM_THREADS=1 .venv/bin/python bench/loop.py --pretrained-base /tmp/loraloop-loop-base --scenario communities
+#
+# Two groups of raters with opposite hidden tastes (warm and cool) vote on the same base images.
+# One shared adapter is trained from everyone's votes (the loop's kto round), and each owner's
+# personal adapter from their own votes alone (`LoopRunner.train_personal`, the code /profile
+# train runs, published as personal-<id> and asked for as that owner, since the service refuses
+# it to anyone else). Measured for each owner: their expected like rate on fresh prompts and
+# seeds from the base model, the shared adapter and their personal one.
+
+COMMUNITIES = "communities"
+COMMUNITY_TASTES = ("warm", "cool")
+
+
+@dataclass(frozen=True)
+class Communities:
+    members: int = 4  # raters per group
+    owners: int = 2  # of them, how many get a personal adapter measured
+    activity: float = 0.6  # each member's chance of voting on an image they are shown
+    min_votes: int = 20  # [loop] personal_min_votes for the run
+
+
+def community_panels(settings: LoopSettings, c: Communities) -> list[Panel]:
+    """One panel per taste, with user ids of their own (2000s, 3000s, ...)."""
+    panels = []
+    for group, taste in enumerate(COMMUNITY_TASTES):
+        panel = Panel(Scenario(raters=c.members, activity=c.activity), taste, settings.seed * 10 + group)
+        panel.raters = [dataclasses.replace(r, user_id=2000 + 1000 * group + i) for i, r in enumerate(panel.raters)]
+        panel.kinds = {r.user_id: f"{taste}-group" for r in panel.raters}
+        panels.append(panel)
+    return panels
+
+
+async def render_as(client: Any, settings: LoopSettings, prompt_list: list[str], seeds_per_prompt: int,
+                    adapters: tuple[str, ...], seed_base: int, requester: str) -> list[Rendered]:
+    """Like `render`, with any adapters, asked for by `requester` (a personal style's owner)."""
+    from generation.contract import AdapterRef, JobRequest, JobState
+
+    out: list[Rendered] = []
+    for index, prompt in enumerate(prompt_list):
+        request = JobRequest(prompt=prompt, adapters=tuple(AdapterRef(a) for a in adapters), steps=settings.steps,
+                             seed=seed_base + index * 1000, width=settings.size, height=settings.size,
+                             count=seeds_per_prompt, requester=requester)
+        accepted = await client.submit(request)
+        async for status in client.events(accepted.id):
+            last = status
+        if last.state is not JobState.DONE:
+            raise RuntimeError(f"job {accepted.id} ended {last.state.value}: {last.error}")
+        for image in last.images:
+            out.append(Rendered(prompt, image.index, image.seed, image.width, image.height,
+                                await client.image(accepted.id, image.index), None, job_id=accepted.id))
+    return out
+
+
+def owner_measure(panel: Panel, rater: Rater, images: list[Rendered]) -> dict[str, Any]:
+    """One owner's expected like rate over images, with a 95% Wilson interval over the images."""
+    chances = [panel.like_chance(rater, panel.taste(image.png)) for image in images]
+    low, high = wilson_interval(sum(chances), len(chances))
+    return {"like_rate": round(sum(chances) / len(chances), 4), "ci95": [round(low, 4), round(high, 4)]}
+
+
+async def run_communities(settings: LoopSettings, data_dir: Path, c: Communities = Communities()) -> dict[str, Any]:
+    from generation.client import ServiceClient
+    from generation.server import start_service
+    from loraloop.config import Config, Secrets
+    from loraloop.store import AsyncStore, Store
+    from training.loop import LoopRunner
+    from training.publish import tell_service
+
+    s = dataclasses.replace(settings, objective="kto")
+    t = s.training_settings()
+    started = time.perf_counter()
+    os.environ["LORALOOP_DATA_DIR"] = str(data_dir)
+    config = (Config().replace("service", model=s.model, default_steps=s.steps, batch_wait_ms=20,
+                               max_per_requester=64, max_queue=256, preview_every=0)
+              .replace("training", resolution=s.size, objective="kto", rank=t.rank, alpha=float(t.rank),
+                       targets=list(t.targets), learning_rate=t.learning_rate, max_steps=max(1, t.steps),
+                       epochs=t.epochs, batch_size=t.batch_size, validation_split=0.0, checkpoint_every=10**6,
+                       log_with="none", kto_beta=t.beta, seed=s.seed * 100 + 1, adam_8bit=False)
+              .replace("loop", personal_min_votes=c.min_votes))
+    panels = community_panels(s, c)
+    loop = Loop(settings=s, data_dir=data_dir, config=config, panel=panels[0])
+    running = await start_service(config, Secrets(discord_token=None, service_token=None))
+    loop.client = ServiceClient(running.url, timeout=120)
+    loop.store = await AsyncStore.open_from_config(config)
+    report: dict[str, Any] = {"cell": f"kto/{COMMUNITIES}/{'+'.join(COMMUNITY_TASTES)}/{s.seed}",
+                              "settings": dataclasses.asdict(s) | {"training": dataclasses.asdict(t)},
+                              "communities": dataclasses.asdict(c)}
+    try:
+        round_prompts, seed_base = round_images(s, 1)
+        shown = await loop.show(await render(loop.client, s, round_prompts, s.images_per_prompt, None, seed_base))
+        votes = 0
+        for panel in panels:
+            panel.calibrate([panel.taste(image.png) for image in shown])
+            loop.panel = panel
+            votes += await loop.vote(shown)
+        report["images_rated"], report["votes_recorded"] = len(shown), votes
+        eval_prompts = prompts(s.eval_prompts, offset=EVAL_PROMPT_OFFSET)
+        base = await render(loop.client, s, eval_prompts, s.eval_seeds, None, EVAL_SEED_BASE)
+
+        shared = await asyncio.to_thread(loop.curate_train_publish, 1)
+        if "error" in shared:
+            # Opposite tastes can cancel out on every image: the shared round then has nothing to
+            # learn from, publishes nothing, and people keep getting the base model.
+            log.warning("%s: the shared round found nothing to train on: %s", report["cell"], shared["error"])
+            report["shared"] = {"error": shared["error"]}
+            shared_images = base
+        else:
+            await tell_service(running.url, None, _Published(ADAPTER, shared["published"]["version"]))
+            shared_images = await render(loop.client, s, eval_prompts, s.eval_seeds, shared["published"]["version"],
+                                         EVAL_SEED_BASE)
+            report["shared"] = {k: shared[k] for k in ("dataset", "train_seconds", "published")}
+
+        runner = LoopRunner(config, service_url=running.url)
+
+        def train_personal(user_id: int) -> Any:  # on a worker thread, which owns its connection
+            with Store.from_config(config) as store:
+                return runner.train_personal(store, user_id)
+
+        owners = []
+        for panel in panels:
+            for rater in panel.raters[:c.owners]:
+                began = time.perf_counter()
+                personal = await asyncio.to_thread(train_personal, rater.user_id)
+                if personal.error is not None:
+                    raise RuntimeError(f"personal style of {rater.user_id} failed: {personal.error}")
+                mine = await render_as(loop.client, s, eval_prompts, s.eval_seeds,
+                                       (f"{personal.adapter}@{personal.candidate_version}",), EVAL_SEED_BASE,
+                                       f"discord:{rater.user_id}")
+                row = {"user_id": rater.user_id, "taste": panel.taste_name, "votes": int(personal.new_votes),
+                       "seconds": round(time.perf_counter() - began, 1),
+                       "base": owner_measure(panel, rater, base), "shared": owner_measure(panel, rater, shared_images),
+                       "personal": owner_measure(panel, rater, mine)}
+                for arm in ("shared", "personal"):
+                    row[f"{arm}_delta_points"] = round(100 * (row[arm]["like_rate"] - row["base"]["like_rate"]), 1)
+                log.info("%s owner %d (%s): base %.1f%%, shared %+.1f, personal %+.1f points", report["cell"],
+                         rater.user_id, panel.taste_name, 100 * row["base"]["like_rate"], row["shared_delta_points"],
+                         row["personal_delta_points"])
+                owners.append(row)
+        report["owners"] = owners
+        for arm in ("shared", "personal"):
+            report[f"mean_{arm}_delta_points"] = round(statistics.fmean(o[f"{arm}_delta_points"] for o in owners), 1)
+    finally:
+        await loop.client.close()
+        await loop.store.close()
+        await running.stop()
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def communities_table(report: dict[str, Any]) -> str:
+    """The owners' rows of a communities report as a Markdown table (for bench/RESULTS.md)."""
+    def cell(m: dict[str, Any]) -> str:
+        return f"{100 * m['like_rate']:.1f}% ({100 * m['ci95'][0]:.0f}-{100 * m['ci95'][1]:.0f})"
+
+    lines = ["| owner | taste | own votes | base (95% CI) | shared (95% CI) | change | personal (95% CI) | change |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for o in report["owners"]:
+        lines.append(f"| {o['user_id']} | {o['taste']} | {o['votes']} | {cell(o['base'])} | {cell(o['shared'])} | "
+                     f"{o['shared_delta_points']:+.1f} pts | {cell(o['personal'])} | "
+                     f"{o['personal_delta_points']:+.1f} pts |")
+    lines.append(f"\nMean change for the owners: shared {report['mean_shared_delta_points']:+.1f} points, "
+                 f"personal {report['mean_personal_delta_points']:+.1f} points.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objective", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
-    parser.add_argument("--scenario", nargs="+", choices=sorted(SCENARIOS), default=["clean"])
+    parser.add_argument("--scenario", nargs="+", choices=[*sorted(SCENARIOS), COMMUNITIES], default=["clean"])
     parser.add_argument("--taste", nargs="+", choices=sorted(TASTES), default=["warm"])
     parser.add_argument("--seed", nargs="+", type=int, default=[LoopSettings.seed])
     parser.add_argument("--all", action="store_true",
@@ -1015,6 +1182,15 @@ def main(argv: list[str] | None = None) -> None:
         todo = [dataclasses.replace(s, model=str(model), rounds=args.rounds,
                                     training=dataclasses.replace(TRAINING[s.objective], **overrides))
                 for s in cells(args.objective, args.scenario, args.taste, args.seed)]
+        if args.scenario == [COMMUNITIES]:  # personal styles: its own run (see run_communities)
+            kto = dataclasses.replace(TRAINING["kto"], **overrides)
+            for seed in args.seed:
+                report = asyncio.run(run_communities(LoopSettings(model=str(model), seed=seed, training=kto),
+                                                     root / f"communities-{seed}"))
+                if args.report:
+                    args.report.with_name(f"{args.report.stem}-{seed}.json").write_text(json.dumps(report, indent=1))
+                print(communities_table(report), flush=True)
+            return
         if args.results:
             run_grid(todo, Results(args.results), root, max(1, min(args.jobs, os.cpu_count() or 1)))
             print(summarize(list(Results(args.results).reports.values())))

@@ -39,8 +39,12 @@ STYLES_TTL_S = 60.0
 class CommandTree(app_commands.CommandTree):
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         """No traceback ever reaches a user: log it, answer with a reference."""
+        from bot.commands import OptionRefused
+
         if isinstance(error, app_commands.CheckFailure):
             text = str(error) or "You can't use that command here."
+        elif isinstance(error, OptionRefused):
+            text = str(error)
         else:
             log.error("interaction %s (/%s) failed", interaction.id,
                       interaction.command.qualified_name if interaction.command else "?", exc_info=error)
@@ -133,9 +137,12 @@ class LoraloopBot(discord.Client):
         return bool(roles & set(self.settings.admin_role_ids)) or interaction.permissions.administrator
 
     async def styles(self, refresh: bool = False) -> list[AdapterInfo]:
-        """The service's adapters, cached for a minute (autocomplete asks on every keystroke)."""
+        """The service's shared adapters (never anyone's personal style), cached for a minute
+        (autocomplete asks on every keystroke)."""
+        from loraloop.profiles import personal_owner
+
         if refresh or self._styles is None or time.monotonic() - self._styles_at > STYLES_TTL_S:
-            self._styles = list(await self.service.adapters())
+            self._styles = [a for a in await self.service.adapters() if personal_owner(a.name) is None]
             self._styles_at = time.monotonic()
         return self._styles
 

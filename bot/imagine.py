@@ -48,6 +48,8 @@ TOKEN_LIFETIME_S = 14 * 60
 DEFAULT_FILESIZE_LIMIT = 10 * 1024 * 1024
 # JSON error codes Discord answers when an interaction token is no longer usable.
 DEAD_TOKEN_CODES = {50027, 10015}
+# Styles one /imagine may stack: each more adapter dilutes the others and costs a little time.
+MAX_STYLES = 3
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,8 @@ class Spec:
 
     prompt: str
     negative: str = ""
-    style: str | None = None
-    style_weight: float = 1.0
+    # The adapters to stack, in order; a name may pin a version ("ink@2").
+    styles: tuple[AdapterRef, ...] = ()
     width: int | None = None
     height: int | None = None
     steps: int | None = None
@@ -68,12 +70,14 @@ class Spec:
     strength: float | None = None
     # Served in an A/B experiment: the image's message must not say which version made it.
     blind: bool = False
+    # 🔍 upscale: the stored image this job enlarges, recorded as the generation's parent.
+    parent_image_id: int | None = None
 
     def request(self, requester: int) -> JobRequest:
         return JobRequest(
             prompt=self.prompt,
             negative_prompt=self.negative,
-            adapters=(AdapterRef(self.style, self.style_weight),) if self.style else (),
+            adapters=self.styles,
             steps=self.steps,
             guidance=self.guidance,
             seed=self.seed,
@@ -89,12 +93,11 @@ class Spec:
     def from_generation(cls, generation: Generation) -> Spec:
         """The settings of a recorded generation (for 🔁 and 🎨), without its seed."""
         params = generation.parameters
-        adapter = generation.adapters[0] if generation.adapters else None
         return cls(
             prompt=generation.prompt,
             negative=generation.negative_prompt,
-            style=adapter["name"] if adapter else None,
-            style_weight=float(adapter.get("weight", 1.0)) if adapter else 1.0,
+            styles=tuple(AdapterRef(str(a["name"]).partition("@")[0], float(a.get("weight", 1.0)))
+                         for a in generation.adapters),
             width=params.get("width"),
             height=params.get("height"),
             steps=params.get("steps"),
@@ -173,6 +176,9 @@ class Reply(Protocol):
     @property
     def token_alive(self) -> bool: ...  # False: edits are no longer seen, so outcomes are sent
 
+    @property
+    def age_restricted(self) -> bool: ...  # the channel is one Discord marks age-restricted (NSFW)
+
     async def edit(self, **kwargs: Any) -> None: ...
 
     async def send(self, **kwargs: Any) -> discord.Message: ...
@@ -186,6 +192,8 @@ class ChannelReply:
     """
 
     token_alive = False
+    # A job resumed after a restart knows its channel by id only: treated as an ordinary channel.
+    age_restricted = False
 
     def __init__(self, channel: discord.abc.Messageable, user_id: int) -> None:
         self.channel = channel
@@ -220,6 +228,12 @@ class InteractionReply:
     @property
     def token_alive(self) -> bool:
         return not self.token_dead and time.monotonic() - self.started < TOKEN_LIFETIME_S
+
+    @property
+    def age_restricted(self) -> bool:
+        # DMs and channels discord.py could not resolve have no is_nsfw(): ordinary channels.
+        is_nsfw = getattr(self.interaction.channel, "is_nsfw", None)
+        return bool(is_nsfw()) if callable(is_nsfw) else False
 
     async def edit(self, **kwargs: Any) -> None:
         """Edit the deferred message; skipped once the token is gone (progress is optional)."""
@@ -278,6 +292,7 @@ def describe_error(exc: Exception, job_ref: str) -> str:
             "requester_limit": "You already have the most jobs the queue takes from one person; "
                                "wait for one to finish.",
             "unavailable": "The image service is not reachable right now; try again in a minute.",
+            "captioner_unavailable": "Describing images is not available on this server right now.",
         }
         if code in friendly:
             return friendly[code]
@@ -311,13 +326,18 @@ class Generate:
             log.info("refused %s for user %s: %s", interaction.id, interaction.user.id, refusal.reason)
             return refusal.message
         if attachment is not None:
-            if not (attachment.content_type or "").startswith("image/"):
-                return f"{attachment.filename} is not an image; attach a PNG, JPEG or WebP."
-            if attachment.size > self.settings.max_attachment_bytes:
-                mib = self.settings.max_attachment_bytes / (1024 * 1024)
-                return f"{attachment.filename} is too large; attach an image under {mib:.0f} MiB."
+            return self.attachment_refusal(attachment)
         # The style is checked by the service on submit (its answer lists the styles there are):
         # a local cache could be stale right after an adapter is published.
+        return None
+
+    def attachment_refusal(self, attachment: discord.Attachment) -> str | None:
+        """Why an attached image is not taken (not an image, too large); None: it is."""
+        if not (attachment.content_type or "").startswith("image/"):
+            return f"{attachment.filename} is not an image; attach a PNG, JPEG or WebP."
+        if attachment.size > self.settings.max_attachment_bytes:
+            mib = self.settings.max_attachment_bytes / (1024 * 1024)
+            return f"{attachment.filename} is too large; attach an image under {mib:.0f} MiB."
         return None
 
     async def start(self, interaction: discord.Interaction, spec: Spec,
@@ -401,16 +421,29 @@ class Generate:
 
     async def _serve(self, spec: Spec) -> tuple[Spec, Spec, int | None, str | None]:
         """(what to request, what to show, experiment id, arm): a style named without a version
-        gets its default version pinned, or, while an experiment runs, an arm drawn for this
-        request (`loraloop.experiments.choose_arm`)."""
-        if spec.style is None or "@" in spec.style:
-            return spec, spec, None, None
-        serving = await self.bot.store.call(experiments.serving, spec.style)
-        version, arm = experiments.choose_arm(serving, random.random())
-        if version is None:
-            return spec, spec, None, None  # no recorded version: the service picks its newest file
-        shown_spec = replace(spec, blind=arm is not None)
-        return replace(shown_spec, style=f"{spec.style}@{version}"), shown_spec, serving.experiment_id, arm
+        gets its default version pinned, or, while an experiment runs and it is the only style
+        asked for, an arm drawn for this request (`loraloop.experiments.choose_arm`).
+
+        Stacked styles always get their default versions: an arm's images must differ from the
+        other arm's by the candidate alone, and a generation records one experiment at most."""
+        pinned: list[AdapterRef] = []
+        experiment_id: int | None = None
+        arm: str | None = None
+        for style in spec.styles:
+            if "@" in style.name:
+                pinned.append(style)
+                continue
+            serving = await self.bot.store.call(experiments.serving, style.name)
+            if len(spec.styles) == 1:
+                version, arm = experiments.choose_arm(serving, random.random())
+                experiment_id = serving.experiment_id if arm is not None else None
+            else:
+                version = serving.version
+            # No recorded version: the service picks its newest file.
+            pinned.append(style if version is None else replace(style, name=f"{style.name}@{version}"))
+        # An upscale of an experiment's image pins its version and stays as blind as the original.
+        shown_spec = replace(spec, blind=spec.blind or arm is not None)
+        return replace(shown_spec, styles=tuple(pinned)), shown_spec, experiment_id, arm
 
     async def _run(self, interaction: discord.Interaction, spec: Spec, job_key: str) -> None:
         reply = InteractionReply(interaction)
@@ -430,7 +463,7 @@ class Generate:
             job_id=job_id, prompt=spec.prompt, negative_prompt=spec.negative,
             requester_id=user_id, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
             parameters=parameters, adapters=[a.to_dict() for a in request.adapters],
-            experiment_id=experiment_id, arm=arm,
+            experiment_id=experiment_id, arm=arm, parent_image_id=spec.parent_image_id,
         )
         from bot.views import progress_view
 
@@ -522,16 +555,31 @@ class Generate:
         # The client raises when a stream breaks off, so ending without a final state is a bug.
         raise RuntimeError(f"the event stream of job {job_id} ended without a final state")
 
+    def nsfw_policy(self, reply: Reply) -> str:
+        """What to do with an image the safety check flagged, where this reply posts: "post",
+        "spoiler" or "block" (`[bot] nsfw_channel_policy` in age-restricted channels, else `nsfw_policy`)."""
+        return self.settings.nsfw_channel_policy if reply.age_restricted else self.settings.nsfw_policy
+
     async def _post_image(self, reply: Reply, generation_id: int, job_id: str, user_id: int, spec: Spec,
                           status: JobStatus, image: ImageResult) -> None:
         from bot.views import image_view
 
         png = await self.bot.service.image(job_id, image.index)
+        policy = self.nsfw_policy(reply) if image.nsfw else "post"
         image_id = await self.bot.store.add_image(generation_id, index=image.index, seed=image.seed,
-                                                  width=image.width, height=image.height, png=png)
+                                                  width=image.width, height=image.height, png=png,
+                                                  nsfw=image.nsfw, blocked=policy == "block")
+        if policy == "block":
+            log.info("job %s: image %d held back by the safety check", job_id, image.index)
+            await reply.send(content=f"🚫 Image {image.index + 1} of **{shown(spec.prompt)}** was held back: the "
+                                     "safety check flagged it, and this channel does not show such images.",
+                             ephemeral=True)
+            return
         # Re-encoding an oversized (or experiment's) image is CPU work: keep it off the event loop.
         files = await asyncio.to_thread(fit_for_discord, png, reply.filesize_limit, f"{job_id}-{image.index}",
                                         spec.blind)
+        for file in files:
+            file.spoiler = policy == "spoiler"
         async with self.bot.votes.posting():
             message = await reply.send(content=provenance(spec.prompt, image, status, spec.blind), files=files,
                                        view=image_view(user_id))

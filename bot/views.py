@@ -7,8 +7,10 @@ images and generations). The bot registers the classes with `add_dynamic_items` 
 
     🔁 reroll     the same settings with a new seed (anyone may reroll)
     🎨 variation  img2img from this image at low strength
+    🔍 upscale    2x: this image enlarged, then img2img with its prompt, seed and styles
     🗑 delete     the requester or an admin removes the image message
     ❌ cancel     the requester or an admin stops a queued or running job
+    ✨ imagine    under a /describe answer: /imagine its caption
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot.imagine import Spec
+from generation.contract import AdapterRef
 
 if TYPE_CHECKING:
     from bot.app import LoraloopBot
@@ -86,6 +89,38 @@ class VaryButton(discord.ui.DynamicItem[discord.ui.Button], template=r"loraloop:
         await bot.generate.start(interaction, spec)
 
 
+class UpscaleButton(discord.ui.DynamicItem[discord.ui.Button], template=r"loraloop:upscale"):
+    def __init__(self) -> None:
+        super().__init__(discord.ui.Button(emoji="🔍", label="Upscale", custom_id="loraloop:upscale",
+                                           style=discord.ButtonStyle.secondary))
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> UpscaleButton:
+        return cls()
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        found = await _generation_for(interaction)
+        if found is None:
+            return
+        image, generation = found
+        bot = _bot(interaction)
+        width, height = image.width * 2, image.height * 2
+        if width * height > bot.settings.upscale_max_pixels:
+            await interaction.response.send_message(
+                f"This image is already as large as upscaling goes here ({width}×{height} would be over "
+                f"{bot.settings.upscale_max_pixels:,} pixels).", ephemeral=True)
+            return
+        # The versions that made the original, pinned: a newer one since would be another picture.
+        styles = tuple(AdapterRef(a["name"] if a.get("version") is None else f"{a['name']}@{a['version']}",
+                                  float(a.get("weight", 1.0))) for a in generation.adapters)
+        path = bot.store.data_dir / image.path
+        spec = replace(Spec.from_generation(generation), styles=styles, count=1, width=width, height=height,
+                       seed=image.seed, init_image=await asyncio.to_thread(path.read_bytes),
+                       strength=bot.settings.upscale_strength, parent_image_id=image.id)
+        await bot.generate.start(interaction, spec)
+
+
 class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"loraloop:delete:(?P<requester>\d+)"):
     def __init__(self, requester: int) -> None:
         self.requester = requester
@@ -147,9 +182,38 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button],
         await interaction.followup.send("Cancelled.", ephemeral=True)
 
 
+class ImagineCaptionButton(discord.ui.DynamicItem[discord.ui.Button], template=r"loraloop:imagine-caption"):
+    def __init__(self) -> None:
+        super().__init__(discord.ui.Button(emoji="✨", label="Imagine this", custom_id="loraloop:imagine-caption",
+                                           style=discord.ButtonStyle.primary))
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> ImagineCaptionButton:
+        return cls()
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot = _bot(interaction)
+        embeds = interaction.message.embeds if interaction.message else []
+        caption = (embeds[0].description or "") if embeds else ""
+        if not caption.strip():
+            await interaction.response.send_message("This message no longer holds a prompt; use /describe again.",
+                                                    ephemeral=True)
+            return
+        prompt = caption[:bot.settings.max_prompt_chars]
+        side = bot.settings.base_size
+        await bot.generate.start(interaction, Spec(prompt=prompt, width=side, height=side))
+
+
+def describe_view() -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(ImagineCaptionButton())
+    return view
+
+
 def image_view(requester: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
-    for item in (RerollButton(), VaryButton(), DeleteButton(requester)):
+    for item in (RerollButton(), VaryButton(), UpscaleButton(), DeleteButton(requester)):
         view.add_item(item)
     return view
 
@@ -160,4 +224,4 @@ def progress_view(job_id: str, requester: int) -> discord.ui.View:
     return view
 
 
-DYNAMIC_ITEMS = (RerollButton, VaryButton, DeleteButton, CancelButton)
+DYNAMIC_ITEMS = (RerollButton, VaryButton, UpscaleButton, DeleteButton, CancelButton, ImagineCaptionButton)

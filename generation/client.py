@@ -13,13 +13,23 @@ keep their code and message; an unreachable service is code "unavailable". No to
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 
-from generation.contract import AdapterInfo, ApiError, Health, JobAccepted, JobRequest, JobStatus
+from generation.contract import (
+    AdapterInfo,
+    ApiError,
+    DescribeRequest,
+    Description,
+    Health,
+    JobAccepted,
+    JobRequest,
+    JobStatus,
+)
 
 UNAVAILABLE = "unavailable"
 
@@ -97,6 +107,11 @@ class ServiceClient:
             except aiohttp.ClientError as exc:
                 raise ServiceError(UNAVAILABLE, f"Lost the event stream of job {job_id}: {exc}") from exc
         raise ServiceError(UNAVAILABLE, f"The event stream of job {job_id} ended before the job finished.")
+
+    async def describe(self, image: bytes) -> Description:
+        """A caption for an image file's bytes (PNG, JPEG or WebP), from the service's captioner."""
+        body = DescribeRequest(base64.b64encode(image).decode("ascii")).to_dict()
+        return Description.from_dict(await self._json("POST", "/v1/describe", json=body))
 
     async def adapters(self) -> list[AdapterInfo]:
         return [AdapterInfo.from_dict(a) for a in await self._json("GET", "/v1/adapters")]

@@ -86,6 +86,7 @@ class ErrorCode(enum.StrEnum):
     QUEUE_FULL = "queue_full"
     REQUESTER_LIMIT = "requester_limit"
     GENERATION_FAILED = "generation_failed"
+    CAPTIONER_UNAVAILABLE = "captioner_unavailable"
     INTERNAL = "internal"
 
 
@@ -272,18 +273,22 @@ class ImageResult:
     width: int
     height: int
     sha256: str
+    # The safety check's verdict: True flagged, False passed, None when the service runs no check.
+    nsfw: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ImageResult:
+        nsfw = data.get("nsfw")
         return cls(
             index=int(data["index"]),
             seed=int(data["seed"]),
             width=int(data["width"]),
             height=int(data["height"]),
             sha256=str(data["sha256"]),
+            nsfw=None if nsfw is None else bool(nsfw),
         )
 
 
@@ -398,6 +403,43 @@ class AdapterInfo:
             base_model=str(data.get("base_model", "")),
             latest=bool(data.get("latest", True)),
         )
+
+
+@dataclass(frozen=True)
+class DescribeRequest:
+    """What `POST /v1/describe` accepts: an image to turn into a prompt."""
+
+    # Base64 of a PNG, JPEG or WebP file.
+    image: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DescribeRequest:
+        if not isinstance(data, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        unknown = sorted(set(data) - {"image"})
+        if unknown:
+            raise InvalidRequest(f"Unknown field(s): {', '.join(unknown)}. Known fields: image.")
+        image = _field(data, "image", str, "")
+        if not image:
+            raise InvalidRequest("'image' is required: the base64 of a PNG, JPEG or WebP file.")
+        return cls(image=image)
+
+
+@dataclass(frozen=True)
+class Description:
+    """The answer to `POST /v1/describe`: the captioning model's words for the image."""
+
+    caption: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Description:
+        return cls(caption=str(data["caption"]))
 
 
 @dataclass(frozen=True)

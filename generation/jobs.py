@@ -36,6 +36,7 @@ from generation.contract import (
 )
 from generation.images import ImageRefused, decode_untrusted
 from loraloop.config import ServiceConfig
+from loraloop.profiles import personal_owner, requester_id
 
 ADAPTER_WEIGHT_RANGE = (-2.0, 2.0)
 MAX_REQUESTER_CHARS = 200
@@ -160,6 +161,11 @@ def build_spec(request: JobRequest, config: ServiceConfig, catalog: AdapterCatal
         )
     adapters = []
     for ref in request.adapters:
+        owner = personal_owner(ref.name)
+        # A personal style answers to its owner alone, whoever else learns its name.
+        if owner is not None and owner != requester_id(request.requester):
+            raise InvalidRequest(f"{ref.name} is someone's personal style; only they can use it.",
+                                 ErrorCode.UNKNOWN_ADAPTER)
         _in_range(f"weight of adapter {ref.name}", ref.weight, *ADAPTER_WEIGHT_RANGE)
         adapters.append(AppliedAdapter(catalog.resolve(ref), ref.name, ref.weight))
     if len({a.file.name for a in adapters}) != len(adapters):
@@ -205,14 +211,20 @@ def build_spec(request: JobRequest, config: ServiceConfig, catalog: AdapterCatal
 
 def decode_init_image(data: str, max_pixels: int) -> Image.Image:
     """An RGB image from base64, refusing anything that is not a whole, reasonably sized image."""
+    return decode_image_field(data, "init_image", max_pixels)
+
+
+def decode_image_field(data: str, name: str, max_pixels: int) -> Image.Image:
+    """The RGB image a request's base64 field `name` holds; InvalidRequest naming the field if it
+    is not a whole, reasonably sized PNG, JPEG or WebP (blocking: run it off the loop)."""
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequest("'init_image' is not valid base64.", ErrorCode.INVALID_IMAGE) from None
+        raise InvalidRequest(f"'{name}' is not valid base64.", ErrorCode.INVALID_IMAGE) from None
     try:
         image, _ = decode_untrusted(raw, max_pixels)
     except ImageRefused as exc:
-        raise InvalidRequest(f"'init_image' is refused: {exc.message}.", ErrorCode.INVALID_IMAGE) from None
+        raise InvalidRequest(f"'{name}' is refused: {exc.message}.", ErrorCode.INVALID_IMAGE) from None
     return image.convert("RGB")
 
 

@@ -31,7 +31,8 @@ from loraloop.config import ServiceConfig
 
 # The dataclasses on the wire, each a schema of the same name.
 SCHEMAS = (contract.JobRequest, contract.AdapterRef, contract.JobAccepted, contract.JobStatus,
-           contract.ImageResult, contract.ResolvedAdapter, contract.AdapterInfo, contract.Health, contract.ApiError)
+           contract.ImageResult, contract.ResolvedAdapter, contract.AdapterInfo, contract.Health, contract.ApiError,
+           contract.DescribeRequest, contract.Description)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ ROUTES = (
           body="image/png", errors=(404,)),
     Route("delete", "/v1/jobs/{id}", "Cancel a job: queued ones are dropped, running ones stop at the next step",
           body="JobStatus", errors=(404,)),
+    Route("post", "/v1/describe", "An image's caption from the captioning model, to use as a prompt",
+          body="Description", request="DescribeRequest", errors=(400, 408, 413, 415, 429, 503)),
     Route("get", "/v1/adapters", "The adapters this service can apply", body="AdapterInfo", array=True),
     Route("post", "/v1/adapters/reload", "Rescan the adapters directory", body="AdapterInfo", array=True),
     Route("post", "/v1/queue/pause", "Accept jobs but start none", body="Health"),
@@ -124,6 +127,8 @@ def request_limits(settings: ServiceConfig) -> dict[str, dict[str, dict[str, Any
             "name": {"pattern": "^" + contract.ADAPTER_NAME_RE.pattern[2:-2] + "(@[0-9]{1,6})?$"},
             "weight": number(*ADAPTER_WEIGHT_RANGE),
         },
+        "DescribeRequest": {"image": {"contentEncoding": "base64", "description": "PNG, JPEG or WebP, at most "
+                                      f"{settings.max_image_pixels} pixels"}},
         "ApiError": {"code": {"enum": [code.value for code in ErrorCode]}},
     }
 

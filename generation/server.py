@@ -8,6 +8,7 @@ LORALOOP_SERVICE_TOKEN is set, on everything but /healthz; /metrics also takes
 LORALOOP_METRICS_TOKEN, and needs one of the two when either is set):
 
     POST   /v1/jobs                   -> 202 {"id", "position"} (jobs ahead of it; 0: next)
+    POST   /v1/describe               -> Description (the captioning model's words for an image)
     GET    /v1/jobs/{id}              -> JobStatus
     GET    /v1/jobs/{id}/events       -> server-sent events, one JobStatus each, until it finishes
     GET    /v1/jobs/{id}/images/{n}   -> image/png with a `parameters` text chunk
@@ -32,14 +33,18 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from generation.adapters import AdapterCatalog, AdapterDirectory
+from generation.captioner import Captioner, CaptionerUnavailable
 from generation.contract import (
     ApiError,
+    DescribeRequest,
+    Description,
     ErrorCode,
     Health,
     ImageResult,
@@ -48,7 +53,7 @@ from generation.contract import (
     JobRequest,
     JobState,
 )
-from generation.jobs import Job, build_spec, work_budget
+from generation.jobs import Job, build_spec, decode_image_field, work_budget
 from generation.metrics import Metrics
 from generation.openapi import build_document
 from generation.queue import FairQueue, QueueRefused
@@ -75,6 +80,7 @@ STATUS_FOR_CODE = {
     ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.QUEUE_FULL: 429,
     ErrorCode.REQUESTER_LIMIT: 429,
+    ErrorCode.CAPTIONER_UNAVAILABLE: 503,
 }
 
 
@@ -108,6 +114,11 @@ class GenerationService:
         self.metrics = Metrics()
         self.worker: Worker | None = None
         self._reload_lock = asyncio.Lock()
+        # The captioner has a thread of its own, so a /describe never waits behind a long batch;
+        # it loads on the first /describe (most services never get one) and stays loaded.
+        self._captioner: Captioner | None = None
+        self._caption_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="captioner")
+        self._describing = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -141,6 +152,7 @@ class GenerationService:
                            "The generation service stopped before this job finished; try again once it is back.")
         for job in list(self.jobs.values()):
             self.on_failed(job, stopped)
+        self._caption_thread.shutdown(wait=False, cancel_futures=True)
 
     @property
     def native_size(self) -> int:
@@ -173,6 +185,38 @@ class GenerationService:
         log.info("job %s: queued at position %d for %r (%d image(s), %s)", job.id, position,
                  job.requester or "anonymous", job.count, spec.mode)
         return JobAccepted(id=job.id, position=position)
+
+    async def describe(self, request: DescribeRequest) -> Description:
+        """The captioning model's words for an image; waits behind at most `max_queue` others."""
+        if self._describing >= self.settings.max_queue:
+            raise ServiceFailure(ErrorCode.QUEUE_FULL, "Too many images are waiting to be described; "
+                                 "try again in a minute.")
+        self._describing += 1
+        try:
+            caption = await asyncio.get_running_loop().run_in_executor(self._caption_thread, self._caption, request)
+        finally:
+            self._describing -= 1
+        return Description(caption=caption)
+
+    def _caption(self, request: DescribeRequest) -> str:
+        """On the captioner's thread: decode, load the model the first time, caption."""
+        from loraloop.tiny import loadable_model
+
+        image = decode_image_field(request.image, "image", self.settings.max_image_pixels)
+        if self._captioner is None:
+            dataset = self.config.dataset
+            try:
+                self._captioner = Captioner(loadable_model(dataset.caption_model, self.config.data_dir, "captioner"),
+                                            dataset.caption_device, dataset.caption_min_new_tokens,
+                                            dataset.caption_max_new_tokens)
+            except CaptionerUnavailable as exc:
+                log.error("describe: %s", exc)
+                raise ServiceFailure(ErrorCode.CAPTIONER_UNAVAILABLE,
+                                     "This service cannot describe images: its captioning model does not load "
+                                     "(see its log and [dataset] caption_model).") from None
+            log.info("describe: captioning model %s loaded", dataset.caption_model)
+        (caption,) = self._captioner([image])
+        return caption
 
     def job(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -320,7 +364,7 @@ async def errors_and_auth(request: web.Request, handler: Callable[[web.Request],
         return error_response(
             ErrorCode.PAYLOAD_TOO_LARGE,
             f"The request body is over the {service.settings.max_body_bytes}-byte limit; "
-            "send a smaller init image.",
+            "send a smaller image.",
             413,
         )
     except web.HTTPNotFound:
@@ -350,8 +394,9 @@ def _service(request: web.Request) -> GenerationService:
     return request.app[SERVICE_KEY]
 
 
-@routes.post("/v1/jobs")
-async def submit_job(request: web.Request) -> web.Response:
+async def read_json(request: web.Request) -> Any:
+    """A JSON request body, read within `read_timeout_s` and parsed off the loop; raises
+    ServiceFailure (415, 408) or InvalidRequest (400). aiohttp refuses one over `max_body_bytes`."""
     service = _service(request)
     if request.content_type != "application/json":
         raise ServiceFailure(
@@ -365,18 +410,45 @@ async def submit_job(request: web.Request) -> web.Response:
     except TimeoutError:
         # A body trickling in would hold its connection open for as long as the client likes.
         log.info("a request body took over %g s to arrive; closing its connection", timeout)
-        response = error_response(ErrorCode.REQUEST_TIMEOUT,
-                                  f"The request body took over {timeout:g} s to arrive; send it in one go.", 408)
-        response.force_close()
-        await response.prepare(request)
-        await response.write_eof()
-        # Closed now: aiohttp would otherwise linger, reading the rest of the body for 10 s more.
-        if request.transport is not None:
-            request.transport.close()
-        return response
-    data = await asyncio.get_running_loop().run_in_executor(None, parse_json_body, body)
-    accepted = await service.submit(JobRequest.from_dict(data))
+        raise _SlowBody(timeout) from None
+    return await asyncio.get_running_loop().run_in_executor(None, parse_json_body, body)
+
+
+class _SlowBody(Exception):
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+
+async def _slow_body_response(request: web.Request, seconds: float) -> web.Response:
+    response = error_response(ErrorCode.REQUEST_TIMEOUT,
+                              f"The request body took over {seconds:g} s to arrive; send it in one go.", 408)
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    # Closed now: aiohttp would otherwise linger, reading the rest of the body for 10 s more.
+    if request.transport is not None:
+        request.transport.close()
+    return response
+
+
+@routes.post("/v1/jobs")
+async def submit_job(request: web.Request) -> web.Response:
+    try:
+        data = await read_json(request)
+    except _SlowBody as slow:
+        return await _slow_body_response(request, slow.timeout)
+    accepted = await _service(request).submit(JobRequest.from_dict(data))
     return web.json_response(accepted.to_dict(), status=202)
+
+
+@routes.post("/v1/describe")
+async def describe_image(request: web.Request) -> web.Response:
+    try:
+        data = await read_json(request)
+    except _SlowBody as slow:
+        return await _slow_body_response(request, slow.timeout)
+    description = await _service(request).describe(DescribeRequest.from_dict(data))
+    return web.json_response(description.to_dict())
 
 
 def parse_json_body(body: bytes) -> Any:

@@ -7,6 +7,9 @@ Per-image seeds: each image gets its own CPU `torch.Generator`, so image i of a 
 the same noise as it would alone; `pipeline.make_batch_invariant` takes care of the arithmetic.
 A job asking for more images than `max_batch` runs alone, in consecutive chunks.
 
+Safety: with `[service] safety_checker`, each finished image gets the checker's verdict
+(generation/safety.py) on this thread, before its PNG is reported.
+
 Adapters: loaded once per file and combined with `set_adapters`; with `[service] lora_hotswap`, the
 model's `HotswapSlot` (generation/hotswap.py) takes the job's one adapter instead. At start, after
 loading, `[service] warmup_sizes` run once (pipeline.warm_up) before the service reports ready.
@@ -87,6 +90,7 @@ class Worker:
         self.settings = settings  # dtype, the fast path and warm-up; None: the defaults, no warm-up
         self.warmed: list[tuple[int, int, int]] = []  # (width, height, batch) run at start
         self.model: Any = None
+        self.safety: Any = None  # a generation.safety.SafetyChecker under [service] safety_checker
         self.device = "loading"
         self._loaded_adapters: dict[str, str] = {}  # sha256 -> peft adapter name
         self._wanted_shas: set[str] | None = None
@@ -119,6 +123,8 @@ class Worker:
         try:
             self.model = load_model(self.model_name, self.requested_device, self.data_dir, self.settings)
             self.device = self.model.device
+            if self.settings is not None and self.settings.safety_checker:
+                self.safety = _load_safety(self.settings, self.device, self.data_dir)
             if self.settings is not None and self.settings.warmup_sizes:
                 self.warmed = warm_up(self.model, self.settings)
             if self.model.compiled:
@@ -192,12 +198,22 @@ class Worker:
                 self._report(self.sink.on_cancelled, job)
                 continue
             results, pngs = [], []
+            verdicts = self._verdicts([images[(job.id, index)] for index in range(job.count)], job)
             for index in range(job.count):
                 png = encode_png(images[(job.id, index)], self._parameters(job, index))
                 pngs.append(png)
                 results.append(ImageResult(index, job.spec.seeds[index], job.spec.width, job.spec.height,
-                                           hashlib.sha256(png).hexdigest()))
+                                           hashlib.sha256(png).hexdigest(), verdicts[index]))
             self._report(self.sink.on_finished, job, results, pngs)
+
+    def _verdicts(self, images: list[Any], job: Job) -> list[bool | None]:
+        """The safety check's verdict per image; None for each when the service runs none."""
+        if self.safety is None:
+            return [None] * len(images)
+        flagged = self.safety.flags(images)
+        if any(flagged):
+            log.info("job %s: the safety check flagged %d of %d image(s)", job.id, sum(flagged), len(images))
+        return list(flagged)
 
     def _call_pipeline(self, pipe: Any, live: list[Job], chunk: list[tuple[Job, int]], done_before: int,
                        total: int) -> list[Any]:
@@ -299,6 +315,16 @@ class Worker:
             adapters=tuple((a.requested_name, a.weight, a.file.a1111_hash) for a in spec.adapters),
             strength=spec.strength,
         )
+
+
+def _load_safety(settings: ServiceConfig, device: str, data_dir: Path) -> Any:
+    from generation.safety import SafetyChecker
+    from loraloop.tiny import loadable_model
+
+    checker = SafetyChecker.load(loadable_model(settings.safety_checker, data_dir, "safety"), device,
+                                 settings.safety_adjustment)
+    log.info("safety checker %s loaded (adjustment %g)", settings.safety_checker, settings.safety_adjustment)
+    return checker
 
 
 def _load_exactly(pipe: Any, file: AdapterFile, name: str) -> None:

@@ -164,9 +164,17 @@ class ServiceConfig:
     # torch.compile compiles them before the first job; each costs start-up time.
     warmup_sizes: list[list[int]] = field(default_factory=list)
     warmup_batch_sizes: list[int] = field(default_factory=list)
+    # The image safety check: diffusers' StableDiffusionSafetyChecker from a model id (for example
+    # "CompVis/stable-diffusion-safety-checker"), a local directory, or "tiny" (random, offline).
+    # Empty: no check, every image's verdict is "unchecked". Costs one small CLIP pass per image.
+    safety_checker: str = ""
+    # Added to every concept score (diffusers' `adjustment`): above 0 flags more images, including
+    # benign ones; below 0 fewer. 2 flags everything, which is how the tests force a flag.
+    safety_adjustment: float = 0.0
 
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "port", "must be between 1 and 65535")
+        _require(-2.0 <= self.safety_adjustment <= 2.0, "safety_adjustment", "must be between -2 and 2")
         for key in ("max_queue", "max_per_requester", "max_batch", "max_steps", "max_count",
                     "max_prompt_chars", "max_pixels", "max_body_bytes", "keep_finished", "max_image_pixels"):
             _require(getattr(self, key) >= 1, key, "must be at least 1")
@@ -252,10 +260,21 @@ class BotConfig:
     flag_emoji: str = "🚩"
     # img2img strength of the 🎨 variation button: lower stays closer to the original.
     variation_strength: float = 0.35
+    # 🔍 upscale (2x, then img2img with the same prompt, seed and styles): how far the second pass
+    # may move from the enlarged image (lower keeps it, higher adds detail and drifts), and the
+    # largest output in pixels (the second pass costs about 4x the first per step).
+    upscale_strength: float = 0.35
+    upscale_max_pixels: int = 1024 * 1024
     # Largest image attachment accepted for img2img.
     max_attachment_bytes: int = 8 * 1024 * 1024
     # Generation messages re-read at start to pick up votes made while the bot was offline.
     catch_up_messages: int = 200
+    # What happens to an image the service's safety check flags. Outside age-restricted channels:
+    # "block" (the person is told, the image is kept out of the channel and of every dataset) or
+    # "spoiler" (posted behind a spoiler). In channels Discord marks age-restricted: "post",
+    # "spoiler" or "block".
+    nsfw_policy: typing.Literal["block", "spoiler"] = "block"
+    nsfw_channel_policy: typing.Literal["post", "spoiler", "block"] = "post"
 
     def __post_init__(self) -> None:
         _require(self.max_active_per_user >= 1, "max_active_per_user", "must be at least 1")
@@ -272,6 +291,8 @@ class BotConfig:
                  "values must be 1 (like) or -1 (dislike)")
         _require(self.flag_emoji not in self.rating_emojis, "flag_emoji", "must differ from the rating emojis")
         _require(0 < self.variation_strength <= 1, "variation_strength", "must be in (0, 1]")
+        _require(0 < self.upscale_strength <= 1, "upscale_strength", "must be in (0, 1]")
+        _require(self.upscale_max_pixels >= 64 * 64, "upscale_max_pixels", "must be at least 4096 (64x64)")
         _require(self.catch_up_messages >= 0, "catch_up_messages", "must not be negative")
 
 
@@ -489,9 +510,16 @@ class LoopConfig:
     vote_budget: int = 400
     # Discord channel id where decisions are announced; 0: the log only.
     admin_channel_id: int = field(default=0, metadata={"max": 2**63 - 1})  # a snowflake is 64-bit
+    # Personal styles: the votes a person must have cast before /profile train (or the loop) trains
+    # one from their votes alone. Fewer learns from noise; Midjourney asks for 200 pair rankings.
+    personal_min_votes: int = 200
+    # Whether the loop trains a personal style for everyone who reaches personal_min_votes, not only
+    # for those who ask with /profile train. Each costs one training run.
+    personal_auto: bool = False
 
     def __post_init__(self) -> None:
         _require(self.poll_seconds > 0, "poll_seconds", "must be positive")
+        _require(self.personal_min_votes >= 1, "personal_min_votes", "must be at least 1")
         _require(self.min_new_votes > 0, "min_new_votes", "must be positive")
         _require(0 < self.share < 1, "share", "must be between 0 and 1")
         _require(0.5 < self.confidence < 1, "confidence", "must be between 0.5 and 1")

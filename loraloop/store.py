@@ -298,6 +298,50 @@ def _m0005_experiments(db: Database) -> None:
     )
 
 
+@_migration("0006_upscale_parent")
+def _m0006_upscale_parent(db: Database) -> None:
+    # A generation made from one image of another (🔍 upscale): which image it enlarged.
+    db.executescript(
+        """
+        ALTER TABLE generations ADD COLUMN parent_image_id INTEGER REFERENCES images(id);
+        CREATE INDEX generations_parent ON generations(parent_image_id);
+        """
+    )
+
+
+@_migration("0007_safety_verdicts")
+def _m0007_safety_verdicts(db: Database) -> None:
+    # The service's safety check per image (NULL: not checked, 0 passed, 1 flagged), and when the
+    # bot's policy kept a flagged image out of its channel: such an image has no message, and it
+    # and every flagged image stay out of datasets (curation sees the verdict as an 'nsfw' flag).
+    db.executescript(
+        """
+        ALTER TABLE images ADD COLUMN nsfw INTEGER CHECK (nsfw IN (0, 1));
+        ALTER TABLE images ADD COLUMN blocked_at TEXT;
+        """
+    )
+
+
+@_migration("0008_profiles")
+def _m0008_profiles(db: Database) -> None:
+    # Personal styles (loraloop/profiles.py): one row per person who asked for one (or whom the
+    # loop trained one for), its state, the adapter version serving now and the votes behind it.
+    db.executescript(
+        """
+        CREATE TABLE profiles (
+            user_id INTEGER PRIMARY KEY,
+            status TEXT NOT NULL CHECK (status IN ('requested', 'training', 'ready', 'failed', 'deleted')),
+            version INTEGER,                      -- of adapter personal-<user_id>; NULL until trained
+            votes INTEGER,                        -- the person's votes that version learned from
+            error TEXT,                           -- why the last training failed
+            requested_at TEXT,
+            trained_at TEXT,
+            updated_at TEXT NOT NULL
+        );
+        """
+    )
+
+
 # --- records --------------------------------------------------------------------------------
 
 
@@ -322,6 +366,8 @@ class Generation:
     # The A/B experiment this request was served in, and its arm ("control" or "candidate").
     experiment_id: int | None = None
     arm: str | None = None
+    # The image this generation enlarged (🔍 upscale); None for a generation from a prompt.
+    parent_image_id: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Generation:
@@ -344,6 +390,8 @@ class Image:
     path: str  # relative to the data directory
     message_id: int | None
     created_at: str
+    nsfw: bool | None = None  # the service's safety verdict; None: not checked
+    blocked: bool = False  # flagged and kept out of its channel by the bot's policy
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Image:
@@ -351,6 +399,7 @@ class Image:
             id=row["id"], generation_id=row["generation_id"], index=row["image_index"],
             seed=row["seed"], width=row["width"], height=row["height"], sha256=row["sha256"],
             path=row["path"], message_id=row["message_id"], created_at=row["created_at"],
+            nsfw=None if row["nsfw"] is None else bool(row["nsfw"]), blocked=row["blocked_at"] is not None,
         )
 
 
@@ -461,6 +510,19 @@ class AdapterVote:
     name: str | None
     value: int
     updated_at: str
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A person's personal style (table `profiles`)."""
+
+    user_id: int
+    status: str  # requested, training, ready, failed, deleted
+    version: int | None
+    votes: int | None
+    error: str | None
+    requested_at: str | None
+    trained_at: str | None
 
 
 @dataclass(frozen=True)
@@ -712,13 +774,14 @@ class Store:
         status: str = "queued",
         experiment_id: int | None = None,
         arm: str | None = None,
+        parent_image_id: int | None = None,
     ) -> int:
         """Record a generation request; the same job id again returns the first row's id.
 
         `adapters`: dicts (or contract objects) with "name", optional "version", "weight",
         "sha256"; a name pinned as "pixel@3" with no version is split into name and version.
         `experiment_id`, `arm`: the A/B experiment this request was served in, and its arm
-        ("control" or "candidate").
+        ("control" or "candidate"). `parent_image_id`: the image an upscale enlarged.
         """
         if status not in GENERATION_STATUSES:
             raise ValueError(f"status must be one of {', '.join(GENERATION_STATUSES)}")
@@ -739,11 +802,11 @@ class Store:
             cursor = conn.execute(
                 """INSERT INTO generations (job_id, requester_id, guild_id, channel_id, prompt,
                        negative_prompt, parameters_json, adapters_json, status, created_at,
-                       experiment_id, arm)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       experiment_id, arm, parent_image_id)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (job_id, requester_id, guild_id, channel_id, prompt, negative_prompt,
                  json.dumps(dict(parameters or {}), sort_keys=True), json.dumps(adapter_list),
-                 status, self._now(), experiment_id, arm),
+                 status, self._now(), experiment_id, arm, parent_image_id),
             )
             generation_id = _inserted_id(cursor)
             conn.executemany(
@@ -847,10 +910,12 @@ class Store:
         return relative
 
     def add_image(
-        self, generation_id: int, *, index: int, seed: int, width: int, height: int, png: bytes
+        self, generation_id: int, *, index: int, seed: int, width: int, height: int, png: bytes,
+        nsfw: bool | None = None, blocked: bool = False,
     ) -> int:
         """Store an image's bytes by sha256 and record it; the same generation and index again
-        returns the first row's id."""
+        returns the first row's id. `nsfw`: the safety check's verdict (None: not checked);
+        `blocked`: the bot's policy kept it out of its channel."""
         sha256 = hashlib.sha256(png).hexdigest()
         relative = self._store_file(sha256, png)
         with self._write() as conn:
@@ -863,8 +928,9 @@ class Store:
             try:
                 cursor = conn.execute(
                     """INSERT INTO images (generation_id, image_index, seed, width, height,
-                           sha256, path, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (generation_id, index, seed, width, height, sha256, relative, self._now()),
+                           sha256, path, created_at, nsfw, blocked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (generation_id, index, seed, width, height, sha256, relative, self._now(),
+                     None if nsfw is None else int(nsfw), self._now() if blocked else None),
                 )
             except sqlite3.IntegrityError:
                 raise NotFoundError(f"no generation with id {generation_id}") from None
@@ -1010,6 +1076,92 @@ class Store:
 
     # --- users -----------------------------------------------------------------------------
 
+    # --- personal styles -------------------------------------------------------------------
+
+    def profile(self, user_id: int) -> Profile | None:
+        rows = self._rows("SELECT * FROM profiles WHERE user_id = ?", (user_id,))
+        return _profile(rows[0]) if rows else None
+
+    def profiles(self, status: str | None = None) -> list[Profile]:
+        rows = self._rows("SELECT * FROM profiles WHERE :status IS NULL OR status = :status ORDER BY user_id",
+                          {"status": status})
+        return [_profile(row) for row in rows]
+
+    def request_profile(self, user_id: int) -> bool:
+        """Ask the loop to train (or retrain) USER's personal style; False if it is training now."""
+        now = self._now()
+        with self._write() as conn:
+            cursor = conn.execute(
+                """INSERT INTO profiles (user_id, status, requested_at, updated_at) VALUES (?, 'requested', ?, ?)
+                   ON CONFLICT (user_id) DO UPDATE SET status = 'requested', requested_at = excluded.requested_at,
+                       error = NULL, updated_at = excluded.updated_at
+                   WHERE profiles.status != 'training'""",
+                (user_id, now, now),
+            )
+            return cursor.rowcount > 0
+
+    def set_profile(self, user_id: int, status: str, *, version: int | None = None, votes: int | None = None,
+                    error: str | None = None) -> None:
+        """The loop's record of a training: "training", "ready" (with its version and votes) or "failed"."""
+        if status not in ("training", "ready", "failed"):
+            raise ValueError("status must be training, ready or failed")
+        now = self._now()
+        with self._write() as conn:
+            conn.execute(
+                """INSERT INTO profiles (user_id, status, updated_at) VALUES (?, ?, ?)
+                   ON CONFLICT (user_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at""",
+                (user_id, status, now),
+            )
+            if status == "ready":
+                conn.execute("UPDATE profiles SET version = ?, votes = ?, trained_at = ?, error = NULL"
+                             " WHERE user_id = ?", (version, votes, now, user_id))
+            elif status == "failed":
+                conn.execute("UPDATE profiles SET error = ? WHERE user_id = ?", (error, user_id))
+
+    def delete_profile(self, user_id: int) -> bool:
+        """Retire USER's personal style: nobody may use it from now on, and the loop removes its
+        files at its next pass. False if there was none."""
+        with self._write() as conn:
+            return self._delete_profile(conn, user_id)
+
+    def _delete_profile(self, conn: sqlite3.Connection, user_id: int) -> bool:
+        cursor = conn.execute(
+            "UPDATE profiles SET status = 'deleted', version = NULL, updated_at = ?"
+            " WHERE user_id = ? AND status != 'deleted'", (self._now(), user_id))
+        return cursor.rowcount > 0
+
+    def user_votes(self, user_id: int) -> int:
+        """The votes USER has cast on images still in the store (their own images too)."""
+        rows = self._rows("SELECT COUNT(*) AS n FROM ratings r JOIN images i ON i.id = r.image_id"
+                          " WHERE r.user_id = ? AND i.deleted_at IS NULL", (user_id,))
+        return int(rows[0]["n"])
+
+    def voters_with(self, min_votes: int) -> list[int]:
+        """Users (not opted out) with at least MIN_VOTES votes: whom the loop may train a personal style for."""
+        rows = self._rows(
+            """SELECT r.user_id FROM ratings r JOIN images i ON i.id = r.image_id
+               WHERE i.deleted_at IS NULL
+                 AND r.user_id NOT IN (SELECT user_id FROM users WHERE opted_out)
+               GROUP BY r.user_id HAVING COUNT(*) >= ? ORDER BY r.user_id""", (min_votes,))
+        return [row["user_id"] for row in rows]
+
+    def own_like_rate(self, user_id: int, adapter: str | None) -> tuple[int, float | None]:
+        """(votes, like rate) of USER's own votes on images made with ADAPTER (None: with no
+        personal style at all), so /profile can show whether it pleases its owner."""
+        rows = self._rows(
+            """SELECT COUNT(*) AS votes, COALESCE(SUM(r.value = 1), 0) AS likes
+               FROM ratings r JOIN images i ON i.id = r.image_id
+               WHERE r.user_id = :user
+                 AND (CASE WHEN :adapter IS NULL
+                      THEN NOT EXISTS (SELECT 1 FROM generation_adapters ga WHERE ga.generation_id = i.generation_id
+                                       AND ga.name LIKE 'personal-%')
+                      ELSE EXISTS (SELECT 1 FROM generation_adapters ga WHERE ga.generation_id = i.generation_id
+                                   AND ga.name = :adapter) END)""",
+            {"user": user_id, "adapter": adapter},
+        )
+        votes, likes = rows[0]["votes"], rows[0]["likes"]
+        return votes, (likes / votes if votes else None)
+
     def _set_opted_out(self, user_id: int, opted_out: bool) -> None:
         with self._write() as conn:
             conn.execute(
@@ -1018,6 +1170,8 @@ class Store:
                        SET opted_out = excluded.opted_out, updated_at = excluded.updated_at""",
                 (user_id, int(opted_out), self._now()),
             )
+            if opted_out:  # a personal style is learned from their votes: it goes with them
+                self._delete_profile(conn, user_id)
 
     def opt_out(self, user_id: int) -> None:
         """Keep this user's prompts, images and votes out of every future dataset."""
@@ -1096,6 +1250,7 @@ class Store:
               AND (:guild_id IS NULL OR g.guild_id = :guild_id)
               AND i.deleted_at IS NULL
               AND NOT EXISTS (SELECT 1 FROM flags f WHERE f.image_id = i.id AND f.kind = 'nsfw')
+              AND i.nsfw IS NOT 1
             GROUP BY i.id
             HAVING likes > 0
             ORDER BY likes - dislikes DESC, likes DESC, i.id
@@ -1189,6 +1344,17 @@ class Store:
         """Recorded training runs (what `adapters publish` recorded), newest first."""
         rows = self._rows("SELECT id FROM training_runs ORDER BY id DESC LIMIT ?", (limit,))
         return [self.training_run(row["id"]) for row in rows]
+
+    def safety_counts(self, guild_id: int | None = None) -> dict[str, int]:
+        """Images the safety check saw, flagged, and that the bot's policy kept out of their channel."""
+        rows = self._rows(
+            """SELECT COUNT(i.nsfw) AS checked, COALESCE(SUM(i.nsfw = 1), 0) AS flagged,
+                      COUNT(i.blocked_at) AS blocked
+               FROM images i JOIN generations g ON g.id = i.generation_id
+               WHERE :guild_id IS NULL OR g.guild_id = :guild_id""",
+            {"guild_id": guild_id},
+        )
+        return {key: rows[0][key] for key in ("checked", "flagged", "blocked")}
 
     def counts(self) -> dict[str, int]:
         """Rows per table, for `loraloop db stats`."""
@@ -1457,11 +1623,13 @@ class Store:
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
         include_self_votes: bool = False,
+        voter: int | None = None,
     ) -> list[RatedImage]:
         """Every image in the selection with its likes and dislikes, oldest first.
 
         Votes by opted-out users never count; the requester's own vote counts only with
         `include_self_votes`. Images with no votes are included (curation reports them).
+        `voter`: only the images this user voted on, and only their votes (a personal style's data).
         """
         rows = self._rows(
             _SELECTED_VOTES + """,
@@ -1470,9 +1638,11 @@ class Store:
                 FROM counted GROUP BY image_id
             ),
             flagged AS (
-                SELECT f.image_id, group_concat(DISTINCT f.kind) AS kinds
-                FROM flags f JOIN selected s ON s.id = f.image_id
-                GROUP BY f.image_id
+                -- People's flags, and the safety check's verdict as an 'nsfw' flag of its own.
+                SELECT image_id, group_concat(DISTINCT kind) AS kinds FROM (
+                    SELECT f.image_id, f.kind FROM flags f JOIN selected s ON s.id = f.image_id
+                    UNION ALL SELECT s.id, 'nsfw' FROM selected s WHERE s.nsfw = 1
+                ) GROUP BY image_id
             )
             SELECT s.id, s.generation_id, s.sha256, s.path, s.width, s.height, s.prompt,
                    s.negative_prompt, s.requester_id, s.created_at, s.phash,
@@ -1485,7 +1655,7 @@ class Store:
             LEFT JOIN users u ON u.user_id = s.requester_id
             ORDER BY s.created_at, s.id
             """,
-            _selection(adapter, adapter_version, since, until, include_self_votes),
+            _selection(adapter, adapter_version, since, until, include_self_votes, voter),
         )
         return [
             RatedImage(
@@ -1509,11 +1679,12 @@ class Store:
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
         include_self_votes: bool = False,
+        voter: int | None = None,
     ) -> list[tuple[int, int, int]]:
         """The votes `rated_images` tallies for the same selection, one (image_id, user_id,
         value) each: what the rater model (`loraloop.raters.estimate`) reads."""
         sql = _SELECTED_VOTES + " SELECT image_id, user_id, value FROM counted ORDER BY image_id, user_id"
-        params = _selection(adapter, adapter_version, since, until, include_self_votes)
+        params = _selection(adapter, adapter_version, since, until, include_self_votes, voter)
         # Plain tuples, not sqlite3.Row: a large server has hundreds of thousands of votes.
         rows = self._retrying(lambda: self.db.conn.execute(sql, params).fetchall())
         return [(row[0], row[1], row[2]) for row in rows]
@@ -1567,18 +1738,27 @@ _SELECTED_VOTES = """
                 SELECT 1 FROM generation_adapters ga
                 WHERE ga.generation_id = i.generation_id AND ga.name = :adapter
                   AND (:version IS NULL OR ga.version = :version)))
+          AND (:voter IS NULL OR EXISTS (
+                SELECT 1 FROM ratings rv WHERE rv.image_id = i.id AND rv.user_id = :voter))
     ),
     counted AS (
         SELECT r.image_id, r.user_id, r.value
         FROM ratings r JOIN selected s ON s.id = r.image_id
         WHERE (:self_votes OR r.user_id IS NOT s.requester_id)
+          AND (:voter IS NULL OR r.user_id = :voter)
           AND r.user_id NOT IN (SELECT user_id FROM users WHERE opted_out)
     )"""
 
 
+def _profile(row: sqlite3.Row) -> Profile:
+    return Profile(user_id=row["user_id"], status=row["status"], version=row["version"], votes=row["votes"],
+                   error=row["error"], requested_at=row["requested_at"], trained_at=row["trained_at"])
+
+
 def _selection(adapter: str | None, adapter_version: int | None, since: dt.datetime | None,
-               until: dt.datetime | None, include_self_votes: bool) -> dict[str, Any]:
+               until: dt.datetime | None, include_self_votes: bool, voter: int | None = None) -> dict[str, Any]:
     return {
+        "voter": voter,
         "since": None if since is None else _timestamp(since),
         "until": None if until is None else _timestamp(until),
         "adapter": adapter, "version": adapter_version,
@@ -1734,3 +1914,9 @@ class AsyncStore:
     pending_announcements = _on_store_thread(Store.pending_announcements)
     mark_announced = _on_store_thread(Store.mark_announced)
     rater_weights = _on_store_thread(Store.rater_weights)
+    safety_counts = _on_store_thread(Store.safety_counts)
+    profile = _on_store_thread(Store.profile)
+    request_profile = _on_store_thread(Store.request_profile)
+    delete_profile = _on_store_thread(Store.delete_profile)
+    user_votes = _on_store_thread(Store.user_votes)
+    own_like_rate = _on_store_thread(Store.own_like_rate)

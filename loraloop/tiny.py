@@ -2,6 +2,7 @@
 
     loadable_model("tiny", data_dir)                  # -> DATA_DIR/models/tiny (SD 1.x shaped), built once
     loadable_model("tiny", data_dir, "captioner")     # -> DATA_DIR/models/tiny-blip
+    loadable_model("tiny", data_dir, "safety")        # -> DATA_DIR/models/tiny-safety (flags nothing at 0)
     loadable_model("org/some-model", data_dir)        # -> "org/some-model", unchanged
 
 Tests, benchmarks and a newcomer's first `loraloop serve --model tiny` all use them, so the
@@ -122,6 +123,7 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
 
 
 TINY_BLIP_VERSION = "1"
+TINY_SAFETY_VERSION = "1"
 # A few caption-like words plus letters and word pieces, so a random decoder spells something.
 _TINY_BLIP_WORDS = [
     "a", "an", "the", "of", "on", "in", "with", "and", "at", "photo", "picture", "painting", "drawing", "dog", "cat",
@@ -176,6 +178,34 @@ def build_tiny_blip(path: str | os.PathLike, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_safety_checker(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny `StableDiffusionSafetyChecker` and its `CLIPImageProcessor` with random weights.
+
+    It loads through the same `from_pretrained` calls as "CompVis/stable-diffusion-safety-checker".
+    Its concept embeddings and thresholds are diffusers' initial ones (all ones), so an image's
+    scores are its cosine to that direction minus 1: never above 0, nothing flagged, until
+    `[service] safety_adjustment` raises every score (2 flags everything).
+    """
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=1000, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    StableDiffusionSafetyChecker(config).save_pretrained(path, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    (path / MARKER_FILE).write_text(TINY_SAFETY_VERSION)
+    return path
+
+
 def _built(path: Path, version: str, build: Callable[[Path], Path]) -> Path:
     """`path`, built with `build` unless its marker already says `version`.
 
@@ -199,6 +229,11 @@ def tiny_model_path(data_dir: str | os.PathLike) -> Path:
     return _built(Path(data_dir) / "models" / "tiny", TINY_MODEL_VERSION, build_tiny_model)
 
 
+def tiny_safety_checker_path(data_dir: str | os.PathLike) -> Path:
+    """Where the tiny safety checker lives under a data directory, building it on first use."""
+    return _built(Path(data_dir) / "models" / "tiny-safety", TINY_SAFETY_VERSION, build_tiny_safety_checker)
+
+
 def tiny_blip_path(data_dir: str | os.PathLike) -> Path:
     """Where the tiny BLIP lives under a data directory, building it on first use."""
     return _built(Path(data_dir) / "models" / "tiny-blip", TINY_BLIP_VERSION, build_tiny_blip)
@@ -208,11 +243,12 @@ def tiny_blip_path(data_dir: str | os.PathLike) -> Path:
 TINY_MODELS: dict[str, Callable[[str | os.PathLike], Path]] = {
     "diffusion": tiny_model_path,
     "captioner": tiny_blip_path,
+    "safety": tiny_safety_checker_path,
 }
 
 
 def loadable_model(name: str, data_dir: str | os.PathLike,
-                   kind: Literal["diffusion", "captioner"] = "diffusion") -> str:
+                   kind: Literal["diffusion", "captioner", "safety"] = "diffusion") -> str:
     """A configured model name as something to load: the name itself, unless it is "tiny".
 
     "tiny" becomes the path of the tiny model of `kind` under `data_dir`, built on first use.

@@ -488,7 +488,7 @@ async def test_reroll_and_variation_buttons_work_after_a_restart(fake, store, bo
     await bots.stop(bot)
     await bots.start(service)
 
-    reroll, vary, _delete = custom_ids(message)
+    reroll, vary, _upscale, _delete = custom_ids(message)
     clicked = await fake.click(int(message["id"]), reroll, user=fake.bob)
     await fake.wait_for(lambda: len(fake.image_messages()) == 2, timeout=60)
     assert clicked.ack_seconds < 3

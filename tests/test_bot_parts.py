@@ -11,7 +11,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from bot.imagine import Spec, fit_for_discord
 from bot.reactions import Meaning, meanings
-from generation.contract import size_for
+from generation.contract import AdapterRef, size_for
 
 
 def test_aspects_keep_the_short_side_and_round_the_long_one_to_a_multiple_of_8():
@@ -48,7 +48,7 @@ def test_an_image_over_the_limit_is_re_encoded_under_it_never_dropped():
 
 
 def test_a_spec_becomes_a_request_with_the_style_the_init_image_and_the_requester():
-    spec = Spec(prompt="a fox", style="pixel", style_weight=0.8, width=64, height=96, init_image=b"PNG",
+    spec = Spec(prompt="a fox", styles=(AdapterRef("pixel", 0.8),), width=64, height=96, init_image=b"PNG",
                 strength=0.4, count=2)
     request = spec.request(requester=42)
     assert request.adapters[0].name == "pixel" and request.adapters[0].weight == 0.8

@@ -4,7 +4,8 @@
     loraloop dataset caption data/datasets/fox --prefix "sks fox,"   # trigger word first
     loraloop dataset caption data/datasets/fox --overwrite --model Salesforce/blip-image-captioning-base
 
-This module owns running a BLIP captioning model over the images of a dataset whose text is
+This module owns running a BLIP captioning model (`generation.captioner.Captioner`, which the
+service's /describe runs too) over the images of a dataset whose text is
 empty ({"file_name", "text"} rows, as import and curation write them; `training/dataset.py`
 reads and rewrites the file, and the `dataset_hash` is refreshed). Everything is checked before
 the model loads; metadata.jsonl is rewritten atomically after every batch, so an interrupted run
@@ -21,6 +22,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from generation.captioner import Captioner, CaptionerUnavailable
 from loraloop.config import DatasetConfig
 from training.dataset import HASH_FILE, METADATA_FILE, DatasetError, read_metadata, record_dataset_hash, write_metadata
 
@@ -100,43 +102,6 @@ def resolve_model(model: str, data_dir: Path | None) -> str:
     return loadable_model(model, data_dir, "captioner")
 
 
-class Captioner:
-    """A BLIP captioning model and its processor, on one device, captioning a batch at a time."""
-
-    def __init__(self, model: str, device: str = "auto", min_new_tokens: int = 5, max_new_tokens: int = 40) -> None:
-        import torch
-        from transformers import BlipForConditionalGeneration, BlipProcessor
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise CaptionError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
-        # fp16 halves memory and time on a GPU; CPUs are slow at it, so they stay fp32.
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        try:
-            self.processor = BlipProcessor.from_pretrained(model)
-            self.model = BlipForConditionalGeneration.from_pretrained(model)
-        except (OSError, ValueError) as exc:
-            raise CaptionError(
-                f"cannot load the captioning model {model!r}: {str(exc).splitlines()[0]} "
-                "(give a BLIP model id, a local directory saved with save_pretrained, or 'tiny')"
-            ) from None
-        self.model.to(self.device, dtype=self.dtype).eval()  # type: ignore[arg-type]  # @wraps'd to(): unbound to mypy
-        self.min_new_tokens = min_new_tokens
-        self.max_new_tokens = max_new_tokens
-
-    def __call__(self, images: list[Image.Image]) -> list[str]:
-        import torch
-
-        inputs = self.processor(images=images, return_tensors="pt").to(self.device, self.dtype)
-        with torch.inference_mode():
-            tokens = self.model.generate(
-                **inputs, min_new_tokens=self.min_new_tokens, max_new_tokens=self.max_new_tokens
-            )
-        return [" ".join(text.split()) for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
-
-
 def _load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
@@ -162,9 +127,12 @@ def caption_dataset(
     todo = [row for row in rows if needs_caption(row, overwrite)]
     if not todo:
         return CaptionReport(total=len(rows), captioned=0, empty=0)
-    captioner = Captioner(
-        resolve_model(settings.model, data_dir), settings.device, settings.min_new_tokens, settings.max_new_tokens
-    )
+    try:
+        captioner = Captioner(
+            resolve_model(settings.model, data_dir), settings.device, settings.min_new_tokens, settings.max_new_tokens
+        )
+    except CaptionerUnavailable as exc:
+        raise CaptionError(str(exc)) from None
     # Captions are part of the content hash: drop the old one now (an interrupted run leaves no
     # wrong hash behind) and write the new one at the end.
     (dataset / HASH_FILE).unlink(missing_ok=True)

@@ -124,6 +124,8 @@ class CurationSettings:
     format: FormatName = _DEFAULTS.format
     adapter: str | None = None
     adapter_version: int | None = None
+    # One person's votes only (a personal style): the images they voted on, their votes alone.
+    voter: int | None = None
     since: dt.datetime | None = None
     until: dt.datetime | None = None
     min_raters: int = _DEFAULTS.min_raters
@@ -459,6 +461,7 @@ def curate(store: Store, out: Path, settings: CurationSettings) -> CurationRepor
     selection: dict[str, Any] = {
         "adapter": settings.adapter, "adapter_version": settings.adapter_version,
         "since": settings.since, "until": settings.until, "include_self_votes": settings.include_self_votes,
+        "voter": settings.voter,
     }
     images = store.rated_images(**selection)
     votes = store.rated_votes(**selection)

@@ -18,7 +18,12 @@ records its candidate, and a decision is one transaction too):
 3. each adapter without a running experiment, once its images have `min_new_votes` weighted
    votes since its last round: curate its images (`training.curate`, `[curation]`), train a fresh
    adapter (`[training]`), publish it as a candidate (`publish(..., experiment=...)`), never as
-   the new default, and ask the service to reload.
+   the new default, and ask the service to reload;
+4. personal styles (loraloop/profiles.py): each one asked for with /profile train (and, with
+   `personal_auto`, everyone past `personal_min_votes` without one) is trained from that person's
+   votes alone, kto on their likes and dislikes, and published as `personal-<id>` (no A/B gate:
+   it answers to one person, who can compare it with /imagine personal:true); the files of
+   deleted profiles (/profile delete, /optout) are removed.
 
 Floor: training/ (torch, through the trainer); the gate and the rater model are the floor's.
 """
@@ -29,11 +34,12 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from loraloop.config import Config
 from loraloop.experiments import GateSettings, Verdict, experiment_verdict
+from loraloop.profiles import personal_adapter_name, personal_owner
 from loraloop.raters import RaterModel, RaterSettings, estimate
 from loraloop.store import Experiment, Store
 from training.publish import refresh_a1111_alias
@@ -61,6 +67,8 @@ class Pass:
     decisions: list[tuple[Experiment, Verdict]]
     rounds: list[RoundResult]
     raters: int = 0
+    personal: list[RoundResult] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # personal adapters whose files were removed
 
 
 class LoopRunner:
@@ -83,10 +91,13 @@ class LoopRunner:
             done = Pass(decisions=self._decide(store, model), rounds=[], raters=len(model.raters))
             for name in self.settings.adapters or store.adapter_names():
                 refresh_a1111_alias(store, name, self.config.a1111_adapters_dir)
-                if store.running_experiment(name) is None:
+                if personal_owner(name) is None and store.running_experiment(name) is None:
                     result = self._maybe_round(store, model, name)
                     if result is not None:
                         done.rounds.append(result)
+            done.removed = self._remove_deleted_profiles(store)
+            for user_id in self._personal_due(store):
+                done.personal.append(self.train_personal(store, user_id))
         return done
 
     def run_forever(self) -> None:
@@ -177,6 +188,75 @@ class LoopRunner:
                  published.version, control, 100 * self.settings.share, name, told)
         return RoundResult(adapter=name, candidate_version=published.version, control_version=control,
                            dataset=dataset, run=run, new_votes=new_votes)
+
+    # --- personal styles -------------------------------------------------------------------
+
+    def _personal_due(self, store: Store) -> list[int]:
+        due = [p.user_id for p in store.profiles(status="requested")]
+        if self.settings.personal_auto:
+            known = {p.user_id for p in store.profiles()}
+            due += [u for u in store.voters_with(self.settings.personal_min_votes) if u not in known]
+        return due
+
+    def train_personal(self, store: Store, user_id: int) -> RoundResult:
+        """USER's personal style from their votes alone: kto on their likes and dislikes."""
+        from training.curate import CurationError, CurationSettings, curate
+        from training.publish import PublishError, publish, tell_service
+        from training.train import Job, TrainError, train, validate
+
+        name = personal_adapter_name(user_id)
+        votes = store.user_votes(user_id)
+        if votes < self.settings.personal_min_votes:
+            error = f"{votes} votes; a personal style needs {self.settings.personal_min_votes}"
+            store.set_profile(user_id, "failed", error=error)
+            return RoundResult(adapter=name, error=error, new_votes=votes)
+        store.set_profile(user_id, "training")
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+        dataset = self.config.data_dir / "datasets" / f"{name}-{stamp}"
+        run = self.config.data_dir / "runs" / f"{name}-{stamp}"
+        # Their own images count (people rate what they asked for), and there is one rater: the
+        # rater model's weight would scale every example alike, and loss weights are scaled to a
+        # mean of 1 anyway, so it is off; one vote is enough to label an image.
+        settings = CurationSettings.from_config(self.config.curation, format="kto", voter=user_id,
+                                                include_self_votes=True, rater_model=False, min_raters=1)
+        try:
+            curate(store, dataset, settings)
+            train(validate(Job(dataset=dataset, name=name, model=self.config.service.model,
+                               settings=replace(self.config.training, objective="kto"),
+                               data_dir=self.config.data_dir, output=run)))
+            # No A1111 copy: that folder is shared, and a personal style is not.
+            published = publish(run, name, self.config.adapters_dir, store)
+        except (CurationError, TrainError, PublishError) as exc:
+            store.set_profile(user_id, "failed", error=str(exc))
+            log.warning("loop: personal style of %s failed: %s", user_id, exc)
+            return RoundResult(adapter=name, dataset=dataset, error=str(exc), new_votes=votes)
+        store.set_profile(user_id, "ready", version=published.version, votes=votes)
+        try:
+            told = asyncio.run(tell_service(self.service_url, self.service_token, published))
+        except Exception as exc:  # noqa: BLE001  recorded; the service loads it at its next reload or start
+            told = f"could not tell the service ({exc})"
+        log.info("loop: personal style %s v%d from %d votes; %s", name, published.version, votes, told)
+        return RoundResult(adapter=name, candidate_version=published.version, dataset=dataset, run=run,
+                           new_votes=votes)
+
+    def _remove_deleted_profiles(self, store: Store) -> list[str]:
+        from training.publish import remove_adapter
+
+        removed = [name for profile in store.profiles(status="deleted")
+                   if remove_adapter(name := personal_adapter_name(profile.user_id), self.config.adapters_dir)]
+        if removed:
+            from generation.client import ServiceClient
+
+            async def reload() -> None:
+                async with ServiceClient(self.service_url, token=self.service_token) as client:
+                    await client.reload_adapters()
+
+            try:
+                asyncio.run(reload())
+            except Exception as exc:  # noqa: BLE001  the files are gone; the service forgets them at its next reload
+                log.warning("loop: removed %s but could not tell the service (%s)", ", ".join(removed), exc)
+            log.info("loop: removed the personal style(s) %s", ", ".join(removed))
+        return removed
 
     def curate(self, store: Store, name: str, out: Path) -> None:
         """Every vote on NAME's images (all versions, both arms) into a dataset, as `[curation]` says."""

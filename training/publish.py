@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,19 @@ def refresh_a1111_alias(store: Store, name: str, a1111_dir: Path) -> Path | None
                 return None
     log.info("A1111 folder: %s now means %s@%d", name, name, version)
     return write_a1111_copy(source, alias, name)
+
+
+def remove_adapter(name: str, adapters_dir: Path) -> bool:
+    """Delete NAME's folder of versions from the adapters directory (a personal style whose owner
+    deleted it or opted out); False if there was none. The store keeps its history."""
+    if not ADAPTER_NAME_RE.match(name):
+        raise PublishError(f"adapter name {name!r} is not valid")
+    folder = adapters_dir / name
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    shutil.rmtree(folder)
+    log.info("removed adapter %s from %s", name, adapters_dir)
+    return True
 
 
 async def tell_service(base_url: str, token: str | None, published: Published) -> str:
