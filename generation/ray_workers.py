@@ -50,7 +50,7 @@ from generation.batches import BatchDone, BatchRunner, Event, Work
 from generation.contract import ApiError, ErrorCode
 from generation.jobs import Job
 from generation.queue import FairQueue
-from generation.worker import JobSink, WorkerState, deliver, load_runner
+from generation.worker import BackendError, JobSink, WorkerState, deliver, load_runner
 from loraloop.config import ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class RayWorkers:
         await loop.run_in_executor(None, self._connect)
         count = self.settings.ray_workers or await loop.run_in_executor(None, _cluster_gpus)
         if count < 1:
-            raise RuntimeError("The Ray cluster has no GPUs: set [service] ray_workers, and ray_cpu_threads "
+            raise BackendError("The Ray cluster has no GPUs: set [service] ray_workers, and ray_cpu_threads "
                                "for CPU workers")
         threads = self.settings.ray_cpu_threads
         actor = ray.remote(WorkerActor).options(
@@ -175,8 +175,13 @@ class RayWorkers:
         if ray.is_initialized():
             return  # the process already has a cluster (a test session, a notebook): share it
         address = None if self.settings.ray_address == "local" else self.settings.ray_address
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=False,
-                 include_dashboard=False if address is None else None)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, configure_logging=False,
+                     include_dashboard=False if address is None else None)
+        except ConnectionError as exc:
+            log.error("ray.init(address=%r): %s", address, exc)
+            raise BackendError(f"Cannot reach the Ray cluster at {address}: start it with `ray start --head` "
+                               "there, or set [service] ray_address (\"local\" starts one here)") from None
         self._started_ray = True
 
     async def stop(self) -> None:

@@ -54,7 +54,7 @@ from generation.jobs import Job, build_spec, work_budget
 from generation.metrics import Metrics
 from generation.openapi import build_document
 from generation.queue import FairQueue, QueueRefused
-from generation.worker import Backend, Worker
+from generation.worker import Backend, BackendError, Worker
 from loraloop.config import Config, Secrets
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,12 @@ class GenerationService:
         backend: Backend
         if self.settings.backend == "ray":
             # Imported here: the local backend never needs Ray installed.
-            from generation.ray_workers import RayWorkers
+            try:
+                from generation.ray_workers import RayWorkers
+            except ImportError as exc:
+                if exc.name != "ray":
+                    raise
+                raise BackendError("[service] backend = \"ray\" needs Ray: pip install 'loraloop[ray]'") from None
 
             backend = RayWorkers(self.settings, self.config.data_dir, self.queue, self)
         else:

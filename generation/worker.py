@@ -50,6 +50,11 @@ class JobSink(Protocol):
     def on_failed(self, job: Job, error: ApiError) -> None: ...
 
 
+class BackendError(Exception):
+    """The backend cannot start (Ray missing or unreachable, no GPU in the cluster): one sentence saying
+    what to do, shown to whoever started the service."""
+
+
 @dataclass
 class WorkerState:
     """What /healthz and /metrics say of one worker (updated on the loop, or by the local thread)."""
