@@ -18,8 +18,10 @@ while it runs (a threaded actor) and the runner stops at the next step.
 
 Failover: a worker that dies mid-batch (killed, out of memory, its node lost) has the batch's
 unfinished jobs put back at the front of their requesters' turns, once; lost a second time, a job
-fails with `LOST_TWICE`. Ray restarts the actor (`max_restarts`, `[service] ray_worker_restarts`);
-it takes work again once its model has loaded, and meanwhile the others keep serving.
+fails with `LOST_TWICE`. Idle workers are asked every `WATCH_SECONDS` whether they are still there,
+so one that died idle is out of the rotation before a batch is sent to it. Ray restarts the actor
+(`max_restarts`, `[service] ray_worker_restarts`); it takes work again once its model has loaded,
+and meanwhile the others keep serving.
 
 Adapters reach every worker through the shared ADAPTERS_DIR: a job carries its `AdapterFile`
 (path and sha256 from the front's scan) and the worker loads it through `verified_copy`, which
@@ -57,6 +59,10 @@ log = logging.getLogger(__name__)
 
 # What a job lost with its worker twice is told (README "Several GPUs: the Ray backend").
 LOST_TWICE = ("The GPU worker running this job was lost twice; try again (job {job_id}).")
+# How often idle workers are asked whether they are still there, and how long one may take to answer: a
+# worker that died idle is noticed here rather than by the next batch sent to it.
+WATCH_SECONDS = 5.0
+ANSWER_SECONDS = 30.0
 # Errors that mean the actor is gone (dead, restarting, or its node unreachable), not that the batch failed.
 _LOST = (RayActorError, ActorUnavailableError)
 
@@ -119,6 +125,7 @@ class _Worker:
     handle: Any  # the actor handle
     state: WorkerState
     job_ids: set[str] = field(default_factory=set)
+    rejoining: bool = False  # waiting for Ray to restart it
 
 
 class RayWorkers:
@@ -170,6 +177,7 @@ class RayWorkers:
         log.info("ray: %d worker(s) ready on %s", count, self.device)
         self._update_idle()
         self._spawn(self._dispatch())
+        self._spawn(self._watch())
 
     def _connect(self) -> None:
         if ray.is_initialized():
@@ -264,8 +272,6 @@ class RayWorkers:
     def _lost(self, worker: _Worker, batch: list[Job]) -> list[Job]:
         """The worker died: its unfinished jobs go back to the front of the queue once, then fail."""
         self.sink.on_worker_lost(worker.state.name)
-        worker.state.alive = False
-        worker.state.adapters = frozenset()
         again = []
         for job in batch:
             if job.state.finished:
@@ -281,11 +287,39 @@ class RayWorkers:
             self.sink.on_requeued(again)
             log.info("jobs %s: re-queued at the front after losing ray worker %s", ",".join(j.id for j in again),
                      worker.state.name)
-        self._spawn(self._rejoin(worker))
+        self._gone(worker)
         return again
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            idle = [worker for worker in self.workers if worker.state.alive and not worker.state.busy]
+            answers = await asyncio.gather(
+                *(asyncio.wait_for(worker.handle.ready.remote(), ANSWER_SECONDS) for worker in idle),
+                return_exceptions=True)
+            for worker, answer in zip(idle, answers, strict=True):
+                if isinstance(answer, (*_LOST, TimeoutError)) and not worker.state.busy:
+                    log.warning("ray worker %s stopped answering while idle (%s)", worker.state.name,
+                                type(answer).__name__)
+                    self._gone(worker)
+                    self._update_idle()
+
+    def _gone(self, worker: _Worker) -> None:
+        """Take the worker out of the rotation until Ray has restarted it."""
+        worker.state.alive = False
+        worker.state.adapters = frozenset()
+        if not worker.rejoining:
+            worker.rejoining = True
+            self._spawn(self._rejoin(worker))
 
     async def _rejoin(self, worker: _Worker) -> None:
         """Wait for Ray to restart the actor and its model to load, then give it work again."""
+        try:
+            await self._wait_for_restart(worker)
+        finally:
+            worker.rejoining = False
+
+    async def _wait_for_restart(self, worker: _Worker) -> None:
         while True:
             try:
                 info = await worker.handle.ready.remote()

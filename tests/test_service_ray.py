@@ -51,6 +51,12 @@ async def eventually(check, timeout: float = 120.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def settled(running: RunningService) -> None:
+    """Every worker idle: a batch's last event (the adapters it holds, its count) comes just after its
+    jobs' results, so a client can see a job done a moment before its worker is."""
+    await eventually(lambda: not any(w.busy for w in running.service.workers()))
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def two_workers(ray_cluster, tiny_model_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("ray-service")
@@ -72,6 +78,7 @@ async def test_two_workers_share_sixteen_jobs_fairly_with_the_local_backends_pix
         await client.resume()
         on_ray = [image for job_id in ids for image in await pixels(client, job_id)]
         finals = [await client.status(job_id) for job_id in ids]
+        await settled(two_workers)
         health = await client.health()
     assert health.backend == "ray" and [w.name for w in health.workers] == ["ray-0", "ray-1"]
     assert all(worker.alive and worker.batches >= 1 for worker in health.workers)  # both did some
@@ -102,10 +109,48 @@ async def test_an_adapter_published_while_the_workers_run_is_used_by_both(two_wo
         await client.resume()
         first, second = [await pixels(client, job_id) for job_id in ids]
         plain = await pixels(client, (await client.submit(JobRequest(prompt="a fox", seed=7, count=4, **SMALL))).id)
+        await settled(two_workers)
         health = await client.health()
     assert all("pixel@1" in worker.adapters for worker in health.workers)
     for a, b, base in zip(first, second, plain, strict=True):
         assert np.array_equal(a, b) and not np.array_equal(a, base)
+
+
+async def test_a_batch_goes_to_the_idle_worker_that_already_holds_its_adapter(two_workers, tiny_model_dir):
+    write_lora(tiny_model_dir, two_workers.adapters_dir / "ink" / "v1.safetensors", seed=4)
+    ink = JobRequest(prompt="ink", seed=1, adapters=(AdapterRef("ink", 1.0),), **SMALL)
+    workers = two_workers.service.backend.workers
+    async with ServiceClient(two_workers.url) as client:
+        await client.reload_adapters()
+        # ray-0 busy with a long job, so the first ink job loads it on ray-1.
+        long = await client.submit(JobRequest(prompt="long", steps=400, width=32, height=32, requester="ann"))
+        await eventually(lambda: long.id in workers[0].job_ids)
+        await pixels(client, (await client.submit(dataclasses.replace(ink, requester="bob"))).id)
+        await client.cancel(long.id)
+        await settled(two_workers)
+        assert [w.name for w in (await client.health()).workers if "ink@1" in w.adapters] == ["ray-1"]
+        before = [w.state.batches for w in workers]
+        # Both idle now: the lower number would win a tie, the adapter wins first.
+        await pixels(client, (await client.submit(dataclasses.replace(ink, requester="cy"))).id)
+        await settled(two_workers)
+    assert [w.state.batches - b for w, b in zip(workers, before, strict=True)] == [0, 1]
+
+
+async def test_metrics_show_every_worker_alive_with_its_batches_and_adapters(two_workers):
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await settled(two_workers)
+    async with aiohttp.ClientSession() as session, session.get(f"{two_workers.url}/metrics") as response:
+        text = await response.text()
+    samples = {(s.name, s.labels.get("worker")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    for worker in ("ray-0", "ray-1"):
+        assert samples[("loraloop_worker_alive", worker)] == 1
+        assert samples[("loraloop_worker_busy", worker)] == 0
+        assert samples[("loraloop_worker_batches_total", worker)] >= 1
+        assert samples[("loraloop_worker_adapters", worker)] >= 1  # pixel, from the test before
+    assert samples[("loraloop_worker_losses_total", None)] == 0
 
 
 async def test_progress_and_previews_stream_from_the_actor_and_a_cancel_stops_it(two_workers):
@@ -117,7 +162,7 @@ async def test_progress_and_previews_stream_from_the_actor_and_a_cancel_stops_it
                 steps_at_cancel = metrics.step_count
                 assert (await client.cancel(accepted.id)).state is JobState.CANCELLED
                 break
-        await eventually(lambda: not any(w.busy for w in two_workers.service.workers()))
+        await settled(two_workers)
         # Steps already streaming when the cancel arrived still land; the rest of the 400 never run.
         assert metrics.step_count - steps_at_cancel < 400 - 1
         after = await client.submit(JobRequest(prompt="next", **SMALL))
