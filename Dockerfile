@@ -1,6 +1,7 @@
 # loraloop on a GPU: the generation service (default command) or the bot, from one image.
 #   docker build -t loraloop .
 #   docker compose up -d          # service (GPU reserved) + bot, sharing the data volume; see compose.yaml
+#   LORALOOP_BACKEND=ray docker compose --profile ray up -d   # + a Ray head and a GPU worker (README)
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -29,7 +30,8 @@ COPY generation ./generation
 COPY bot ./bot
 COPY training ./training
 COPY console ./console
-RUN pip install .
+# With Ray ([service] backend = "ray", compose's ray profile): the same image runs the Ray head and workers.
+RUN pip install '.[ray]'
 COPY config.toml /app/config.toml
 
 # Never run as root: the model cache and every database write belong to this user.

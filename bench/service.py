@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/service.py     # (a)-(c), tiny model, CPU or GPU, ~4 min on 2 cores
     .venv/bin/python bench/service.py --sd15                # the GPU fast path, SD 1.5 architecture (a GPU)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/service.py --backend ray   # (r1)-(r3) below, a local Ray cluster
     OMP_NUM_THREADS=1 .venv/bin/python bench/service.py --sd15 --tiny --device cpu   # the same, tiny, on a CPU
 
 Ratios, all measured in one run on the same machine (lower is better):
@@ -10,6 +11,10 @@ Ratios, all measured in one run on the same machine (lower is better):
   (b) 8 compatible jobs submitted at once through the service vs 8 sequential direct calls;
       goal: within 10% of the pipeline's own batch-of-8 vs 8-sequential ratio
   (c) 8 sequential jobs alternating two LoRA adapters vs the same 8 with one adapter; goal <= 1.05
+
+--backend ray (run_ray's docstring): (r1) images/s with 2 Ray workers vs 1, goal >= 1.7; (r2) time per
+job with 1 Ray worker vs the local backend, goal <= 1.10; (r3) seconds from killing a worker mid-job to
+that job running on the other worker. Each worker is a one-thread CPU actor on the tiny model.
 
 The direct baseline is a plain `StableDiffusionPipeline` (none of the service's batch-invariance
 changes), so (a) and (b) include their cost too.
@@ -156,6 +161,87 @@ async def run_tiny(args: argparse.Namespace, data_dir: Path) -> dict:
             results["mean_jobs_per_batch"] = metrics.batched_jobs / max(metrics.batches, 1)
     finally:
         await running.stop()
+    return results
+
+
+async def run_ray(args: argparse.Namespace, data_dir: Path) -> dict:
+    """--backend ray: the Ray backend against itself and against the local backend, in one run.
+
+    (r1) throughput of 2 workers vs 1 (a burst of jobs from 8 requesters; images/s); goal >= 1.7
+    (r2) time per job, one job at a time: Ray with 1 worker vs the local backend; goal <= 1.10
+    (r3) failover: from killing the worker that runs a job to that job running on the other worker
+    Every worker is a CPU actor with one torch thread; the local backend runs with one thread too.
+    """
+    import ray
+
+    model_dir = tiny_model_path(data_dir)
+    steps, size, burst = args.steps, 64, args.burst
+    torch.set_num_threads(1)  # the local backend's thread, like each Ray worker's
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, logging_level=logging.WARNING)
+    base = dict(model=str(model_dir), max_per_requester=64, max_queue=256, preview_every=0, default_steps=steps,
+                max_steps=400, max_pixel_steps=100_000_000)
+
+    def request(seed: int, requester: str = "bench", job_steps: int = steps) -> JobRequest:
+        return JobRequest(prompt="a lighthouse at dusk", seed=seed, steps=job_steps, width=size, height=size,
+                          guidance=7.0, requester=requester)
+
+    async def serving(**keys):
+        return await start_service(Config().replace("service", **{**base, **keys}), Secrets(None, None))
+
+    results: dict = {"device": "cpu", "steps": steps, "size": size, "burst_jobs": burst}
+    per_job: dict[str, list[float]] = {"local": [], "ray1": []}
+    throughput: dict[int, list[float]] = {1: [], 2: []}
+    for workers in (1, 2):
+        running = await serving(backend="ray", ray_workers=workers, ray_cpu_threads=1)
+        try:
+            async with ServiceClient(running.url, timeout=600) as client:
+                await service_job(client, request(0))  # warm up every worker's first call
+                await asyncio.gather(*(service_job(client, request(i, f"w{i}")) for i in range(workers)))
+                for _ in range(args.rounds):
+                    seconds = await timed(asyncio.gather(*(service_job(client, request(i, f"r{i % 8}"))
+                                                           for i in range(burst))))
+                    throughput[workers].append(burst / seconds)
+                if workers == 1:
+                    per_job["ray1"] = [await timed(service_job(client, request(i))) for i in range(args.repeats)]
+        finally:
+            await running.stop()
+    running = await serving()
+    try:
+        async with ServiceClient(running.url, timeout=600) as client:
+            await service_job(client, request(0))
+            per_job["local"] = [await timed(service_job(client, request(i))) for i in range(args.repeats)]
+    finally:
+        await running.stop()
+    one, two = statistics.median(throughput[1]), statistics.median(throughput[2])
+    local, ray1 = statistics.median(per_job["local"]), statistics.median(per_job["ray1"])
+    results.update(r1_images_per_s_1_worker=one, r1_images_per_s_2_workers=two, r1_ratio=two / one,
+                   r2_local_s_per_job=local, r2_ray_1_worker_s_per_job=ray1, r2_ratio=ray1 / local)
+
+    # (r3) a long job on a worker, that worker killed: until the job is running on the other one.
+    running = await serving(backend="ray", ray_workers=2, ray_cpu_threads=1, max_batch=1)
+    service = running.service
+    failovers = []
+    try:
+        async with ServiceClient(running.url, timeout=600) as client:
+            for i in range(args.failovers):
+                while not all(w.alive and not w.busy for w in service.workers()):
+                    await asyncio.sleep(0.05)  # the worker killed last time is back
+                accepted = await client.submit(request(i, job_steps=400))
+                job = service.jobs[accepted.id]
+                while not (job.state is JobState.RUNNING and job.step >= 1):
+                    await asyncio.sleep(0.005)
+                (victim,) = [w for w in service.backend.workers if accepted.id in w.job_ids]
+                start = time.perf_counter()
+                ray.kill(victim.handle, no_restart=False)
+                while not (job.requeues == 1 and job.state is JobState.RUNNING):
+                    await asyncio.sleep(0.005)
+                failovers.append(time.perf_counter() - start)
+                await client.cancel(accepted.id)
+    finally:
+        await running.stop()
+    results.update(r3_failover_s_median=statistics.median(failovers), r3_failover_s_max=max(failovers),
+                   r3_failovers=len(failovers))
+    ray.shutdown()
     return results
 
 
@@ -344,6 +430,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="jobs timed for (a), batch-1 calls (--sd15)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (b), batch-8 calls for --sd15; medians")
     parser.add_argument("--sd15", action="store_true", help="the GPU fast path against raw compiled diffusers")
+    parser.add_argument("--backend", default="local", choices=("local", "ray"),
+                        help="ray: (r1)-(r3), the Ray backend's throughput, overhead and failover")
+    parser.add_argument("--burst", type=int, default=32, help="--backend ray: jobs submitted at once for (r1)")
+    parser.add_argument("--failovers", type=int, default=3, help="--backend ray: workers killed for (r3)")
     parser.add_argument("--tiny", action="store_true", help="--sd15 on the tiny model at 64x64 (a CPU check)")
     parser.add_argument("--device", default="auto", help="--sd15: cuda, cuda:N or cpu (auto: cuda when present)")
     parser.add_argument("--dtype", default="auto", choices=SERVICE_DTYPES, help="--sd15: auto is fp16 on CUDA")
@@ -366,7 +456,10 @@ def main() -> None:
         if args.sd15 and args.swaps_only:
             results = run_swaps_only(args, data_dir)
         else:
-            results = asyncio.run(run_fast_path(args, data_dir) if args.sd15 else run_tiny(args, data_dir))
+            if args.backend == "ray":
+                results = asyncio.run(run_ray(args, data_dir))
+            else:
+                results = asyncio.run(run_fast_path(args, data_dir) if args.sd15 else run_tiny(args, data_dir))
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
     results["torch"] = torch.__version__
     if torch.cuda.is_available():

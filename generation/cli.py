@@ -27,11 +27,15 @@ log = logging.getLogger(__name__)
 @click.option("--port", type=click.IntRange(1, 65535), help="Port (default: [service] port, 8765).")
 @click.option("--model", help="Model id, local directory, .safetensors file, or 'tiny'.")
 @click.option("--device", help="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+@click.option("--backend", type=click.Choice(["local", "ray"]),
+              help="Where batches run (default: [service] backend): this process, or Ray worker actors.")
+@click.option("--ray-address", help="--backend ray: 'local' (start a cluster here) or a running cluster's address.")
+@click.option("--ray-workers", type=click.IntRange(0), help="--backend ray: worker actors; 0: one per GPU.")
 @click.option("--insecure-no-token", is_flag=True,
               help="Allow a non-loopback --host without LORALOOP_SERVICE_TOKEN: anyone who reaches it may use it.")
 @pass_app
-def serve(app, host: str | None, port: int | None, model: str | None, device: str | None,
-          insecure_no_token: bool) -> None:
+def serve(app, host: str | None, port: int | None, model: str | None, device: str | None, backend: str | None,
+          ray_address: str | None, ray_workers: int | None, insecure_no_token: bool) -> None:
     """Run the generation service (loads the model, then serves HTTP).
 
     \b
@@ -39,13 +43,17 @@ def serve(app, host: str | None, port: int | None, model: str | None, device: st
       loraloop serve --model tiny                  # offline, random weights, seconds to start
       LORALOOP_SERVICE_TOKEN=s3cret loraloop serve --host 0.0.0.0
       LORALOOP_SERVICE_TOKEN_FILE=data/service_token loraloop serve --host 0.0.0.0   # made on first start
+      loraloop serve --backend ray --ray-address HEAD:6379   # batches on a Ray cluster's GPUs
     """
     from aiohttp import web
 
     from generation.pipeline import ModelLoadError
     from generation.server import create_app, exposure_refusal, listening_socket
+    from generation.worker import BackendError
 
-    changes = {k: v for k, v in {"host": host, "port": port, "model": model, "device": device}.items() if v}
+    given = {"host": host, "port": port, "model": model, "device": device, "backend": backend,
+             "ray_address": ray_address, "ray_workers": ray_workers}
+    changes = {k: v for k, v in given.items() if v is not None and v != ""}
     try:
         config = app.config.replace("service", **changes) if changes else app.config
         created = create_service_token_file()
@@ -69,7 +77,7 @@ def serve(app, host: str | None, port: int | None, model: str | None, device: st
                                    "Stop whatever uses that port, or pick another with --port.") from None
     try:
         web.run_app(create_app(config, secrets), sock=sock, print=lambda message: log.info("%s", message.strip()))
-    except ModelLoadError as exc:
+    except (ModelLoadError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         sock.close()  # run_app leaves a socket it was handed open when startup fails

@@ -443,6 +443,25 @@ class Description:
 
 
 @dataclass(frozen=True)
+class WorkerStatus:
+    """One GPU worker of the service: the local thread, or a Ray worker actor."""
+
+    name: str
+    alive: bool  # False while a Ray worker restarts (until its model has loaded) or after it is gone
+    busy: bool
+    adapters: tuple[str, ...]  # adapter versions it holds loaded ("fox@2"), as of its last batch
+    batches: int  # batches it has finished
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "adapters": list(self.adapters)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorkerStatus:
+        return cls(name=str(data["name"]), alive=bool(data["alive"]), busy=bool(data["busy"]),
+                   adapters=tuple(str(a) for a in data.get("adapters", ())), batches=int(data["batches"]))
+
+
+@dataclass(frozen=True)
 class Health:
     """`GET /healthz`."""
 
@@ -453,9 +472,11 @@ class Health:
     paused: bool = False
     # The model's native image side (what a request without width/height gets); 0 while loading.
     native_size: int = 0
+    backend: str = "local"
+    workers: tuple[WorkerStatus, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "workers": [worker.to_dict() for worker in self.workers]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Health:
@@ -466,6 +487,8 @@ class Health:
             queue_depth=int(data["queue_depth"]),
             paused=bool(data.get("paused", False)),
             native_size=int(data.get("native_size", 0)),
+            backend=str(data.get("backend", "local")),
+            workers=tuple(WorkerStatus.from_dict(w) for w in data.get("workers", ())),
         )
 
 

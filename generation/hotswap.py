@@ -108,6 +108,10 @@ class HotswapSlot:
         self._set_weight(weight)
         self._use_text_encoders(source, weight)
 
+    def held(self) -> frozenset[str]:
+        """The sha256s of the adapter files read and ready to swap in."""
+        return frozenset(self._sources)
+
     def forget_except(self, sha256s: set[str]) -> None:
         """Drop what was read for adapters no longer in the directory (their text-encoder layers too)."""
         for sha in [s for s in self._sources if s not in sha256s]:

@@ -245,6 +245,7 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    requeues: int = 0  # times put back in the queue after its worker was lost (the Ray backend)
     subscribers: set[asyncio.Queue] = field(default_factory=set)
 
     @property

@@ -31,8 +31,8 @@ from loraloop.config import ServiceConfig
 
 # The dataclasses on the wire, each a schema of the same name.
 SCHEMAS = (contract.JobRequest, contract.AdapterRef, contract.JobAccepted, contract.JobStatus,
-           contract.ImageResult, contract.ResolvedAdapter, contract.AdapterInfo, contract.Health, contract.ApiError,
-           contract.DescribeRequest, contract.Description)
+           contract.ImageResult, contract.ResolvedAdapter, contract.AdapterInfo, contract.Health, contract.WorkerStatus,
+           contract.ApiError, contract.DescribeRequest, contract.Description)
 
 
 @dataclass(frozen=True)

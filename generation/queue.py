@@ -11,6 +11,9 @@ images. It waits (up to `batch_wait`) only while submissions are still on their 
 (`announce`d by the server but not yet queued): a lone job starts at once, and a burst of
 concurrent requests still lands in one batch.
 
+`put_back` returns the jobs of a batch whose worker was lost (the Ray backend) to the front of
+their requesters' turns.
+
 Handlers call `put`/`remove` on the event loop, the worker calls `take_batch` on its thread:
 every method takes the one lock, and none of them blocks for long while holding it.
 """
@@ -155,6 +158,18 @@ class FairQueue(Generic[JobT]):
                     break
                 self._changed.wait(remaining)
             return batch
+
+    def put_back(self, jobs: list[JobT]) -> None:
+        """Queue taken jobs again, each first in its requester's line and those requesters first in the
+        rotation, in the order given (a lost worker's batch). They still count as active, so no limit
+        is checked: they were admitted once."""
+        with self._changed:
+            for job in reversed(jobs):
+                line = self._lines.pop(job.requester, deque())
+                line.appendleft(job)
+                self._lines[job.requester] = line
+                self._lines.move_to_end(job.requester, last=False)
+            self._changed.notify_all()
 
     def done(self, job: JobT) -> None:
         """A taken job finished (any outcome): its requester may queue another."""

@@ -52,12 +52,13 @@ from generation.contract import (
     JobAccepted,
     JobRequest,
     JobState,
+    WorkerStatus,
 )
 from generation.jobs import Job, build_spec, decode_image_field, work_budget
 from generation.metrics import Metrics
 from generation.openapi import build_document
 from generation.queue import FairQueue, QueueRefused
-from generation.worker import Worker
+from generation.worker import Backend, BackendError, Worker
 from loraloop.config import Config, Secrets, is_loopback
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ class GenerationService:
         self.catalog = AdapterCatalog({})
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.metrics = Metrics()
-        self.worker: Worker | None = None
+        self.backend: Backend | None = None
+        self.worker: Worker | None = None  # the local backend's thread (its model, for tests and benchmarks)
         self._reload_lock = asyncio.Lock()
         # The captioner has a thread of its own, so a /describe never waits behind a long batch;
         # it loads on the first /describe (most services never get one) and stays loaded.
@@ -126,26 +128,41 @@ class GenerationService:
         loop = asyncio.get_running_loop()
         self.config.adapters_dir.mkdir(parents=True, exist_ok=True)
         await self.reload_adapters()
-        self.worker = Worker(
-            model=self.settings.model,
-            device=self.settings.device,
-            data_dir=self.config.data_dir,
-            queue=self.queue,
-            sink=self,
-            loop=loop,
-            max_batch=self.settings.max_batch,
-            batch_wait=self.settings.batch_wait_ms / 1000,
-            preview_every=self.settings.preview_every,
-            settings=self.settings,
-        )
-        await self.worker.start()
+        backend: Backend
+        if self.settings.backend == "ray":
+            # Imported here: the local backend never needs Ray installed.
+            try:
+                from generation.ray_workers import RayWorkers
+            except ImportError as exc:
+                if exc.name != "ray":
+                    raise
+                raise BackendError("[service] backend = \"ray\" needs Ray: pip install 'loraloop[ray]'") from None
+
+            backend = RayWorkers(self.settings, self.config.data_dir, self.queue, self)
+        else:
+            backend = self.worker = Worker(
+                model=self.settings.model,
+                device=self.settings.device,
+                data_dir=self.config.data_dir,
+                queue=self.queue,
+                sink=self,
+                loop=loop,
+                max_batch=self.settings.max_batch,
+                batch_wait=self.settings.batch_wait_ms / 1000,
+                preview_every=self.settings.preview_every,
+                settings=self.settings,
+            )
+        await backend.start()
+        self.backend = backend
+        # Workers that loaded while a reload ran have their own idea of the directory: tell them now.
+        backend.forget_adapters_except({f.sha256 for f in self.catalog.files()})
 
     async def stop(self) -> None:
         for job in list(self.jobs.values()):
             if not job.state.finished:
                 job.cancel_requested.set()
-        if self.worker is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
+        if self.backend is not None:
+            await self.backend.stop()
         # Jobs still queued (a paused queue, say) would never finish, and their open event
         # streams would hold the shutdown until aiohttp's timeout: end them as failed.
         stopped = ApiError(ErrorCode.GENERATION_FAILED.value,
@@ -156,11 +173,11 @@ class GenerationService:
 
     @property
     def native_size(self) -> int:
-        return self.worker.model.native_size if self.worker and self.worker.model else 512
+        return self.backend.native_size if self.backend else 512
 
     @property
     def work_budget(self) -> int:
-        return work_budget(self.settings, self.worker.device if self.worker else "cpu")
+        return work_budget(self.settings, self.backend.device if self.backend else "cpu")
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -239,6 +256,8 @@ class GenerationService:
         else:
             # The worker stops its batch at the next step if no other job in it still wants
             # images, else finishes the others and drops this one's; either way it is over now.
+            if self.backend is not None:
+                self.backend.cancel(job)
             log.info("job %s: cancelled while running; the worker stops at the next step", job.id)
         self._finish(job, JobState.CANCELLED)
 
@@ -246,20 +265,30 @@ class GenerationService:
         async with self._reload_lock:
             loop = asyncio.get_running_loop()
             self.catalog = await loop.run_in_executor(None, self.adapter_dir.scan)
-        if self.worker is not None:
-            self.worker.forget_adapters_except({f.sha256 for f in self.catalog.files()})
+        if self.backend is not None:
+            self.backend.forget_adapters_except({f.sha256 for f in self.catalog.files()})
         log.info("adapters: %d available (%s)", len(self.catalog.files()), ", ".join(self.catalog.names()) or "none")
         return self.catalog
 
     def health(self) -> Health:
+        workers = self.workers()
         return Health(
-            status="ok",
+            # "degraded": some workers are down (a Ray worker restarting); "down": none can take work.
+            status="ok" if all(w.alive for w in workers) else "degraded" if any(w.alive for w in workers) else "down",
             model=self.settings.model,
-            device=self.worker.device if self.worker else "loading",
+            device=self.backend.device if self.backend else "loading",
             queue_depth=self.queue.depth(),
             paused=self.queue.paused,
-            native_size=self.native_size if self.worker and self.worker.model else 0,
+            native_size=self.native_size if self.backend and self.backend.device != "loading" else 0,
+            backend=self.settings.backend,
+            workers=tuple(workers),
         )
+
+    def workers(self) -> list[WorkerStatus]:
+        labels = {f.sha256: f.label for f in self.catalog.files()}
+        return [WorkerStatus(state.name, state.alive, state.busy,
+                             tuple(sorted(labels.get(sha, sha[:12]) for sha in state.adapters)), state.batches)
+                for state in (self.backend.states if self.backend else [])]
 
     # -- the worker's reports (JobSink), on the loop -----------------------------------------
 
@@ -300,6 +329,18 @@ class GenerationService:
         if not job.state.finished:
             job.error = error
             self._finish(job, JobState.FAILED)
+
+    def on_worker_lost(self, name: str) -> None:
+        self.metrics.worker_losses += 1
+
+    def on_requeued(self, jobs: list[Job]) -> None:
+        """A lost Ray worker's jobs are back in the queue, at the front: they wait for a worker again."""
+        self.metrics.requeued += len(jobs)
+        for job in jobs:
+            if job.state.finished:
+                continue
+            job.state, job.step, job.started_at = JobState.QUEUED, 0, None
+        self._publish_positions()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -583,7 +624,8 @@ async def openapi_document(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     service = _service(request)
-    text = service.metrics.render(queue_depth=service.queue.depth(), paused=service.queue.paused)
+    text = service.metrics.render(queue_depth=service.queue.depth(), paused=service.queue.paused,
+                                  workers=service.workers())
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 

@@ -172,9 +172,29 @@ class ServiceConfig:
     # benign ones; below 0 fewer. 2 flags everything, which is how the tests force a flag.
     safety_adjustment: float = 0.0
 
+    # --- Where batches run (README "Several GPUs: the Ray backend") ---
+    # "local": one worker thread in this process, no Ray. "ray": the same front (queue, limits, API) sends
+    # each batch to one of several worker actors on a Ray cluster (pip install 'loraloop[ray]').
+    backend: str = "local"
+    # "local" starts a Ray cluster inside the service; else a running cluster's address ("auto", "HOST:6379").
+    ray_address: str = "local"
+    # Worker actors, each loading the model once; 0: one per GPU the cluster has.
+    ray_workers: int = 0
+    # 0: GPU actors (num_gpus=1 each). N > 0: CPU actors with N torch threads each (no GPU: tests, trials).
+    ray_cpu_threads: int = 0
+    # Times Ray restarts a worker that died (it takes work again once its model has loaded); -1: always.
+    ray_worker_restarts: int = 4
+
     def __post_init__(self) -> None:
         _require(1 <= self.port <= 65535, "port", "must be between 1 and 65535")
         _require(-2.0 <= self.safety_adjustment <= 2.0, "safety_adjustment", "must be between -2 and 2")
+        _require(self.backend in ("local", "ray"), "backend", "must be 'local' or 'ray'")
+        _require(self.ray_address.strip() != "", "ray_address", "must be 'local' or a Ray cluster's address")
+        _require(self.ray_workers >= 0, "ray_workers", "must be 0 (one per GPU) or more")
+        _require(self.ray_cpu_threads >= 0, "ray_cpu_threads", "must be 0 (GPU workers) or more")
+        _require(self.ray_worker_restarts >= -1, "ray_worker_restarts", "must be -1 (always) or more")
+        _require(self.backend != "ray" or self.ray_cpu_threads == 0 or self.device in ("auto", "cpu"), "device",
+                 "must be 'auto' or 'cpu' with CPU Ray workers (ray_cpu_threads > 0)")
         for key in ("max_queue", "max_per_requester", "max_batch", "max_steps", "max_count",
                     "max_prompt_chars", "max_pixels", "max_body_bytes", "keep_finished", "max_image_pixels"):
             _require(getattr(self, key) >= 1, key, "must be at least 1")

@@ -82,3 +82,17 @@ async def make_service(tiny_model_dir: Path, data_dir: Path):
 async def service(make_service):
     """The real generation service with test defaults (see `make_service`)."""
     return await make_service()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the whole run (starting one takes seconds): every service on the
+    Ray backend joins it, as `[service] ray_address` does when the process already has a cluster.
+    Four logical CPUs: two services of two one-thread CPU workers fit at once."""
+    import logging
+
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()

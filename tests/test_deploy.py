@@ -77,9 +77,14 @@ def test_compose_runs_the_service_on_a_gpu_and_the_bot_sharing_the_data_volume()
     assert set(compose["volumes"]) == {v.split(":")[0] for v in service["volumes"]}
 
 
+def loraloop_services(compose: dict) -> dict:
+    """The services that run loraloop itself (the ray profile's head and workers run `ray start`)."""
+    return {name: service for name, service in compose["services"].items() if "ray" not in service.get("profiles", ())}
+
+
 def test_every_compose_command_exists_in_the_project():
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    for name, service in compose["services"].items():
+    for name, service in loraloop_services(compose).items():
         argv = service["command"]
         argv = shlex.split(argv) if isinstance(argv, str) else list(argv)
         # Compose interpolates ${VAR:-default} before running; use the default here.
@@ -100,7 +105,7 @@ def test_the_image_is_safe_by_default_its_service_token_lives_in_the_data_volume
     assert token_file.startswith(volume.rstrip("/") + "/"), "the token must survive restarts, in the volume"
     assert "LORALOOP_SERVICE_TOKEN" not in env, "never bake a token into the image"
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    for service in compose["services"].values():
+    for service in loraloop_services(compose).values():
         # Either the operator's token or, left empty, the one the service writes into the shared volume.
         assert service["environment"]["LORALOOP_SERVICE_TOKEN"] == "${LORALOOP_SERVICE_TOKEN:-}"
 
@@ -120,3 +125,21 @@ def test_serve_refuses_a_public_address_without_a_token(monkeypatch):
     assert insecure.exit_code == 1 and "Cannot load model" in insecure.output
     loopback = CliRunner().invoke(cli, ["serve", "--host", "::1", "--model", "/nonexistent-model"])
     assert "Cannot load model" in loopback.output
+
+
+def test_the_ray_profile_adds_a_head_and_gpu_workers_that_the_service_joins_with_ray_token_auth():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    head, worker, service = (compose["services"][name] for name in ("ray-head", "ray-worker", "service"))
+    assert head["profiles"] == worker["profiles"] == ["ray"]
+    assert head["command"][:3] == ["ray", "start", "--head"] and "--port=6379" in head["command"]
+    assert worker["command"][:3] == ["ray", "start", "--address=ray-head:6379"]
+    assert all("--block" in s["command"] for s in (head, worker))  # ray start returns at once without it
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    # Every Ray process, the service's driver included, shares the cluster's token.
+    for s in (head, worker, service):
+        assert s["environment"]["RAY_AUTH_MODE"] == "token"
+        assert s["environment"]["RAY_AUTH_TOKEN"] == "${RAY_AUTH_TOKEN:-}"
+    # The workers load adapters from the volume the service scans.
+    assert worker["volumes"] == service["volumes"]
+    assert "ray start --address=ray-head:6379" in " ".join(service["entrypoint"])
+    assert service["command"][service["command"].index("--backend") + 1] == "${LORALOOP_BACKEND:-local}"

@@ -3,7 +3,8 @@
 `loraloop run`'s own code starts the real service (tiny model) and the real bot (discord.py
 against the fake Discord on loopback) with a real SQLite store. Users /imagine and vote; an
 admin curates, trains a few steps and publishes through the real CLI; the new version shows
-in /styles, /imagine uses it, and /stats counts the votes per adapter version.
+in /styles, /imagine uses it, and /stats counts the votes per adapter version. It runs on both
+backends of the service: the local worker thread and Ray worker actors.
 """
 
 from __future__ import annotations
@@ -32,13 +33,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def write_config(path: Path, fake: FakeDiscord, model_dir: Path) -> Path:
+# The same test on each backend: the Ray one with two one-thread CPU workers on the session's cluster.
+BACKENDS = {"local": "", "ray": 'backend = "ray"\nray_workers = 2\nray_cpu_threads = 1\n'}
+
+
+def write_config(path: Path, fake: FakeDiscord, model_dir: Path, backend: str = "local") -> Path:
     path.write_text(f"""
 [service]
 model = "{model_dir}"
 port = {free_port()}
 default_steps = 4
 batch_wait_ms = 20
+{BACKENDS[backend]}
 
 [console]
 port = {free_port()}
@@ -99,12 +105,15 @@ async def imagine(fake: FakeDiscord, options: dict, user: dict) -> list[dict]:
     return [m for m in fake.image_messages() if m["id"] not in before]
 
 
-async def test_votes_become_a_published_style_that_the_bot_then_uses(tiny_model_dir, data_dir, tmp_path,
-                                                                      monkeypatch):
+@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+async def test_votes_become_a_published_style_that_the_bot_then_uses(backend, tiny_model_dir, data_dir, tmp_path,
+                                                                      monkeypatch, request):
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
     fake = FakeDiscord()
     await fake.start()
     fake.point_discord_py_here(monkeypatch)
-    config = write_config(tmp_path / "config.toml", fake, tiny_model_dir)
+    config = write_config(tmp_path / "config.toml", fake, tiny_model_dir, backend)
     app = AppContext(str(config))
     product = asyncio.create_task(run_all(app, Secrets(discord_token="fake-token", service_token=None)))
     try:

@@ -132,3 +132,16 @@ def test_a_lone_job_starts_at_once_but_an_announced_one_is_waited_for():
     queue.settle()
     worker.join(5)
     assert names(taken[0]) == ["first", "second"]
+
+
+def test_jobs_put_back_after_a_lost_worker_go_first_in_their_requesters_turns_and_keep_their_places():
+    queue = FairQueue(max_queue=10, max_per_requester=2)
+    for name, requester in [("a1", "a"), ("b1", "b"), ("c1", "c"), ("a2", "a"), ("c2", "c")]:
+        queue.put(FakeJob(name, requester))
+    lost = queue.take_batch(max_images=2, batch_wait=0)
+    assert names(lost) == ["a1", "b1"]
+    queue.put_back(lost)
+    assert names(queue.order()) == ["a1", "b1", "c1", "a2", "c2"]
+    # Still counted against their requesters: a put-back job is not a new admission.
+    with pytest.raises(QueueRefused):
+        queue.put(FakeJob("a3", "a"))

@@ -54,3 +54,20 @@ def test_the_floor_imports_nothing_built_on_it():
         loaded = json.loads(result.stdout)
         above = [name for name in loaded if name.split(".")[0] in ABOVE_THE_FLOOR]
         assert above == [], f"{module} pulls in {above}"
+
+
+def test_a_service_on_the_local_backend_never_imports_ray(tiny_model_dir, data_dir):
+    script = f"""
+import asyncio, sys
+from generation.server import start_service
+from loraloop.config import Config, Secrets
+
+async def main():
+    running = await start_service(Config().replace("service", model={str(tiny_model_dir)!r}), Secrets(None, None))
+    await running.stop()
+
+asyncio.run(main())
+assert "ray" not in sys.modules, "the local backend imported ray"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
