@@ -186,6 +186,20 @@ def load_image_tensor(path: Path, resolution: int, flip: bool):
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def size_conditioning(path: Path, resolution: int) -> tuple[int, int, int, int, int, int]:
+    """SDXL's size conditioning for an image as load_image_tensor crops it: (original height, width,
+    crop top, left, target height, width), the crop in the pixels of the image scaled to cover the
+    target (where SDXL's training measured it). The crop is centred, so a flip does not change it."""
+    with Image.open(path) as opened:  # the header only: no pixels are decoded
+        width, height = opened.size
+        if opened.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that turn the picture a quarter
+            width, height = height, width
+    scale = resolution / min(width, height)
+    top = max(0, round((height * scale - resolution) / 2))
+    left = max(0, round((width * scale - resolution) / 2))
+    return height, width, top, left, resolution, resolution
+
+
 class EncodeCache:
     """VAE latent distributions and text embeddings on disk, keyed by content hash and encoder.
 

@@ -4,6 +4,7 @@
     loraloop train data/datasets/pairs --name house --objective dpo --steps 400
     loraloop train data/datasets/foxes --name foxes --set rank=32 --set lr_scheduler=cosine
     loraloop train data/datasets/foxes --name foxes --resume data/runs/foxes-20260101-120000
+    loraloop train data/datasets/foxes --name foxes --model stabilityai/stable-diffusion-xl-base-1.0
     accelerate launch --multi_gpu --num_processes 2 $(which loraloop) train data/datasets/foxes --name foxes
 
 The last line is the multi-GPU form: the same command under `accelerate launch` (the batch
@@ -26,6 +27,10 @@ resumable) and samples/step-N.png (with validation_prompts and sample_every).
 Determinism: every random draw in the loop (batch order, flips, caption dropout, latent
 sampling, noise, timesteps) comes from one seeded generator whose state is checkpointed; batch
 order is a pure function of (seed, epoch). So a resumed run repeats the uninterrupted one.
+
+SD 1.x, 2.x and SDXL base models train the same way; an SDXL UNet (`addition_embed_type
+"text_time"`) brings its second text encoder, and training/encoding.py adds the pooled text and
+size conditioning it needs to the encode cache.
 """
 
 from __future__ import annotations
@@ -120,16 +125,19 @@ class Plan:
 def check_trainable_base_model(model: str) -> str:
     """The base model to load, refused now if this loop cannot train it.
 
-    Refused: a directory without unet/ and vae/, an SDXL UNet, a single-file checkpoint, and a name
-    that is neither an existing path nor shaped like a hub id (a hub id itself is checked when it loads).
+    Refused: a directory without unet/ and vae/, a UNet with conditioning other than SDXL's, an SDXL
+    model without both text encoders (the refiner), a single-file checkpoint, and a name that is
+    neither an existing path nor shaped like a hub id (a hub id itself is checked when it loads).
     """
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "unet").is_dir() or not (path / "vae").is_dir():
             raise TrainError(f"{path} is not a diffusers model directory (it has no unet/ and vae/ folders)")
         unet_config = path / "unet" / "config.json"
-        if unet_config.is_file():
-            refuse_sdxl(json.loads(unet_config.read_text()), model)
+        sdxl = unet_config.is_file() and is_sdxl(json.loads(unet_config.read_text()), model)
+        if sdxl and not all((path / part).is_dir() for part in ("text_encoder", "text_encoder_2", "tokenizer_2")):
+            raise TrainError(f"{model} is an SDXL model without both text encoders (a refiner?); "
+                             "loraloop trains SDXL base models, SD 1.x and 2.x")
         return str(path.resolve())
     if path.is_file():
         raise TrainError(f"{path}: training needs a diffusers model directory, not a single-file checkpoint")
@@ -138,10 +146,12 @@ def check_trainable_base_model(model: str) -> str:
     return model
 
 
-def refuse_sdxl(unet_config: dict[str, Any], model: str) -> None:
-    # SDXL's UNet also needs pooled text embeddings and size conditioning, which this loop does not make.
-    if unet_config.get("addition_embed_type") == "text_time":
-        raise TrainError(f"{model} is an SDXL model; loraloop trains SD 1.x and 2.x LoRAs only")
+def is_sdxl(unet_config: dict[str, Any], model: str) -> bool:
+    """Whether a UNet is SDXL's (pooled text and size conditioning); any other extra conditioning is refused."""
+    kind = unet_config.get("addition_embed_type")
+    if kind not in (None, "text_time"):
+        raise TrainError(f"{model}'s UNet takes {kind!r} conditioning; loraloop trains SD 1.x, 2.x and SDXL")
+    return kind == "text_time"
 
 
 def batches_per_epoch(examples: int, batch_size: int, processes: int) -> int:
@@ -238,6 +248,8 @@ class Setup:
     vae: Any
     text_encoder: Any
     tokenizer: transformers.CLIPTokenizer
+    text_encoder_2: Any  # SDXL's second text encoder (with the projection for the pooled embedding), or None
+    tokenizer_2: transformers.CLIPTokenizer | None
     noise_scheduler: Any
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -257,15 +269,20 @@ def setup(plan: Plan) -> Setup:
         vae = diffusers.AutoencoderKL.from_pretrained(plan.model_path, subfolder="vae")
         unet = diffusers.UNet2DConditionModel.from_pretrained(plan.model_path, subfolder="unet")
         noise_scheduler = diffusers.DDPMScheduler.from_pretrained(plan.model_path, subfolder="scheduler")
+        text_encoder_2 = tokenizer_2 = None
+        if is_sdxl(dict(unet.config), plan.job.model):  # hub ids are only known once loaded
+            tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(plan.model_path, subfolder="tokenizer_2")
+            text_encoder_2 = transformers.CLIPTextModelWithProjection.from_pretrained(
+                plan.model_path, subfolder="text_encoder_2")
     except (OSError, ValueError) as exc:
         raise TrainError(f"cannot load base model {plan.job.model}: {exc}") from None
-    refuse_sdxl(dict(unet.config), plan.job.model)  # hub ids are only known once loaded
-    for frozen in (vae, text_encoder, unet):
-        frozen.requires_grad_(False)
-    # Frozen parts run in the mixed-precision dtype; the LoRA weights stay fp32 so small updates are not lost.
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    unet.to(accelerator.device, dtype=weight_dtype)
+    for module in (vae, text_encoder, text_encoder_2, unet):
+        if module is not None:
+            module.requires_grad_(False)
+            # Frozen parts run in the mixed-precision dtype; the LoRA weights stay fp32 so small updates are not lost.
+            module.to(accelerator.device, dtype=weight_dtype)
+    if weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (its config says so); the encoder follows its dtype
     lora_config = LoraConfig(
         r=s.rank, lora_alpha=s.alpha,  # type: ignore[arg-type]  # peft says int; alpha/rank scaling takes any number
         lora_dropout=s.dropout, init_lora_weights="gaussian",
@@ -292,9 +309,9 @@ def setup(plan: Plan) -> Setup:
     # once per process.
     unet, optimizer = accelerator.prepare(unet, optimizer)
     encoder = Encoder(s, plan.model_path, plan.job.data_dir / "cache" / "training", vae, text_encoder, tokenizer,
-                      accelerator.device, weight_dtype)
-    return Setup(accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, optimizer, lr_scheduler,
-                 weight_dtype, lora_config, encoder)
+                      accelerator.device, weight_dtype, text_encoder_2, tokenizer_2)
+    return Setup(accelerator, unet, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, noise_scheduler,
+                 optimizer, lr_scheduler, weight_dtype, lora_config, encoder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,8 +412,9 @@ def _write_config_and_encode(st: Setup, plan: Plan) -> dict[str, int]:
     encode_counts = {"encoded": st.encoder.cache.encoded, "reused": st.encoder.cache.reused}
     if s.cache_latents:
         # Everything is encoded: the VAE and text encoder leave the GPU until a sample grid needs them.
-        st.vae.to("cpu")
-        st.text_encoder.to("cpu")
+        for module in (st.vae, st.text_encoder, st.text_encoder_2):
+            if module is not None:
+                module.to("cpu")
     return encode_counts
 
 
