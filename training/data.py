@@ -51,6 +51,8 @@ class Example:
     desirable: bool = True
     # Per-example loss weight (the dataset's "weight" column; curation's confidence in the label).
     weight: float = 1.0
+    # A class image for prior preservation (training/prior.py): its caption is the class prompt, as it is.
+    prior: bool = False
 
 
 @dataclass(frozen=True)

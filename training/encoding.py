@@ -53,6 +53,8 @@ class Encoder:
         self.image_hashes: dict[Path, str] = {}
 
     def caption(self, example: Example) -> str:
+        if example.prior:  # the class as the base model knows it: no trigger word
+            return example.caption
         trigger = self.settings.trigger_word.strip()
         return f"{trigger}, {example.caption}" if trigger and example.caption else trigger or example.caption
 

@@ -5,6 +5,7 @@
     loraloop train data/datasets/foxes --name foxes --set rank=32 --set lr_scheduler=cosine
     loraloop train data/datasets/foxes --name foxes --resume data/runs/foxes-20260101-120000
     loraloop train data/datasets/foxes --name foxes --model stabilityai/stable-diffusion-xl-base-1.0
+    loraloop train data/datasets/rex --name rex --class-prompt "a photo of a dog" --prior-images 100
     accelerate launch --multi_gpu --num_processes 2 $(which loraloop) train data/datasets/foxes --name foxes
 
 The last line is the multi-GPU form: the same command under `accelerate launch` (the batch
@@ -31,6 +32,11 @@ order is a pure function of (seed, epoch). So a resumed run repeats the uninterr
 SD 1.x, 2.x and SDXL base models train the same way; an SDXL UNet (`addition_embed_type
 "text_time"`) brings its second text encoder, and training/encoding.py adds the pooled text and
 size conditioning it needs to the encode cache.
+
+DreamBooth's prior preservation (`class_prompt`, `prior_images`): setup() first has the base
+model draw the class images (training/prior.py, cached by prompt and seed), and every micro-batch
+then holds as many class images as subject images, so its loss is the subject's plus
+`prior_loss_weight` times the class images' (one UNet pass for both).
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ from training.data import Dataset, DatasetError, Example, load_dataset, split_ex
 from training.denoising import evaluate, micro_batch_loss, render_samples
 from training.encoding import Encoder
 from training.images import loss_curve
+from training.prior import PriorError, PriorRequest, class_images
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +105,9 @@ class Job:
     data_dir: Path
     output: Path | None = None
     resume: Path | None = None
+    # Where class images for prior preservation are asked for first; None: always drawn locally.
+    service_url: str | None = None
+    service_token: str | None = None
 
 
 @dataclass
@@ -184,6 +194,15 @@ def validate(job: Job, processes: int | None = None) -> Plan:
         # built as AcceleratorState builds it (honouring --cpu), so the Accelerator reuses it.
         use_cpu = accelerate.utils.parse_flag_from_env("ACCELERATE_USE_CPU")
         processes = accelerate.PartialState(cpu=use_cpu).num_processes
+    if s.prior_images and not s.class_prompt.strip():
+        raise TrainError("--prior-images needs --class-prompt, the class the subject belongs to "
+                         "(\"a photo of a dog\" for \"sks dog\")")
+    if s.class_prompt.strip() and not s.prior_images:
+        raise TrainError("--class-prompt needs --prior-images N, how many class images to train beside "
+                         "the subject (DreamBooth used 100 to 200)")
+    if s.prior_images and s.objective != "sft":
+        raise TrainError(f"prior preservation is for sft (a subject from a few photos), not {s.objective}; "
+                         "drop --class-prompt and --prior-images")
     if not ADAPTER_NAME_RE.match(job.name):
         raise TrainError(f"adapter name {job.name!r} is not valid: use letters, digits, '-', '_' or '.', "
                          "starting with a letter or digit, at most 64 characters")
@@ -256,12 +275,16 @@ class Setup:
     weight_dtype: torch.dtype
     lora_config: LoraConfig
     encoder: Encoder
+    # Prior preservation's class images (Example.prior set), and how many were generated or reused.
+    prior: list[Example] = field(default_factory=list)
+    prior_counts: dict[str, Any] = field(default_factory=dict)
 
 
 def setup(plan: Plan) -> Setup:
     s = plan.job.settings
     accelerator = accelerate.Accelerator(mixed_precision=s.mixed_precision, log_with=plan.trackers or None,
                                          project_dir=str(plan.run_dir))
+    prior, prior_counts = _class_examples(plan, accelerator)  # before the training model loads: it may draw them
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     try:
         tokenizer = transformers.CLIPTokenizer.from_pretrained(plan.model_path, subfolder="tokenizer")
@@ -311,7 +334,25 @@ def setup(plan: Plan) -> Setup:
     encoder = Encoder(s, plan.model_path, plan.job.data_dir / "cache" / "training", vae, text_encoder, tokenizer,
                       accelerator.device, weight_dtype, text_encoder_2, tokenizer_2)
     return Setup(accelerator, unet, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, noise_scheduler,
-                 optimizer, lr_scheduler, weight_dtype, lora_config, encoder)
+                 optimizer, lr_scheduler, weight_dtype, lora_config, encoder, prior, prior_counts)
+
+
+def _class_examples(plan: Plan, accelerator: accelerate.Accelerator) -> tuple[list[Example], dict[str, Any]]:
+    """The class images prior preservation trains on, drawn now where the cache lacks them."""
+    s = plan.job.settings
+    if not s.prior_images:
+        return [], {}
+    request = PriorRequest(model=plan.job.model, prompt=s.class_prompt.strip(), count=s.prior_images,
+                           resolution=int(s.resolution), steps=s.prior_steps, seed=s.seed)
+    with accelerator.main_process_first():  # the others then find every image in the cache
+        try:
+            drawn = class_images(request, plan.job.data_dir, plan.job.service_url, plan.job.service_token)
+        except PriorError as exc:
+            raise TrainError(str(exc)) from None
+    examples = [Example(caption=request.prompt, image=path, weight=s.prior_loss_weight, prior=True)
+                for path in drawn.paths]
+    return examples, {"class_prompt": request.prompt, "images": len(examples), "generated": drawn.generated,
+                      "reused": drawn.reused, "source": drawn.source}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +447,7 @@ def _write_config_and_encode(st: Setup, plan: Plan) -> dict[str, int]:
         (plan.run_dir / "config.json").write_text(json.dumps(
             {"dataset": str(plan.dataset.root), "name": plan.job.name, "base_model": plan.job.model,
              "settings": dataclasses.asdict(s)}, indent=2))
-    st.encoder.warm(plan.train + plan.validation, show_progress=is_main)
+    st.encoder.warm(plan.train + plan.validation + st.prior, show_progress=is_main)
     log.info("%d training and %d validation examples; encoded %d, reused %d from the cache",
              len(plan.train), len(plan.validation), st.encoder.cache.encoded, st.encoder.cache.reused)
     encode_counts = {"encoded": st.encoder.cache.encoded, "reused": st.encoder.cache.reused}
@@ -446,8 +487,17 @@ def _accumulate_gradients(st: Setup, plan: Plan, progress: Progress, generator: 
         # Gradients are averaged across processes once, on the last micro-batch.
         sync = contextlib.nullcontext() if micro == s.grad_accumulation - 1 else accelerator.no_sync(st.unet)
         with sync:
+            batch = [plan.train[i] for i in chosen]
+            if st.prior:
+                # As many class images as subject images, in their own seeded order (so resume is exact),
+                # in the same UNet pass; their Example.weight is prior_loss_weight.
+                batch += [st.prior[i] for i in batch_indices(micro_step, len(st.prior), s.batch_size, s.seed + 1,
+                                                             accelerator.num_processes, accelerator.process_index)]
             loss, metrics, progress.kl_estimate = micro_batch_loss(
-                st, s, [plan.train[i] for i in chosen], generator, training=True, kl_estimate=progress.kl_estimate)
+                st, s, batch, generator, training=True, kl_estimate=progress.kl_estimate)
+            if st.prior:
+                # The weighted mean over both halves is (subject + weight x class) / 2: DreamBooth's sum, halved.
+                loss = loss * 2
             accelerator.backward(loss / s.grad_accumulation)
         # The mean over processes, so the log shows the whole batch; .item() syncs with the GPU.
         loss_sum += accelerator.reduce(loss.detach(), reduction="mean").item()
@@ -507,7 +557,7 @@ def finish(st: Setup, plan: Plan, progress: Progress, stopped_early: bool, secon
         "examples": {"train": len(plan.train), "validation": len(plan.validation),
                      "ties_dropped": plan.dataset.ties_dropped},
         "steps": progress.step, "total_steps": plan.total_steps, "stopped_early": stopped_early,
-        "seconds": round(seconds, 2), "encode_cache": encode_counts,
+        "seconds": round(seconds, 2), "encode_cache": encode_counts, "prior": st.prior_counts or None,
         "final_train_loss": progress.final_train_loss, "final_val_loss": progress.final_val_loss,
         "base_val_loss": progress.validation[0]["val_loss"] if progress.validation else None,
         "best_val_loss": progress.best_val, "best_step": progress.best_step,
@@ -529,4 +579,6 @@ def provenance(plan: Plan, progress: Progress) -> dict[str, Any]:
         "steps": progress.step, "final_train_loss": progress.final_train_loss,
         "final_val_loss": progress.final_val_loss, "best_val_loss": progress.best_val, "best_step": progress.best_step,
         "trigger_word": s.trigger_word,
+        **({"class_prompt": s.class_prompt, "prior_images": s.prior_images, "prior_loss_weight": s.prior_loss_weight}
+           if s.prior_images else {}),
     }
