@@ -1,7 +1,8 @@
 """Does prior preservation keep the class where the base model had it? DreamBooth on the tiny model.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.prior
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.prior --steps 150 --prior-images 16 --seeds 3 --renders 8
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.prior --render-guidance 1.0 --workdir /tmp/prior  # reuses the base
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.prior --caption-dropout 0.2 --seeds 5
 
 The tiny model is first taught two classes by training its whole UNet ("a photo of a dog": a
 brown blob on green; "a photo of a cat": a grey box on white), so that it has a class worth
@@ -11,8 +12,11 @@ preserving. A subject ("sks dog": a few yellow discs on blue, one held out for v
 Then the class prompt is rendered with the same render seeds by the base model and by each
 adapter, and the figure is how far each adapter's class images moved from the base model's:
 the root mean square pixel difference (0..1 scale), averaged over the render seeds. Lower is
-closer to the base model. The held-out subject's validation loss says whether the subject was
-still learned (the base model's is the line to beat).
+closer to the base model. Beside it, the same distance on the UNet's own output: its noise
+prediction for the class prompt on the base model's class images, noised at five fixed
+timesteps with fixed noise, which sampling (and guidance) does not amplify. The held-out
+subject's validation loss says whether the subject was still learned (the base model's is the
+line to beat).
 
 The pictures are toy shapes, 32 px; what is measured is the effect of the loss on the model,
 which does not need a model that draws real dogs.
@@ -107,30 +111,52 @@ def pretrain_base(tiny: Path, out: Path, size: int, steps: int) -> Path:
     return out
 
 
-def render(pipe, seeds: list[int], size: int, steps: int):
+def render(pipe, seeds: list[int], size: int, steps: int, guidance: float):
     import torch
 
     images = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         images.append(pipe(CLASS_PROMPT, height=size, width=size, num_inference_steps=steps, generator=generator,
-                           output_type="pt").images)
+                           guidance_scale=guidance, output_type="pt").images)
     return torch.cat(images)  # (N, 3, H, W) in [0, 1]
+
+
+def predictions(pipe, images, seed: int):
+    """The UNet's noise predictions for the class prompt on `images` noised at five fixed timesteps."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        latents = pipe.vae.encode(images * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer([CLASS_PROMPT], padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        embedding = pipe.text_encoder(ids)[0].expand(len(images), -1, -1)
+        out = []
+        for t in (100, 300, 500, 700, 900):
+            timesteps = torch.full((len(images),), t)
+            noise = torch.randn(latents.shape, generator=generator)
+            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+            out.append(pipe.unet(noisy, timesteps, embedding).sample)
+    return torch.stack(out)  # (5, N, 4, h, w)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--subject-images", type=int, default=5)
     parser.add_argument("--prior-images", type=int, default=16)
     parser.add_argument("--prior-loss-weight", type=float, default=1.0)
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (each trains both runs)")
-    parser.add_argument("--renders", type=int, default=8, help="render seeds of the class prompt")
+    parser.add_argument("--renders", type=int, default=4, help="render seeds of the class prompt")
+    parser.add_argument("--caption-dropout", type=float, default=0.0, help="[training] caption_dropout of both runs")
     parser.add_argument("--render-steps", type=int, default=10)
-    parser.add_argument("--base-steps", type=int, default=600, help="full-UNet steps that teach the base its classes")
+    parser.add_argument("--render-guidance", type=float, default=7.5,
+                        help="guidance of the measured renders (class images always use the pipeline's 7.5)")
+    parser.add_argument("--base-steps", type=int, default=300, help="full-UNet steps that teach the base its classes")
     parser.add_argument("--workdir", type=Path, help="keep the runs here (default: a temp dir)")
     args = parser.parse_args()
 
@@ -150,7 +176,8 @@ def main() -> None:
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     render_seeds = [1000 + i for i in range(args.renders)]
-    base = render(pipe, render_seeds, args.resolution, args.render_steps)
+    base = render(pipe, render_seeds, args.resolution, args.render_steps, args.render_guidance)
+    base_predictions = predictions(pipe, base, seed=7)
 
     rows = []
     for seed in range(args.seeds):
@@ -159,6 +186,7 @@ def main() -> None:
                 resolution=args.resolution, rank=args.rank, alpha=float(args.rank), learning_rate=args.lr,
                 max_steps=args.steps, batch_size=2, validation_split=1 / args.subject_images,
                 validation_every=args.steps, checkpoint_every=10**6, log_with="none", snr_gamma=0.0, seed=seed,
+                caption_dropout=args.caption_dropout,
                 class_prompt=CLASS_PROMPT if prior else "", prior_images=args.prior_images if prior else 0,
                 prior_loss_weight=args.prior_loss_weight, prior_steps=args.render_steps)
             run_dir = root / f"run-{seed}-{'prior' if prior else 'plain'}"
@@ -168,11 +196,14 @@ def main() -> None:
             seconds = time.perf_counter() - started
             pipe.unload_lora_weights()
             pipe.load_lora_weights(str(run_dir), weight_name="adapter.safetensors")
-            images = render(pipe, render_seeds, args.resolution, args.render_steps)
+            images = render(pipe, render_seeds, args.resolution, args.render_steps, args.render_guidance)
+            predicted = predictions(pipe, base, seed=7)
             pipe.unload_lora_weights()
             # RMS pixel difference per render seed, then the mean over seeds.
             distance = ((images - base) ** 2).mean(dim=(1, 2, 3)).sqrt().mean().item()
+            drift = ((predicted - base_predictions) ** 2).mean().sqrt().item()
             rows.append({"seed": seed, "prior": prior, "class_rmse_vs_base": round(distance, 4),
+                         "class_eps_rmse_vs_base": round(drift, 5),
                          "subject_val_loss": round(report["final_val_loss"], 4),
                          "base_val_loss": round(report["base_val_loss"], 4), "seconds": round(seconds, 1),
                          "class_images": report["prior"]})
@@ -186,6 +217,8 @@ def main() -> None:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "class_rmse_vs_base": {"plain": round(mean("class_rmse_vs_base", False), 4),
                                "prior": round(mean("class_rmse_vs_base", True), 4)},
+        "class_eps_rmse_vs_base": {"plain": round(mean("class_eps_rmse_vs_base", False), 5),
+                                   "prior": round(mean("class_eps_rmse_vs_base", True), 5)},
         "subject_val_loss": {"base": round(mean("base_val_loss", False), 4),
                              "plain": round(mean("subject_val_loss", False), 4),
                              "prior": round(mean("subject_val_loss", True), 4)},
@@ -193,6 +226,10 @@ def main() -> None:
             1 for s in range(args.seeds)
             if next(r for r in rows if r["seed"] == s and r["prior"])["class_rmse_vs_base"]
             < next(r for r in rows if r["seed"] == s and not r["prior"])["class_rmse_vs_base"]),
+        "prior_closer_in_eps": sum(
+            1 for s in range(args.seeds)
+            if next(r for r in rows if r["seed"] == s and r["prior"])["class_eps_rmse_vs_base"]
+            < next(r for r in rows if r["seed"] == s and not r["prior"])["class_eps_rmse_vs_base"]),
         "of_seeds": args.seeds,
         "torch_threads": torch.get_num_threads(),
     }
