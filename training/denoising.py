@@ -10,8 +10,8 @@ the error (training/objectives.py); for DPO and KTO the reference is the same UN
 adapter switched off. An SDXL UNet also gets each caption's pooled embedding and each image's
 size conditioning (`added_cond_kwargs`), both from the encode cache. Every random draw comes
 from the generator passed in, in a fixed order, so a resumed run draws exactly what the
-uninterrupted one did. The trainer (training/train.py)
-calls these with what its setup() loaded; `Models` names the part of that they use.
+uninterrupted one did. The trainer (training/train.py) calls these with what its setup()
+loaded; `Models` names the part of that they use.
 
 Floor: part of training/; imports torch, diffusers, loraloop.config and training's encoding,
 objectives and images, nothing of the trainer.

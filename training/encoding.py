@@ -83,7 +83,7 @@ class Encoder:
         return self.cache.get_or_compute(key, compute)
 
     def text_embedding(self, caption: str) -> dict[str, torch.Tensor]:
-        """CLIP hidden states for a caption: (77, D)."""
+        """CLIP hidden states for a caption: (77, D); for SDXL both encoders' and the pooled projection."""
 
         def compute() -> dict[str, torch.Tensor]:
             if self.sdxl:
