@@ -377,6 +377,14 @@ class TrainingConfig:
     kto_beta: float = 2500.0
     # Experiment tracking through accelerate: "auto" (tensorboard when installed), a name (wandb only so), or "none".
     log_with: str = "auto"
+    # DreamBooth prior preservation (sft only; --class-prompt, --prior-images): `prior_images` images of
+    # `class_prompt` ("a photo of a dog") drawn by the base model, cached by prompt and seed, trained on
+    # beside the subject. More images and a higher weight keep the class nearer the base model but
+    # learn the subject more slowly; each class image costs `prior_steps` denoising steps, once.
+    class_prompt: str = ""
+    prior_images: int = 0
+    prior_loss_weight: float = 1.0
+    prior_steps: int = 25
 
     def __post_init__(self) -> None:
         _require(self.resolution == "auto" or (isinstance(self.resolution, int) and self.resolution >= 8
@@ -405,6 +413,9 @@ class TrainingConfig:
         _require(self.checkpoint_every >= 1 and self.checkpoints_keep >= 1, "checkpoint_every",
                  "must be >= 1 (and checkpoints_keep >= 1)")
         _require(self.dpo_beta > 0 and self.kto_beta > 0, "dpo_beta", "must be positive (and kto_beta)")
+        _require(self.prior_images >= 0 and self.prior_loss_weight >= 0, "prior_images",
+                 "must be >= 0 (and prior_loss_weight >= 0)")
+        _require(self.prior_steps >= 1, "prior_steps", "must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The tiny models and the model name "tiny": random weights, real architectures, built offline in seconds.
 
     loadable_model("tiny", data_dir)                  # -> DATA_DIR/models/tiny (SD 1.x shaped), built once
+    loadable_model("tiny-sdxl", data_dir)             # -> DATA_DIR/models/tiny-sdxl (two text encoders)
     loadable_model("tiny", data_dir, "captioner")     # -> DATA_DIR/models/tiny-blip
     loadable_model("tiny", data_dir, "safety")        # -> DATA_DIR/models/tiny-safety (flags nothing at 0)
     loadable_model("org/some-model", data_dir)        # -> "org/some-model", unchanged
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 TINY_MODEL_NAME = "tiny"
+TINY_SDXL_NAME = "tiny-sdxl"
 # Written into a built model's folder; a folder whose marker holds another version is rebuilt.
 MARKER_FILE = "LORALOOP_TINY"
 # Bumped whenever the architecture below changes, so a stale cached copy is rebuilt.
@@ -119,6 +121,64 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(path, safe_serialization=True)
     (path / MARKER_FILE).write_text(TINY_MODEL_VERSION)
+    return path
+
+
+TINY_SDXL_VERSION = "1"
+
+
+def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny SDXL-shaped pipeline (two text encoders, text_time conditioning), random weights.
+
+    Like the tiny SD model, for SDXL's own paths: pooled text embeddings, added time ids, the
+    SDXL pipelines in the service and the SDXL trainer, offline, in seconds. Its latents are
+    (B, 4, H/2, W/2) like the tiny SD model's, so its native size is TINY_IMAGE_SIZE too.
+    """
+    import torch  # when building only, as in build_tiny_model
+    from diffusers import EulerDiscreteScheduler
+
+    # The defining modules, not diffusers' top-level names: see generation.pipeline.load_model.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=TINY_IMAGE_SIZE // 2, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        # pooled text (32) + 6 time ids x 8 = 80: what SDXL's added conditioning projects
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,  # the two encoders' 32-wide hidden states, concatenated
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=TINY_IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+    )
+    vocab = _byte_level_vocab()
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"], projection_dim=32,
+    )
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(  # type: ignore[arg-type]  # diffusers hints an enum, not a class
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            timestep_spacing="leading"),
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    (path / MARKER_FILE).write_text(TINY_SDXL_VERSION)
     return path
 
 
@@ -234,6 +294,11 @@ def tiny_safety_checker_path(data_dir: str | os.PathLike) -> Path:
     return _built(Path(data_dir) / "models" / "tiny-safety", TINY_SAFETY_VERSION, build_tiny_safety_checker)
 
 
+def tiny_sdxl_path(data_dir: str | os.PathLike) -> Path:
+    """Where the tiny SDXL model lives under a data directory, building it on first use."""
+    return _built(Path(data_dir) / "models" / "tiny-sdxl", TINY_SDXL_VERSION, build_tiny_sdxl)
+
+
 def tiny_blip_path(data_dir: str | os.PathLike) -> Path:
     """Where the tiny BLIP lives under a data directory, building it on first use."""
     return _built(Path(data_dir) / "models" / "tiny-blip", TINY_BLIP_VERSION, build_tiny_blip)
@@ -249,10 +314,13 @@ TINY_MODELS: dict[str, Callable[[str | os.PathLike], Path]] = {
 
 def loadable_model(name: str, data_dir: str | os.PathLike,
                    kind: Literal["diffusion", "captioner", "safety"] = "diffusion") -> str:
-    """A configured model name as something to load: the name itself, unless it is "tiny".
+    """A configured model name as something to load: the name itself, unless it is "tiny" or "tiny-sdxl".
 
-    "tiny" becomes the path of the tiny model of `kind` under `data_dir`, built on first use.
+    "tiny" becomes the path of the tiny model of `kind` under `data_dir`, "tiny-sdxl" that of the
+    tiny SDXL model, each built on first use.
     """
+    if name == TINY_SDXL_NAME and kind == "diffusion":
+        return str(tiny_sdxl_path(data_dir))
     if name != TINY_MODEL_NAME:
         return name
     return str(TINY_MODELS[kind](data_dir))

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny Stable Diffusion model built once per run, and a private data dir.
+"""Shared fixtures: tiny Stable Diffusion models (SD 1.x, SDXL) built once per run, and a private data dir.
 
 Nothing here touches the network: the model is built from small configs with random
 weights, saved with `save_pretrained`, and loaded back by the same loader users hit.
@@ -33,6 +33,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from loraloop.tiny import tiny_model_path
 
     return tiny_model_path(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny SDXL model directory (two text encoders, size conditioning), shared read-only by the run."""
+    from loraloop.tiny import tiny_sdxl_path
+
+    return tiny_sdxl_path(tmp_path_factory.mktemp("tiny-sdxl-data"))
 
 
 @pytest.fixture(scope="session")

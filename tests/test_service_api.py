@@ -281,10 +281,8 @@ async def test_loraloop_serve_runs_the_service_until_interrupted(tiny_model_dir,
     assert b"torchvision" not in output and b"it/s]" not in output and b"FutureWarning" not in output, output.decode()
 
 
-async def test_an_sdxl_model_serves_txt2img_and_img2img_and_batches_like_sd(make_service, tmp_path):
-    from generation.testing import build_tiny_sdxl
-
-    running = await make_service(model=str(build_tiny_sdxl(tmp_path / "sdxl")), batch_wait_ms=100)
+async def test_an_sdxl_model_serves_txt2img_and_img2img_and_batches_like_sd(make_service, tiny_sdxl_dir):
+    running = await make_service(model=str(tiny_sdxl_dir), batch_wait_ms=100)
     async with ServiceClient(running.url) as client:
         alone = [(await run_job(client, seed=seed, steps=3))[1][0] for seed in (1, 2)]
         _, (varied,) = await run_job(client, seed=1, steps=3, init_image=png_b64(), strength=0.5)

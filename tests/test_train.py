@@ -420,14 +420,14 @@ def test_a_tracker_that_is_not_installed_is_a_clear_error(tmp_path):
     assert result.exit_code == 1 and "pip install wandb" in result.output
 
 
-def test_an_sdxl_base_model_is_refused_before_loading(tmp_path, tiny_model_dir):
+def test_an_sdxl_model_without_its_second_text_encoder_is_refused_before_loading(tmp_path, tiny_model_dir):
     import shutil
 
     model = Path(shutil.copytree(tiny_model_dir, tmp_path / "xl"))
     config = json.loads((model / "unet" / "config.json").read_text())
     (model / "unet" / "config.json").write_text(json.dumps({**config, "addition_embed_type": "text_time"}))
     result = invoke_train(tmp_path, str(write_dataset(tmp_path / "ds", count=2)), "--name", "x", "--model", str(model))
-    assert result.exit_code == 1 and "is an SDXL model" in result.output
+    assert result.exit_code == 1 and "is an SDXL model without both text encoders (a refiner?)" in result.output
 
 
 def test_a_resume_path_without_a_checkpoint_or_with_a_foreign_file_is_a_clear_error(tmp_path):

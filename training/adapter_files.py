@@ -14,7 +14,8 @@ A directory of adapter files always holds both, written from the same weights:
 - adapter.kohya.safetensors, the same weights under kohya's `lora_unet_*` keys with the real
   alpha, for AUTOMATIC1111, Forge and ComfyUI, with the metadata they read: `ss_output_name` (the
   name A1111 lists it under), `ss_network_dim`/`ss_network_alpha`, `ss_base_model_version`/`ss_v2`
-  and `modelspec.architecture` (SD 1.x, SD 2.x 512 or 768-v, SDXL, from the UNet's config).
+  and `modelspec.architecture` (SD 1.x, SD 2.x 512 or 768-v, SDXL, from the UNet's config). SDXL's
+  keys use the SGM UNet's names (`lora_unet_input_blocks_4_1_...`), as kohya's SDXL trainer writes them.
 
 Both carry `sshs_model_hash`, A1111's hash of the file (loraloop/hashes.py): the sha256 of the
 bytes after the header, so changing metadata later (as publishing does) keeps it true. Each file
@@ -31,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -106,15 +108,61 @@ def save_adapter(unet: Any, lora_config: Any, directory: Path, provenance: dict[
     tensors = load_file(tmp)
     tmp.unlink()
     adapter = _write(tensors, directory / ADAPTER_FILE, metadata)
-    _save_kohya_copy(peft_state, lora_config, base_model_family(unet.config), directory, provenance)
+    _save_kohya_copy(peft_state, lora_config, unet.config, directory, provenance)
     return adapter
 
 
-def _save_kohya_copy(peft_state: dict[str, Any], lora_config: Any, family: BaseModelFamily, directory: Path,
+_BLOCK_RE = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$")
+_MID_RE = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
+# Inside a resnet the SGM UNet numbers its layers in Sequentials: in_layers = (norm, SiLU, conv), ...
+_SGM_RESNET_PARTS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+                     "time_emb_proj": "emb_layers.1"}
+
+
+def sgm_module_path(path: str, layers_per_block: int) -> str:
+    """A diffusers UNet module path as Stability's SGM UNet names it, the names kohya writes for SDXL.
+
+    down_blocks.1.attentions.0.proj_in -> input_blocks.4.1.proj_in and up_blocks.0.resnets.2.conv1 ->
+    output_blocks.2.0.in_layers.2 for SDXL's 2 layers per block: each input level holds
+    `layers_per_block` resnet(+attention) rows after conv_in, then its downsampler; each output level
+    one row more. diffusers' own loader maps these back (`_maybe_map_sgm_blocks_to_diffusers`).
+    Only the layers `loraloop train` can target (attention, proj, resnet convs) are mapped.
+    """
+    if match := _BLOCK_RE.match(path):
+        kind, level, part, index, rest = match.groups()
+        row = (1 + int(level) * (layers_per_block + 1) + int(index) if kind == "down_blocks"
+               else int(level) * (layers_per_block + 1) + int(index))
+        prefix = f"{'input_blocks' if kind == 'down_blocks' else 'output_blocks'}.{row}"
+    elif match := _MID_RE.match(path):
+        part, index, rest = match.groups()
+        prefix = f"middle_block.{1 if part == 'attentions' else 2 * int(index)}"
+    else:
+        raise ValueError(f"no SGM name for UNet module {path}")
+    if part == "attentions":
+        return f"{prefix}.1.{rest}" if prefix.startswith(("input", "output")) else f"{prefix}.{rest}"
+    if rest not in _SGM_RESNET_PARTS:
+        raise ValueError(f"no SGM name for UNet module {path}")
+    inner = _SGM_RESNET_PARTS[rest]
+    return f"{prefix}.0.{inner}" if prefix.startswith(("input", "output")) else f"{prefix}.{inner}"
+
+
+def _save_kohya_copy(peft_state: dict[str, Any], lora_config: Any, unet_config: Any, directory: Path,
                      provenance: dict[str, Any]) -> Path:
-    """adapter.kohya.safetensors: the same weights under A1111's lora_unet_* keys, with the real alpha."""
+    """adapter.kohya.safetensors: the same weights under A1111's lora_unet_* keys, with the real alpha.
+
+    SD 1.x and 2.x keep diffusers' module names (kohya trains those on the diffusers UNet); SDXL
+    takes the SGM names kohya's SDXL trainer writes (`sgm_module_path`).
+    """
     from diffusers.utils import convert_state_dict_to_kohya
 
+    family = base_model_family(unet_config)
+    if family is SDXL:
+        layers = int(dict(unet_config)["layers_per_block"])
+        renamed = {}
+        for key, value in peft_state.items():
+            module, _, weight = key.rpartition(".lora_")  # "down_blocks.1...to_q", "A.weight"
+            renamed[f"{sgm_module_path(module, layers)}.lora_{weight}"] = value
+        peft_state = renamed
     kohya_state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state.items()})
     # diffusers writes alpha = rank here; ours may differ, and A1111 scales by alpha/rank.
     for key in kohya_state:

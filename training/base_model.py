@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loraloop.tiny import TINY_IMAGE_SIZE, TINY_MODEL_NAME
+from loraloop.tiny import TINY_IMAGE_SIZE, TINY_MODEL_NAME, TINY_SDXL_NAME
 
 AUTO = "auto"
 
@@ -33,8 +33,8 @@ def _sizes_from(unet_config: dict, vae_config: dict) -> int:
 
 
 def native_resolution(model: str) -> int:
-    """The native size of `model`: "tiny", a diffusers directory, or a hub id (its two config files)."""
-    if model == TINY_MODEL_NAME:
+    """The native size of `model`: "tiny" or "tiny-sdxl", a diffusers directory, or a hub id (its two config files)."""
+    if model in (TINY_MODEL_NAME, TINY_SDXL_NAME):
         return TINY_IMAGE_SIZE
     path = Path(model).expanduser()
     hint = ("; set [training] resolution (512 for SD 1.5, 768 for SD 2.x, 1024 for SDXL) "

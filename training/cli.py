@@ -258,13 +258,18 @@ def apply_overrides(settings: TrainingConfig, changes: dict[str, Any]) -> Traini
 @click.option("--alpha", type=float, help="Overrides [training] alpha.")
 @click.option("--lr", type=float, help="Overrides [training] learning_rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Overrides [training] batch_size.")
+@click.option("--class-prompt", help="DreamBooth prior preservation: the subject's class, e.g. \"a photo of a dog\".")
+@click.option("--prior-images", type=click.IntRange(min=0),
+              help="How many class images the base model draws for --class-prompt (cached by prompt and seed).")
+@click.option("--service-url", help="The service that draws class images (default: [service] host and port); "
+                                    "when it is down or runs another model they are drawn here.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any [training] key, VALUE in TOML syntax: --set targets='[\"attention\",\"proj\"]'.")
 @pass_app
 def train_command(app: AppContext, dataset: Path, name: str, objective: str | None, model: str | None,
                   output: Path | None, resume: Path | None, steps: int | None, epochs: int | None, rank: int | None,
-                  alpha: float | None, lr: float | None, batch_size: int | None,
-                  overrides: tuple[str, ...]) -> None:
+                  alpha: float | None, lr: float | None, batch_size: int | None, class_prompt: str | None,
+                  prior_images: int | None, service_url: str | None, overrides: tuple[str, ...]) -> None:
     """Train a LoRA adapter on DATASET (sft, dpo or kto) and write a run directory.
 
     \b
@@ -272,18 +277,21 @@ def train_command(app: AppContext, dataset: Path, name: str, objective: str | No
       loraloop train data/datasets/foxes --name foxes --steps 800
       loraloop train data/datasets/pairs --name house --objective dpo
       loraloop train data/datasets/foxes --name foxes --resume data/runs/foxes-20260101-120000
+      loraloop train data/datasets/rex --name rex --class-prompt "a photo of a dog" --prior-images 100
     """
     from training.checkpoint import Interrupted
     from training.train import Job, TrainError, train, validate
 
     config = app.config
     flags = {"objective": objective, "max_steps": steps, "epochs": epochs, "rank": rank, "alpha": alpha,
-             "learning_rate": lr, "batch_size": batch_size}
+             "learning_rate": lr, "batch_size": batch_size, "class_prompt": class_prompt, "prior_images": prior_images}
     changes = parse_overrides(overrides)
     changes.update({k: v for k, v in flags.items() if v is not None})
     settings = apply_overrides(config.training, changes)
     job = Job(dataset=dataset, name=name, model=model or config.service.model, settings=settings,
-              data_dir=config.data_dir, output=output, resume=resume)
+              data_dir=config.data_dir, output=output, resume=resume,
+              service_url=service_url or f"http://{config.service.host}:{config.service.port}",
+              service_token=Secrets.from_env().service_token)
     try:
         plan = validate(job)
         for note in plan.resume.notes if plan.resume else []:
@@ -297,6 +305,10 @@ def train_command(app: AppContext, dataset: Path, name: str, objective: str | No
         raise click.ClickException(str(exc)) from None
     if report:
         val = report["final_val_loss"]
+        if report["prior"]:
+            prior = report["prior"]
+            click.echo(f"class images of {prior['class_prompt']!r}: {prior['generated']} drawn "
+                       f"({prior['source']}), {prior['reused']} from the cache", err=True)
         click.echo(f"adapter: {report['adapter']} (step {report['adapter_step']})")
         click.echo(f"final train loss {report['final_train_loss']:.4g}"
                    + (f", validation loss {val:.4g}" if val is not None else "")

@@ -51,6 +51,8 @@ class Example:
     desirable: bool = True
     # Per-example loss weight (the dataset's "weight" column; curation's confidence in the label).
     weight: float = 1.0
+    # A class image for prior preservation (training/prior.py): its caption is the class prompt, as it is.
+    prior: bool = False
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,20 @@ def load_image_tensor(path: Path, resolution: int, flip: bool):
             image = ImageOps.mirror(image)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def size_conditioning(path: Path, resolution: int) -> tuple[int, int, int, int, int, int]:
+    """SDXL's size conditioning for an image as load_image_tensor crops it: (original height, width,
+    crop top, left, target height, width), the crop in the pixels of the image scaled to cover the
+    target (where SDXL's training measured it). The crop is centred, so a flip does not change it."""
+    with Image.open(path) as opened:  # the header only: no pixels are decoded
+        width, height = opened.size
+        if opened.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that turn the picture a quarter
+            width, height = height, width
+    scale = resolution / min(width, height)
+    top = max(0, round((height * scale - resolution) / 2))
+    left = max(0, round((width * scale - resolution) / 2))
+    return height, width, top, left, resolution, resolution
 
 
 class EncodeCache:

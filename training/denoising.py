@@ -7,9 +7,11 @@
 A micro-batch's loss: latents drawn from each image's VAE distribution (training/encoding.py),
 noise and timesteps, the UNet's prediction of the noise (or of v), and the objective's score of
 the error (training/objectives.py); for DPO and KTO the reference is the same UNet with the
-adapter switched off. Every random draw comes from the generator passed in, in a fixed order,
-so a resumed run draws exactly what the uninterrupted one did. The trainer (training/train.py)
-calls these with what its setup() loaded; `Models` names the part of that they use.
+adapter switched off. An SDXL UNet also gets each caption's pooled embedding and each image's
+size conditioning (`added_cond_kwargs`), both from the encode cache. Every random draw comes
+from the generator passed in, in a fixed order, so a resumed run draws exactly what the
+uninterrupted one did. The trainer (training/train.py) calls these with what its setup()
+loaded; `Models` names the part of that they use.
 
 Floor: part of training/; imports torch, diffusers, loraloop.config and training's encoding,
 objectives and images, nothing of the trainer.
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.training_utils import compute_snr
 
 from loraloop.config import TrainingConfig
@@ -42,6 +44,8 @@ class Models(Protocol):
     vae: Any
     text_encoder: Any
     tokenizer: Any
+    text_encoder_2: Any  # SDXL's second text encoder and its tokenizer; None for SD 1.x and 2.x
+    tokenizer_2: Any
     noise_scheduler: Any
     weight_dtype: torch.dtype
     encoder: Encoder
@@ -72,8 +76,14 @@ def micro_batch_loss(st: Models, s: TrainingConfig, examples: list[Example], gen
     std = torch.stack([x["std"] for x in stats])
     # Sampled here, not cached, so every epoch sees a fresh draw from the VAE's distribution.
     latents = (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) * st.encoder.scaling
-    captions = ["" if dropped[i] else st.encoder.caption(e) for i, e in enumerate(examples)]
-    embeddings = torch.stack([st.encoder.text_embedding(c)["embedding"] for c in captions])  # (B, 77, D)
+    texts = [st.encoder.unconditional() if dropped[i] else st.encoder.text_embedding(st.encoder.caption(e))
+             for i, e in enumerate(examples)]
+    embeddings = torch.stack([t["embedding"] for t in texts])  # (B, 77, D)
+    added: dict[str, torch.Tensor] | None = None
+    if st.encoder.sdxl:
+        # Pooled text per caption, size conditioning per image (for DPO, the rejected ones' too).
+        added = {"text_embeds": torch.stack([t["pooled"] for t in texts]),  # (B, P)
+                 "time_ids": torch.stack([x["time_ids"] for x in stats])}  # (B or 2B, 6)
 
     noise = torch.randn((count, *latents.shape[1:]), generator=generator)
     if s.noise_offset:
@@ -82,14 +92,18 @@ def micro_batch_loss(st: Models, s: TrainingConfig, examples: list[Example], gen
     if s.objective == "dpo":
         # Both images of a pair share noise, timestep and caption, so their errors are comparable.
         noise, timesteps, embeddings = noise.repeat(2, 1, 1, 1), timesteps.repeat(2), embeddings.repeat(2, 1, 1)
+        if added is not None:
+            added["text_embeds"] = added["text_embeds"].repeat(2, 1)
     latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
     embeddings = embeddings.to(device, st.weight_dtype)
+    if added is not None:
+        added = {k: v.to(device, st.weight_dtype) for k, v in added.items()}
     noisy = st.noise_scheduler.add_noise(latents, noise, timesteps).to(st.weight_dtype)
     v_prediction = st.noise_scheduler.config.prediction_type == "v_prediction"
     target = st.noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
 
     with st.accelerator.autocast():
-        prediction = st.unet(noisy, timesteps, embeddings).sample
+        prediction = st.unet(noisy, timesteps, embeddings, added_cond_kwargs=added).sample
     error = objectives.denoising_error(prediction, target)
     example_weights = torch.tensor([e.weight for e in examples], device=device)  # (B,) the dataset's weights
     if s.objective == "sft":
@@ -101,7 +115,8 @@ def micro_batch_loss(st: Models, s: TrainingConfig, examples: list[Example], gen
         return loss, metrics, kl_estimate
 
     with torch.no_grad(), adapter_disabled(st.accelerator.unwrap_model(st.unet)), st.accelerator.autocast():
-        reference = objectives.denoising_error(st.unet(noisy, timesteps, embeddings).sample, target)
+        reference = objectives.denoising_error(
+            st.unet(noisy, timesteps, embeddings, added_cond_kwargs=added).sample, target)
     if s.objective == "dpo":
         loss, metrics = objectives.dpo(error[:count], error[count:], reference[:count], reference[count:], s.dpo_beta,
                                        example_weights)
@@ -134,13 +149,20 @@ def render_samples(st: Models, s: TrainingConfig, prompts: list[str], step: int,
     """The validation prompts rendered with the current adapter, one fixed seed per prompt, as one grid."""
     unet = st.accelerator.unwrap_model(st.unet)
     device = st.accelerator.device
-    st.vae.to(device)
-    st.text_encoder.to(device)
-    pipe: Any = StableDiffusionPipeline(  # Any: see Models
-        vae=st.vae, text_encoder=st.text_encoder, tokenizer=st.tokenizer, unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(st.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    frozen = [m for m in (st.vae, st.text_encoder, st.text_encoder_2) if m is not None]
+    for module in frozen:
+        module.to(device)
+    scheduler = DPMSolverMultistepScheduler.from_config(st.noise_scheduler.config)
+    pipe: Any  # Any: see Models
+    if st.text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(vae=st.vae, text_encoder=st.text_encoder, text_encoder_2=st.text_encoder_2,
+                                         tokenizer=st.tokenizer, tokenizer_2=st.tokenizer_2, unet=unet,
+                                         scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=st.vae, text_encoder=st.text_encoder, tokenizer=st.tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     unet.eval()
     images = []
@@ -151,8 +173,8 @@ def render_samples(st: Models, s: TrainingConfig, prompts: list[str], step: int,
                                generator=generator).images[0])
     unet.train()
     if s.cache_latents:
-        st.vae.to("cpu")
-        st.text_encoder.to("cpu")
+        for module in frozen:
+            module.to("cpu")
     path = run_dir / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     labelled_grid([images], [f"step {step}"], prompts).save(path)

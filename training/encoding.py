@@ -6,6 +6,12 @@
     encoder.latent_stats(image, flip=False)           # {"mean": (4, R/f, R/f), "std": (4, R/f, R/f)}
     encoder.text_embedding(encoder.caption(example))  # {"embedding": (77, D)}
 
+For SDXL (`text_encoder_2` given) an image's entry also holds its size conditioning,
+{"time_ids": (6,)}: original height and width, the crop's top and left, the target size, as
+SDXL's pipelines pass them; and a caption's holds both encoders' penultimate hidden states
+side by side, {"embedding": (77, D1 + D2), "pooled": (P,)} with the second encoder's pooled
+projection, exactly as StableDiffusionXLPipeline.encode_prompt makes them for serving.
+
 With `cache_latents` on, every latent distribution and caption embedding is computed once and
 kept in training.data's EncodeCache (on disk, keyed by content hash), so the loop only reads it
 and a retrain encodes only what is new; with it off, they are computed on every use.
@@ -26,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loraloop.config import TrainingConfig
-from training.data import EncodeCache, Example, load_image_tensor
+from training.data import EncodeCache, Example, load_image_tensor, size_conditioning
 from training.dataset import file_sha256
 
 
@@ -34,9 +40,12 @@ class Encoder:
     """Turns examples into latent distributions and text embeddings, through the on-disk cache or not."""
 
     def __init__(self, settings: TrainingConfig, model_path: str, cache_dir: Path, vae: Any, text_encoder: Any,
-                 tokenizer: Any, device: torch.device, dtype: torch.dtype) -> None:
+                 tokenizer: Any, device: torch.device, dtype: torch.dtype, text_encoder_2: Any = None,
+                 tokenizer_2: Any = None) -> None:
         self.settings = settings
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.sdxl = text_encoder_2 is not None
         self.device, self.dtype = device, dtype
         self.scaling = vae.config.scaling_factor
         # What produced an entry: a different base model or resolution must never share entries.
@@ -44,6 +53,8 @@ class Encoder:
         self.image_hashes: dict[Path, str] = {}
 
     def caption(self, example: Example) -> str:
+        if example.prior:  # the class as the base model knows it: no trigger word
+            return example.caption
         trigger = self.settings.trigger_word.strip()
         return f"{trigger}, {example.caption}" if trigger and example.caption else trigger or example.caption
 
@@ -59,8 +70,12 @@ class Encoder:
         def compute() -> dict[str, torch.Tensor]:
             pixels = load_image_tensor(path, int(self.settings.resolution), flip)[None]  # "auto" resolved in validate
             with torch.no_grad():
-                dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-            return {"mean": dist.mean[0].float(), "std": dist.std[0].float()}
+                dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+            stats = {"mean": dist.mean[0].float(), "std": dist.std[0].float()}
+            if self.sdxl:
+                stats["time_ids"] = torch.tensor(size_conditioning(path, int(self.settings.resolution)),
+                                                 dtype=torch.float32)
+            return stats
 
         if not self.settings.cache_latents:
             return compute()
@@ -68,9 +83,11 @@ class Encoder:
         return self.cache.get_or_compute(key, compute)
 
     def text_embedding(self, caption: str) -> dict[str, torch.Tensor]:
-        """CLIP hidden states for a caption: (77, D)."""
+        """CLIP hidden states for a caption: (77, D); for SDXL both encoders' and the pooled projection."""
 
         def compute() -> dict[str, torch.Tensor]:
+            if self.sdxl:
+                return self._sdxl_embedding(caption)
             ids = self.tokenizer(caption, padding="max_length", max_length=self.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids
             with torch.no_grad():
@@ -79,6 +96,23 @@ class Encoder:
         if not self.settings.cache_latents:
             return compute()
         return self.cache.get_or_compute(self.cache.key("text", caption), compute)
+
+    def _sdxl_embedding(self, caption: str) -> dict[str, torch.Tensor]:
+        hidden = []
+        with torch.no_grad():
+            for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+                ids = tokenizer(caption, padding="max_length", max_length=tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids
+                output = encoder(ids.to(self.device), output_hidden_states=True)
+                hidden.append(output.hidden_states[-2][0])  # the penultimate layer, as SDXL was trained
+        # The pooled embedding is the second encoder's projection (its output's first entry).
+        return {"embedding": torch.cat(hidden, dim=-1).float(), "pooled": output[0][0].float()}
+
+    def unconditional(self) -> dict[str, torch.Tensor]:
+        """What a dropped caption trains on: the empty caption's embedding, or zeros for SDXL, whose
+        pipelines condition the empty negative prompt on zeros (`force_zeros_for_empty_prompt`)."""
+        empty = self.text_embedding("")
+        return {k: torch.zeros_like(v) for k, v in empty.items()} if self.sdxl else empty
 
     def warm(self, examples: list[Example], show_progress: bool = True) -> None:
         """Encode everything the run can ask for up front, so the loop only reads the cache."""

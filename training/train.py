@@ -4,6 +4,8 @@
     loraloop train data/datasets/pairs --name house --objective dpo --steps 400
     loraloop train data/datasets/foxes --name foxes --set rank=32 --set lr_scheduler=cosine
     loraloop train data/datasets/foxes --name foxes --resume data/runs/foxes-20260101-120000
+    loraloop train data/datasets/foxes --name foxes --model stabilityai/stable-diffusion-xl-base-1.0
+    loraloop train data/datasets/rex --name rex --class-prompt "a photo of a dog" --prior-images 100
     accelerate launch --multi_gpu --num_processes 2 $(which loraloop) train data/datasets/foxes --name foxes
 
 The last line is the multi-GPU form: the same command under `accelerate launch` (the batch
@@ -26,6 +28,15 @@ resumable) and samples/step-N.png (with validation_prompts and sample_every).
 Determinism: every random draw in the loop (batch order, flips, caption dropout, latent
 sampling, noise, timesteps) comes from one seeded generator whose state is checkpointed; batch
 order is a pure function of (seed, epoch). So a resumed run repeats the uninterrupted one.
+
+SD 1.x, 2.x and SDXL base models train the same way; an SDXL UNet (`addition_embed_type
+"text_time"`) brings its second text encoder, and training/encoding.py adds the pooled text and
+size conditioning it needs to the encode cache.
+
+DreamBooth's prior preservation (`class_prompt`, `prior_images`): setup() first has the base
+model draw the class images (training/prior.py, cached by prompt and seed), and every micro-batch
+then holds as many class images as subject images, so its loss is the subject's plus
+`prior_loss_weight` times the class images' (one UNet pass for both).
 """
 
 from __future__ import annotations
@@ -63,6 +74,7 @@ from training.data import Dataset, DatasetError, Example, load_dataset, split_ex
 from training.denoising import evaluate, micro_batch_loss, render_samples
 from training.encoding import Encoder
 from training.images import loss_curve
+from training.prior import PriorError, PriorRequest, class_images
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +105,9 @@ class Job:
     data_dir: Path
     output: Path | None = None
     resume: Path | None = None
+    # Where class images for prior preservation are asked for first; None: always drawn locally.
+    service_url: str | None = None
+    service_token: str | None = None
 
 
 @dataclass
@@ -120,16 +135,19 @@ class Plan:
 def check_trainable_base_model(model: str) -> str:
     """The base model to load, refused now if this loop cannot train it.
 
-    Refused: a directory without unet/ and vae/, an SDXL UNet, a single-file checkpoint, and a name
-    that is neither an existing path nor shaped like a hub id (a hub id itself is checked when it loads).
+    Refused: a directory without unet/ and vae/, a UNet with conditioning other than SDXL's, an SDXL
+    model without both text encoders (the refiner), a single-file checkpoint, and a name that is
+    neither an existing path nor shaped like a hub id (a hub id itself is checked when it loads).
     """
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "unet").is_dir() or not (path / "vae").is_dir():
             raise TrainError(f"{path} is not a diffusers model directory (it has no unet/ and vae/ folders)")
         unet_config = path / "unet" / "config.json"
-        if unet_config.is_file():
-            refuse_sdxl(json.loads(unet_config.read_text()), model)
+        sdxl = unet_config.is_file() and is_sdxl(json.loads(unet_config.read_text()), model)
+        if sdxl and not all((path / part).is_dir() for part in ("text_encoder", "text_encoder_2", "tokenizer_2")):
+            raise TrainError(f"{model} is an SDXL model without both text encoders (a refiner?); "
+                             "loraloop trains SDXL base models, SD 1.x and 2.x")
         return str(path.resolve())
     if path.is_file():
         raise TrainError(f"{path}: training needs a diffusers model directory, not a single-file checkpoint")
@@ -138,10 +156,12 @@ def check_trainable_base_model(model: str) -> str:
     return model
 
 
-def refuse_sdxl(unet_config: dict[str, Any], model: str) -> None:
-    # SDXL's UNet also needs pooled text embeddings and size conditioning, which this loop does not make.
-    if unet_config.get("addition_embed_type") == "text_time":
-        raise TrainError(f"{model} is an SDXL model; loraloop trains SD 1.x and 2.x LoRAs only")
+def is_sdxl(unet_config: dict[str, Any], model: str) -> bool:
+    """Whether a UNet is SDXL's (pooled text and size conditioning); any other extra conditioning is refused."""
+    kind = unet_config.get("addition_embed_type")
+    if kind not in (None, "text_time"):
+        raise TrainError(f"{model}'s UNet takes {kind!r} conditioning; loraloop trains SD 1.x, 2.x and SDXL")
+    return kind == "text_time"
 
 
 def batches_per_epoch(examples: int, batch_size: int, processes: int) -> int:
@@ -174,6 +194,15 @@ def validate(job: Job, processes: int | None = None) -> Plan:
         # built as AcceleratorState builds it (honouring --cpu), so the Accelerator reuses it.
         use_cpu = accelerate.utils.parse_flag_from_env("ACCELERATE_USE_CPU")
         processes = accelerate.PartialState(cpu=use_cpu).num_processes
+    if s.prior_images and not s.class_prompt.strip():
+        raise TrainError("--prior-images needs --class-prompt, the class the subject belongs to "
+                         "(\"a photo of a dog\" for \"sks dog\")")
+    if s.class_prompt.strip() and not s.prior_images:
+        raise TrainError("--class-prompt needs --prior-images N, how many class images to train beside "
+                         "the subject (DreamBooth used 100 to 200)")
+    if s.prior_images and s.objective != "sft":
+        raise TrainError(f"prior preservation is for sft (a subject from a few photos), not {s.objective}; "
+                         "drop --class-prompt and --prior-images")
     if not ADAPTER_NAME_RE.match(job.name):
         raise TrainError(f"adapter name {job.name!r} is not valid: use letters, digits, '-', '_' or '.', "
                          "starting with a letter or digit, at most 64 characters")
@@ -238,18 +267,24 @@ class Setup:
     vae: Any
     text_encoder: Any
     tokenizer: transformers.CLIPTokenizer
+    text_encoder_2: Any  # SDXL's second text encoder (with the projection for the pooled embedding), or None
+    tokenizer_2: transformers.CLIPTokenizer | None
     noise_scheduler: Any
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LambdaLR
     weight_dtype: torch.dtype
     lora_config: LoraConfig
     encoder: Encoder
+    # Prior preservation's class images (Example.prior set), and how many were generated or reused.
+    prior: list[Example] = field(default_factory=list)
+    prior_counts: dict[str, Any] = field(default_factory=dict)
 
 
 def setup(plan: Plan) -> Setup:
     s = plan.job.settings
     accelerator = accelerate.Accelerator(mixed_precision=s.mixed_precision, log_with=plan.trackers or None,
                                          project_dir=str(plan.run_dir))
+    prior, prior_counts = _class_examples(plan, accelerator)  # before the training model loads: it may draw them
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     try:
         tokenizer = transformers.CLIPTokenizer.from_pretrained(plan.model_path, subfolder="tokenizer")
@@ -257,15 +292,20 @@ def setup(plan: Plan) -> Setup:
         vae = diffusers.AutoencoderKL.from_pretrained(plan.model_path, subfolder="vae")
         unet = diffusers.UNet2DConditionModel.from_pretrained(plan.model_path, subfolder="unet")
         noise_scheduler = diffusers.DDPMScheduler.from_pretrained(plan.model_path, subfolder="scheduler")
+        text_encoder_2 = tokenizer_2 = None
+        if is_sdxl(dict(unet.config), plan.job.model):  # hub ids are only known once loaded
+            tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(plan.model_path, subfolder="tokenizer_2")
+            text_encoder_2 = transformers.CLIPTextModelWithProjection.from_pretrained(
+                plan.model_path, subfolder="text_encoder_2")
     except (OSError, ValueError) as exc:
         raise TrainError(f"cannot load base model {plan.job.model}: {exc}") from None
-    refuse_sdxl(dict(unet.config), plan.job.model)  # hub ids are only known once loaded
-    for frozen in (vae, text_encoder, unet):
-        frozen.requires_grad_(False)
-    # Frozen parts run in the mixed-precision dtype; the LoRA weights stay fp32 so small updates are not lost.
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    unet.to(accelerator.device, dtype=weight_dtype)
+    for module in (vae, text_encoder, text_encoder_2, unet):
+        if module is not None:
+            module.requires_grad_(False)
+            # Frozen parts run in the mixed-precision dtype; the LoRA weights stay fp32 so small updates are not lost.
+            module.to(accelerator.device, dtype=weight_dtype)
+    if weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (its config says so); the encoder follows its dtype
     lora_config = LoraConfig(
         r=s.rank, lora_alpha=s.alpha,  # type: ignore[arg-type]  # peft says int; alpha/rank scaling takes any number
         lora_dropout=s.dropout, init_lora_weights="gaussian",
@@ -292,9 +332,27 @@ def setup(plan: Plan) -> Setup:
     # once per process.
     unet, optimizer = accelerator.prepare(unet, optimizer)
     encoder = Encoder(s, plan.model_path, plan.job.data_dir / "cache" / "training", vae, text_encoder, tokenizer,
-                      accelerator.device, weight_dtype)
-    return Setup(accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler, optimizer, lr_scheduler,
-                 weight_dtype, lora_config, encoder)
+                      accelerator.device, weight_dtype, text_encoder_2, tokenizer_2)
+    return Setup(accelerator, unet, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, noise_scheduler,
+                 optimizer, lr_scheduler, weight_dtype, lora_config, encoder, prior, prior_counts)
+
+
+def _class_examples(plan: Plan, accelerator: accelerate.Accelerator) -> tuple[list[Example], dict[str, Any]]:
+    """The class images prior preservation trains on, drawn now where the cache lacks them."""
+    s = plan.job.settings
+    if not s.prior_images:
+        return [], {}
+    request = PriorRequest(model=plan.job.model, prompt=s.class_prompt.strip(), count=s.prior_images,
+                           resolution=int(s.resolution), steps=s.prior_steps, seed=s.seed)
+    with accelerator.main_process_first():  # the others then find every image in the cache
+        try:
+            drawn = class_images(request, plan.job.data_dir, plan.job.service_url, plan.job.service_token)
+        except PriorError as exc:
+            raise TrainError(str(exc)) from None
+    examples = [Example(caption=request.prompt, image=path, weight=s.prior_loss_weight, prior=True)
+                for path in drawn.paths]
+    return examples, {"class_prompt": request.prompt, "images": len(examples), "generated": drawn.generated,
+                      "reused": drawn.reused, "source": drawn.source}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,14 +447,15 @@ def _write_config_and_encode(st: Setup, plan: Plan) -> dict[str, int]:
         (plan.run_dir / "config.json").write_text(json.dumps(
             {"dataset": str(plan.dataset.root), "name": plan.job.name, "base_model": plan.job.model,
              "settings": dataclasses.asdict(s)}, indent=2))
-    st.encoder.warm(plan.train + plan.validation, show_progress=is_main)
+    st.encoder.warm(plan.train + plan.validation + st.prior, show_progress=is_main)
     log.info("%d training and %d validation examples; encoded %d, reused %d from the cache",
              len(plan.train), len(plan.validation), st.encoder.cache.encoded, st.encoder.cache.reused)
     encode_counts = {"encoded": st.encoder.cache.encoded, "reused": st.encoder.cache.reused}
     if s.cache_latents:
         # Everything is encoded: the VAE and text encoder leave the GPU until a sample grid needs them.
-        st.vae.to("cpu")
-        st.text_encoder.to("cpu")
+        for module in (st.vae, st.text_encoder, st.text_encoder_2):
+            if module is not None:
+                module.to("cpu")
     return encode_counts
 
 
@@ -428,8 +487,17 @@ def _accumulate_gradients(st: Setup, plan: Plan, progress: Progress, generator: 
         # Gradients are averaged across processes once, on the last micro-batch.
         sync = contextlib.nullcontext() if micro == s.grad_accumulation - 1 else accelerator.no_sync(st.unet)
         with sync:
+            batch = [plan.train[i] for i in chosen]
+            if st.prior:
+                # As many class images as subject images, in their own seeded order (so resume is exact),
+                # in the same UNet pass; their Example.weight is prior_loss_weight.
+                batch += [st.prior[i] for i in batch_indices(micro_step, len(st.prior), s.batch_size, s.seed + 1,
+                                                             accelerator.num_processes, accelerator.process_index)]
             loss, metrics, progress.kl_estimate = micro_batch_loss(
-                st, s, [plan.train[i] for i in chosen], generator, training=True, kl_estimate=progress.kl_estimate)
+                st, s, batch, generator, training=True, kl_estimate=progress.kl_estimate)
+            if st.prior:
+                # The weighted mean over both halves is (subject + weight x class) / 2: DreamBooth's sum, halved.
+                loss = loss * 2
             accelerator.backward(loss / s.grad_accumulation)
         # The mean over processes, so the log shows the whole batch; .item() syncs with the GPU.
         loss_sum += accelerator.reduce(loss.detach(), reduction="mean").item()
@@ -489,7 +557,7 @@ def finish(st: Setup, plan: Plan, progress: Progress, stopped_early: bool, secon
         "examples": {"train": len(plan.train), "validation": len(plan.validation),
                      "ties_dropped": plan.dataset.ties_dropped},
         "steps": progress.step, "total_steps": plan.total_steps, "stopped_early": stopped_early,
-        "seconds": round(seconds, 2), "encode_cache": encode_counts,
+        "seconds": round(seconds, 2), "encode_cache": encode_counts, "prior": st.prior_counts or None,
         "final_train_loss": progress.final_train_loss, "final_val_loss": progress.final_val_loss,
         "base_val_loss": progress.validation[0]["val_loss"] if progress.validation else None,
         "best_val_loss": progress.best_val, "best_step": progress.best_step,
@@ -511,4 +579,6 @@ def provenance(plan: Plan, progress: Progress) -> dict[str, Any]:
         "steps": progress.step, "final_train_loss": progress.final_train_loss,
         "final_val_loss": progress.final_val_loss, "best_val_loss": progress.best_val, "best_step": progress.best_step,
         "trigger_word": s.trigger_word,
+        **({"class_prompt": s.class_prompt, "prior_images": s.prior_images, "prior_loss_weight": s.prior_loss_weight}
+           if s.prior_images else {}),
     }
