@@ -495,6 +495,8 @@ class ListedImage:
     deleted: bool
     adapters: tuple[tuple[str, int | None], ...]  # (name, version) the image was made with
     blind: bool  # served in an A/B experiment: show the style without its version
+    nsfw: bool | None = None  # the service's safety verdict; None: not checked
+    blocked: bool = False  # the bot's NSFW policy kept it out of its channel
 
     @property
     def score(self) -> int:
@@ -1275,7 +1277,8 @@ class Store:
         offset: int = 0,
     ) -> list[ListedImage]:
         """Images newest first with their raw tallies (every vote, as /stats counts them): the
-        console's gallery, or with `flagged` its moderation queue (images with a flag, not deleted)."""
+        console's gallery, or with `flagged` its moderation queue (images with a flag or that the
+        safety check flagged, blocked or not)."""
         rows = self._rows(
             _LISTED_IMAGES + """
             WHERE (:since IS NULL OR i.created_at >= :since)
@@ -1284,7 +1287,7 @@ class Store:
                     SELECT 1 FROM generation_adapters ga WHERE ga.generation_id = i.generation_id
                     AND ga.name = :adapter AND (:version IS NULL OR ga.version = :version)))
               AND (:include_deleted OR i.deleted_at IS NULL)
-              AND (NOT :flagged OR EXISTS (SELECT 1 FROM flags f WHERE f.image_id = i.id))
+              AND (NOT :flagged OR i.nsfw = 1 OR EXISTS (SELECT 1 FROM flags f WHERE f.image_id = i.id))
               AND (:requester IS NULL OR g.requester_id = :requester)
               AND (:min_score IS NULL OR (SELECT COALESCE(SUM(r.value), 0) FROM ratings r
                                           WHERE r.image_id = i.id) >= :min_score)
@@ -1314,6 +1317,7 @@ class Store:
               AND NOT EXISTS (SELECT 1 FROM ratings r WHERE r.image_id = i.id AND r.user_id = :user)
               AND NOT EXISTS (SELECT 1 FROM flags f WHERE f.image_id = i.id
                               AND (f.user_id = :user OR f.kind = 'nsfw'))
+              AND i.nsfw IS NOT 1
               AND i.id NOT IN (SELECT value FROM json_each(:skip))
             ORDER BY i.id DESC LIMIT :limit
             """,
@@ -1701,7 +1705,7 @@ WEB_PREFIX = "web:"
 # One image with its tallies, flags and adapters, as the console lists them; callers add WHERE.
 _LISTED_IMAGES = """
     SELECT i.id, i.generation_id, g.job_id, g.prompt, g.negative_prompt, i.seed, i.width, i.height,
-           i.created_at, g.requester_id, i.deleted_at, g.arm,
+           i.created_at, g.requester_id, i.deleted_at, g.arm, i.nsfw, i.blocked_at,
            (SELECT COUNT(*) FROM ratings r WHERE r.image_id = i.id AND r.value = 1) AS likes,
            (SELECT COUNT(*) FROM ratings r WHERE r.image_id = i.id AND r.value = -1) AS dislikes,
            (SELECT group_concat(DISTINCT f.kind) FROM flags f WHERE f.image_id = i.id) AS flag_kinds,
@@ -1722,6 +1726,7 @@ def _listed_image(row: sqlite3.Row) -> ListedImage:
         deleted=row["deleted_at"] is not None,
         adapters=tuple((name, version) for name, version in json.loads(row["adapters_json"] or "[]")),
         blind=row["arm"] is not None,
+        nsfw=None if row["nsfw"] is None else bool(row["nsfw"]), blocked=row["blocked_at"] is not None,
     )
 
 

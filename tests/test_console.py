@@ -195,6 +195,17 @@ def test_the_gallery_filters_by_adapter_version_score_and_date_and_the_queue_hol
     assert store.listed_image(v1).adapters == (("fox", 1),) and store.listed_image(v1).likes == 1
 
 
+def test_the_queue_holds_what_the_safety_check_flagged_and_rate_a_batch_never_shows_it(store):
+    rater = store.web_user("carol")
+    generation = store.record_generation(job_id="job-checked", prompt="checked", requester_id=None, adapters=[])
+    passed = store.add_image(generation, index=0, seed=1, width=64, height=64, png=b"ok", nsfw=False)
+    spoilered = store.add_image(generation, index=1, seed=2, width=64, height=64, png=b"sp", nsfw=True)
+    blocked = store.add_image(generation, index=2, seed=3, width=64, height=64, png=b"bl", nsfw=True, blocked=True)
+    queue = store.listed_images(flagged=True)
+    assert [(i.id, i.nsfw, i.blocked) for i in queue] == [(blocked, True, True), (spoilered, True, False)]
+    assert [i.id for i in store.unrated_images(rater, limit=10)] == [passed]
+
+
 def test_the_votes_behind_a_like_rate_are_those_adapter_stats_counts(store):
     bob, carol = store.web_user("bob"), store.web_user("carol")
     base, v1 = image(store, "base", 1), image(store, "v1", 1, ("fox", 1))
