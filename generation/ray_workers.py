@@ -58,7 +58,7 @@ from loraloop.config import ServiceConfig
 log = logging.getLogger(__name__)
 
 # What a job lost with its worker twice is told (README "Several GPUs: the Ray backend").
-LOST_TWICE = ("The GPU worker running this job was lost twice; try again (job {job_id}).")
+LOST_TWICE = "The GPU worker running this job was lost twice; try again (job {job_id})."
 # How often idle workers are asked whether they are still there, and how long one may take to answer: a
 # worker that died idle is noticed here rather than by the next batch sent to it.
 WATCH_SECONDS = 5.0
