@@ -54,7 +54,7 @@ AVATAR_COLOURS = {"loraloop": (88, 101, 242), "alice": (235, 69, 158), "bob": (8
 HEADER = (43, 45, 49)
 
 EMOJI_STAND_INS = {"👍": "▲", "👎": "▼", "🚩": "⚑", "🔁": "↻", "🎨": "✎", "🗑️": "✕", "🗑": "✕",
-                   "❌": "✕", "✅": "✓", "⏳": "…"}
+                   "❌": "✕", "✅": "✓", "⏳": "…", "🔍": "⊕", "✨": "✦"}
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 WIDTH = 760
