@@ -57,7 +57,7 @@ async def test_generate_rate_moderate_curate_train_publish_and_see_the_like_rate
         make_service, tiny_model_dir, data_dir, tmp_path):
     expect = playwright_api.expect
     config = settings(tiny_model_dir)
-    service = await make_service()
+    service = await make_service(preview_every=1)  # a preview at every step, for the page to show
     console = await start_console(config, Secrets(None, None), service.url, port=0)
     url, folder = console.url, shots(tmp_path)
     try:
@@ -83,9 +83,20 @@ async def test_generate_rate_moderate_curate_train_publish_and_see_the_like_rate
                 await alice.get_by_label("Seed").fill("7")
                 await alice.get_by_role("button", name="Generate").click()
                 await expect(alice.locator("#job-status")).to_contain_text("Queued at position 1")
+                # What the page shows while the job runs goes by in a second: record it as it changes.
+                shown: list[str] = []
+                await alice.expose_function("recordShown", lambda text: shown.append(text))
+                await alice.evaluate("""() => {
+                    const status = document.getElementById("job-status"), preview = document.getElementById("job-preview");
+                    new MutationObserver(() => window.recordShown(status.textContent))
+                        .observe(status, {childList: true, characterData: true, subtree: true});
+                    new MutationObserver(() => preview.src.startsWith("data:image/png") && window.recordShown("preview"))
+                        .observe(preview, {attributes: true, attributeFilter: ["src"]});
+                }""")
                 await client.resume()
             foxes = alice.get_by_role("img", name=PROMPT, exact=True)
             await expect(foxes).to_have_count(3)
+            assert "Step 4 of 4" in shown and "preview" in shown, shown
             # Rating on the page itself (fetch with the CSRF header, no reload): Alice dislikes one of hers.
             dislike = alice.get_by_role("button", name=f"Dislike: {PROMPT}").first
             await dislike.click()
