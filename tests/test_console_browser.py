@@ -87,10 +87,11 @@ async def test_generate_rate_moderate_curate_train_publish_and_see_the_like_rate
                 shown: list[str] = []
                 await alice.expose_function("recordShown", lambda text: shown.append(text))
                 await alice.evaluate("""() => {
-                    const status = document.getElementById("job-status"), preview = document.getElementById("job-preview");
+                    const status = document.getElementById("job-status");
+                    const preview = document.getElementById("job-preview");
                     new MutationObserver(() => window.recordShown(status.textContent))
                         .observe(status, {childList: true, characterData: true, subtree: true});
-                    new MutationObserver(() => preview.src.startsWith("data:image/png") && window.recordShown("preview"))
+                    new MutationObserver(() => preview.src.startsWith("data:") && window.recordShown("preview"))
                         .observe(preview, {attributes: true, attributeFilter: ["src"]});
                 }""")
                 await client.resume()
