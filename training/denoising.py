@@ -67,13 +67,11 @@ def micro_batch_loss(st: Models, s: TrainingConfig, examples: list[Example], gen
     images = [e.image for e in examples]
     if s.objective == "dpo":  # the preferred images, then the rejected ones (every DPO example has one)
         images += [e.rejected for e in examples if e.rejected is not None]
-    stats = [st.encoder.latent_stats(path, flips[i % count]) for i, path in enumerate(images)]
-    mean = torch.stack([x["mean"] for x in stats])
-    std = torch.stack([x["std"] for x in stats])
+    mean, std = st.encoder.latent_stats_batch(images, [flips[i % count] for i in range(len(images))])
     # Sampled here, not cached, so every epoch sees a fresh draw from the VAE's distribution.
     latents = (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) * st.encoder.scaling
     captions = ["" if dropped[i] else st.encoder.caption(e) for i, e in enumerate(examples)]
-    embeddings = torch.stack([st.encoder.text_embedding(c)["embedding"] for c in captions])  # (B, 77, D)
+    embeddings = st.encoder.text_embeddings(captions)  # (B, 77, D)
 
     noise = torch.randn((count, *latents.shape[1:]), generator=generator)
     if s.noise_offset:
