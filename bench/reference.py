@@ -36,11 +36,13 @@ import json
 import os
 import platform
 import random
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 # Run as a script, this file's folder comes first on sys.path, and bench/training.py would then
 # shadow the `training` package.
@@ -76,9 +78,10 @@ def build_model(path: Path) -> None:
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    # Any: mypy reads diffusers' lazy top-level names as its dummy placeholder classes.
+    pipe: Any = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                        requires_safety_checker=False)
     pipe.save_pretrained(path)
 
 
@@ -107,7 +110,7 @@ def make_dataset(out: Path, count: int, size: int) -> None:
     (out / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
 
-def timed(command: list[str], env: dict[str, str], log: Path) -> os.struct_rusage:  # type: ignore[name-defined]
+def timed(command: list[str], env: dict[str, str], log: Path) -> resource.struct_rusage:
     """Run `command`, its output to `log`; its resource usage. A failed run stops the benchmark."""
     with log.open("w") as out:
         child = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -118,7 +121,7 @@ def timed(command: list[str], env: dict[str, str], log: Path) -> os.struct_rusag
     return usage
 
 
-def figures(times_json: Path, usage, skip: int) -> dict[str, float]:
+def figures(times_json: Path, usage: resource.struct_rusage, skip: int) -> dict[str, float]:
     """Steady-state steps/s by the clock and per CPU second, peak RSS (MiB), minor page faults per step."""
     times = json.loads(times_json.read_text())
     wall, cpu, faults = times["step_end_s"], times["step_end_cpu_s"], times["step_end_minor_faults"]
