@@ -526,3 +526,32 @@ def test_a_negative_weight_is_refused_with_the_line(tmp_path):
     (dataset / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = invoke_train(tmp_path, str(dataset), "--name", "x")
     assert result.exit_code == 1 and "metadata.jsonl:2: weight must be a number of 0 or more" in result.output
+
+
+def test_the_speed_options_change_no_number_of_the_loss_curve_or_the_adapter(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from training import speed
+
+    dataset = write_dataset(tmp_path / "ds", count=4)
+    settings = dataclasses.replace(FAST, max_steps=4, dropout=0.1)
+    reports = {}
+    for name, options in (("plain", speed.PLAIN), ("fast", speed.FAST)):
+        job = Job(dataset=dataset, name="disc", model=str(tiny_model_dir), settings=settings,
+                  data_dir=tmp_path / "data", output=tmp_path / name)
+        reports[name] = train(validate(job), speed=options)
+    plain_curve = [(r["loss"], r.get("val_loss")) for r in reports["plain"]["history"]]
+    assert [(r["loss"], r.get("val_loss")) for r in reports["fast"]["history"]] == plain_curve
+    plain, fast = load_file(tmp_path / "plain" / ADAPTER_FILE), load_file(tmp_path / "fast" / ADAPTER_FILE)
+    assert plain.keys() == fast.keys() and all(torch.equal(plain[k], fast[k]) for k in plain)
+
+
+def test_an_uncached_run_encodes_whole_batches_and_follows_the_cached_run_to_float_rounding(tmp_path, tiny_model_dir):
+    dataset = write_dataset(tmp_path / "ds", count=4)
+    # The cache encodes one image at a time, an uncached step its whole batch in one VAE call.
+    cached = run(tmp_path, tiny_model_dir, dataset, "cached", max_steps=3, batch_size=4, validation_split=0.0)
+    uncached = run(tmp_path, tiny_model_dir, dataset, "uncached", max_steps=3, batch_size=4, validation_split=0.0,
+                   cache_latents=False)
+    assert uncached["encode_cache"] == {"encoded": 0, "reused": 0}
+    assert torch.allclose(torch.tensor([r["loss"] for r in uncached["history"]]),
+                          torch.tensor([r["loss"] for r in cached["history"]]), rtol=1e-4)

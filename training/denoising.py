@@ -71,19 +71,26 @@ def micro_batch_loss(st: Models, s: TrainingConfig, examples: list[Example], gen
     images = [e.image for e in examples]
     if s.objective == "dpo":  # the preferred images, then the rejected ones (every DPO example has one)
         images += [e.rejected for e in examples if e.rejected is not None]
-    stats = [st.encoder.latent_stats(path, flips[i % count]) for i, path in enumerate(images)]
-    mean = torch.stack([x["mean"] for x in stats])
-    std = torch.stack([x["std"] for x in stats])
-    # Sampled here, not cached, so every epoch sees a fresh draw from the VAE's distribution.
-    latents = (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) * st.encoder.scaling
-    texts = [st.encoder.unconditional() if dropped[i] else st.encoder.text_embedding(st.encoder.caption(e))
-             for i, e in enumerate(examples)]
-    embeddings = torch.stack([t["embedding"] for t in texts])  # (B, 77, D)
+    image_flips = [flips[i % count] for i in range(len(images))]
     added: dict[str, torch.Tensor] | None = None
     if st.encoder.sdxl:
+        # SDXL also needs each image's size conditioning, which its cached stats carry.
+        stats = [st.encoder.latent_stats(path, flip) for path, flip in zip(images, image_flips, strict=True)]
+        mean, std = torch.stack([x["mean"] for x in stats]), torch.stack([x["std"] for x in stats])
+    else:
+        mean, std = st.encoder.latent_stats_batch(images, image_flips)
+    # Sampled here, not cached, so every epoch sees a fresh draw from the VAE's distribution.
+    latents = (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) * st.encoder.scaling
+    if st.encoder.sdxl:
+        texts = [st.encoder.unconditional() if dropped[i] else st.encoder.text_embedding(st.encoder.caption(e))
+                 for i, e in enumerate(examples)]
+        embeddings = torch.stack([t["embedding"] for t in texts])  # (B, 77, D)
         # Pooled text per caption, size conditioning per image (for DPO, the rejected ones' too).
         added = {"text_embeds": torch.stack([t["pooled"] for t in texts]),  # (B, P)
                  "time_ids": torch.stack([x["time_ids"] for x in stats])}  # (B or 2B, 6)
+    else:
+        captions = ["" if dropped[i] else st.encoder.caption(e) for i, e in enumerate(examples)]
+        embeddings = st.encoder.text_embeddings(captions)  # (B, 77, D)
 
     noise = torch.randn((count, *latents.shape[1:]), generator=generator)
     if s.noise_offset:

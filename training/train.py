@@ -75,6 +75,7 @@ from training.denoising import evaluate, micro_batch_loss, render_samples
 from training.encoding import Encoder
 from training.images import loss_curve
 from training.prior import PriorError, PriorRequest, class_images
+from training.speed import FAST, Speed, keep_malloc_buffers, optimizer_options
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ class Setup:
     prior_counts: dict[str, Any] = field(default_factory=dict)
 
 
-def setup(plan: Plan) -> Setup:
+def setup(plan: Plan, speed: Speed = FAST) -> Setup:
     s = plan.job.settings
     accelerator = accelerate.Accelerator(mixed_precision=s.mixed_precision, log_with=plan.trackers or None,
                                          project_dir=str(plan.run_dir))
@@ -324,7 +325,8 @@ def setup(plan: Plan) -> Setup:
         import bitsandbytes  # optional and CUDA-only: imported only where it is installed and asked for
 
         optimizer_class = bitsandbytes.optim.AdamW8bit
-    optimizer = optimizer_class(trainable, lr=s.learning_rate, weight_decay=s.weight_decay)
+    optimizer = optimizer_class(trainable, lr=s.learning_rate, weight_decay=s.weight_decay,
+                                **optimizer_options(speed, optimizer_class))
     schedule = "constant_with_warmup" if s.lr_scheduler == "constant" and s.warmup_steps else s.lr_scheduler
     lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=s.warmup_steps,
                                  num_training_steps=plan.total_steps, num_cycles=s.lr_cycles)
@@ -370,13 +372,18 @@ def batch_indices(micro_step: int, count: int, batch_size: int, seed: int, proce
     return chosen + order[: batch_size - len(chosen)] if len(chosen) < batch_size else chosen
 
 
-def train(plan: Plan, on_step: Callable[[Progress], None] | None = None) -> dict[str, Any]:
-    """Run the plan and return the report (also written to run_dir/report.json)."""
+def train(plan: Plan, on_step: Callable[[Progress], None] | None = None, speed: Speed = FAST) -> dict[str, Any]:
+    """Run the plan and return the report (also written to run_dir/report.json).
+
+    `speed` only changes how fast (training/speed.py): the same seed gives the same numbers either way.
+    """
     s = plan.job.settings
+    if speed.keep_malloc_buffers:
+        keep_malloc_buffers()
     random.seed(s.seed)
     torch.manual_seed(s.seed)
     started = time.monotonic()
-    st = setup(plan)
+    st = setup(plan, speed)
     accelerator = st.accelerator
     is_main = accelerator.is_main_process
     encode_counts = _write_config_and_encode(st, plan)
