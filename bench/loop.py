@@ -943,6 +943,29 @@ def summarize(reports: list[dict[str, Any]], goal: float = 20.0) -> str:
         lines += ["", f"Below the goal of +{goal:.0f} points:"]
         lines += [f"- {cell}: " + ("failed" if delta is None else f"{delta:+.1f} ({goal - delta:.1f} points short)")
                   for cell, delta in sorted(missed)]
+    # One set of settings per objective is the claim; the file shows it (or that it was broken).
+    used: dict[str, set[str]] = {}
+    for r in reports:
+        if "settings" in r:
+            training = r["settings"]["training"]
+            used.setdefault(r["cell"].split("/")[0], set()).add(
+                f"{training['steps']} steps, lr {training['learning_rate']:g}, rank {training['rank']}, "
+                f"batch {training['batch_size']}, beta {training['beta']:g}")
+    lines += ["", "Training settings: " + "; ".join(f"{o}: {' | '.join(sorted(used[o]))}"
+                                                   for o in OBJECTIVES if o in used)]
+    # The full grid (`--all`) less what the file holds: a partial run says what it left out.
+    present = {r["cell"] for r in reports}
+    absent = [s.cell() for s in cells(list(OBJECTIVES), list(SCENARIOS), list(TASTES), [1, 2, 3])
+              if s.cell() not in present]
+    if absent:
+        by_group: dict[str, list[str]] = {}
+        for cell in absent:
+            objective, scenario, taste, seed = cell.split("/")
+            by_group.setdefault(f"{objective}/{scenario}/{taste}", []).append(seed)
+        lines += ["", f"Not run ({len(absent)} of the full grid's "
+                  f"{len(OBJECTIVES) * len(SCENARIOS) * len(TASTES) * 3} cells; seeds in brackets):",
+                  ", ".join(f"{group} [{' '.join(sorted(seeds))}]" for group, seeds in sorted(
+                      by_group.items(), key=lambda kv: tuple(order.get(x, 99) for x in kv[0].split("/"))))]
     return "\n".join(lines)
 
 
