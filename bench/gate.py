@@ -79,20 +79,33 @@ def inverted_runner(base: type) -> type:
 
     class Inverted(base):  # type: ignore[misc, valid-type]
         def curate(self, store: Any, name: str, out: Path) -> None:
-            from training.dataset import METADATA_FILE, read_metadata, write_metadata
+            from training.dataset import (
+                DPO,
+                METADATA_FILE,
+                PARQUET_FILE,
+                parquet_shards,
+                read_metadata,
+                read_parquet,
+                record_dataset_hash,
+                write_metadata,
+                write_parquet,
+            )
 
             super().curate(store, name, out)
-            rows = []
+            if parquet_shards(out):  # dpo: the preferred image becomes the rejected one
+                rows = [dict(row.values, label_0=1.0 - row.values["label_0"]) for row in read_parquet(out, DPO)]
+                for shard in parquet_shards(out):
+                    shard.unlink()
+                (out / PARQUET_FILE).parent.mkdir(parents=True, exist_ok=True)
+                record_dataset_hash(out, write_parquet(out, DPO, rows))
+                return
+            flipped = []
             for row in read_metadata(out / METADATA_FILE):
-                values = dict(row.values)
-                if "label_0" in values:
-                    values["label_0"] = 1.0 - values["label_0"]
-                elif "label" in values:
-                    values["label"] = not values["label"]
-                else:
+                if "label" not in row.values:
                     raise ValueError("--inverted needs kto or dpo: an sft dataset has only liked images")
-                rows.append(values)
-            write_metadata(out, rows)
+                flipped.append(dict(row.values, label=not row.values["label"]))
+            write_metadata(out, flipped)
+            record_dataset_hash(out)
 
     return Inverted
 
