@@ -6,15 +6,18 @@
         --rounds 3 --inverted --json /tmp/gate-inverted.json        # candidates trained on inverted votes
     .venv/bin/python -m bench.gate --simulate                       # the gate alone, synthetic votes
 
-What runs is the product: an admin publishes `loop` v1 by hand from the base model's rated images
-(curate, train, publish, as in bench/loop.py); from then on every request for `style:loop` is
-served as the bot serves it (`loraloop.experiments.serving` and `choose_arm`, the arm recorded
-with the generation), rendered by the real service, and voted on by the panel through the
-store; `training.loop.LoopRunner.step()` (one pass of `loraloop loop`) runs after every batch of
-requests, so it trains a candidate once enough new weighted votes arrived, publishes it as a
-candidate, and decides the experiment with the gate. `--inverted` makes every candidate learn from
-the votes turned upside down (liked becomes disliked): the gate must retire each one, never
-promote it. Only the people (and the inversion) are simulated.
+What runs is the product: an admin publishes `loop` v1 by hand (curate, train, publish, as in
+bench/loop.py): by default a version that has learned nothing yet (`IDENTITY`: it draws as the
+base model does, so the first candidate is one round of learning and should win), or with
+`--first-version trained` a full round on the base model's rated images. From then on every
+request for `style:loop` (`--count` images, as `/imagine count:` asks) is served as the bot
+serves it (`loraloop.experiments.serving` and `choose_arm`, the arm recorded with the
+generation), rendered by the real service, and voted on by the panel through the store;
+`training.loop.LoopRunner.step()` (one pass of `loraloop loop`, the shipped `[loop]` settings)
+runs after every `--batch` requests, so it trains a candidate once enough new weighted votes
+arrived, publishes it as a candidate, and decides the experiment with the gate. `--inverted`
+makes every candidate learn from the votes turned upside down (liked becomes disliked): the gate
+must retire each one, never promote it. Only the people (and the inversion) are simulated.
 
 Each decided experiment reports the votes it took, the verdict's figures, and both versions'
 true like rates on the fresh measuring images (the panel's expected like share, as in
@@ -50,6 +53,7 @@ from bench.loop import (  # noqa: E402  after the sys.path fix above
     LoopSettings,
     Panel,
     Rendered,
+    Training,
     eval_key,
     pretrain_base,
     prompts,
@@ -63,6 +67,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 log = logging.getLogger("bench.gate")
 
+# The first version as a style that has learned nothing yet: one step at a learning rate too
+# small to move a weight, so v1 draws as the base model does (a fresh LoRA's up-projections
+# start at zero) and the first candidate is exactly one round of learning from its votes.
+IDENTITY = Training(steps=1, learning_rate=1e-12)
+
 
 def inverted_runner(base: type) -> type:
     """A LoopRunner whose candidates learn from the votes upside down: each curated row's label
@@ -70,26 +79,40 @@ def inverted_runner(base: type) -> type:
 
     class Inverted(base):  # type: ignore[misc, valid-type]
         def curate(self, store: Any, name: str, out: Path) -> None:
-            from training.dataset import METADATA_FILE, read_metadata, write_metadata
+            from training.dataset import (
+                DPO,
+                METADATA_FILE,
+                PARQUET_FILE,
+                parquet_shards,
+                read_metadata,
+                read_parquet,
+                record_dataset_hash,
+                write_metadata,
+                write_parquet,
+            )
 
             super().curate(store, name, out)
-            rows = []
+            if parquet_shards(out):  # dpo: the preferred image becomes the rejected one
+                rows = [dict(row.values, label_0=1.0 - row.values["label_0"]) for row in read_parquet(out, DPO)]
+                for shard in parquet_shards(out):
+                    shard.unlink()
+                (out / PARQUET_FILE).parent.mkdir(parents=True, exist_ok=True)
+                record_dataset_hash(out, write_parquet(out, DPO, rows))
+                return
+            flipped = []
             for row in read_metadata(out / METADATA_FILE):
-                values = dict(row.values)
-                if "label_0" in values:
-                    values["label_0"] = 1.0 - values["label_0"]
-                elif "label" in values:
-                    values["label"] = not values["label"]
-                else:
+                if "label" not in row.values:
                     raise ValueError("--inverted needs kto or dpo: an sft dataset has only liked images")
-                rows.append(values)
-            write_metadata(out, rows)
+                flipped.append(dict(row.values, label=not row.values["label"]))
+            write_metadata(out, flipped)
+            record_dataset_hash(out)
 
     return Inverted
 
 
 async def run_gate(settings: LoopSettings, data_dir: Path, rounds: int, inverted: bool, batch: int,
-                   max_requests: int, base_images: BaseImages) -> dict[str, Any]:
+                   max_requests: int, base_images: BaseImages, images_per_request: int = 4,
+                   first_version: str = "base") -> dict[str, Any]:
     from generation.client import ServiceClient
     from generation.server import start_service
     from loraloop import experiments
@@ -115,7 +138,8 @@ async def run_gate(settings: LoopSettings, data_dir: Path, rounds: int, inverted
     runner = (inverted_runner(LoopRunner) if inverted else LoopRunner)(config, running.url)
     rng = random.Random(s.seed)
     eval_prompts = prompts(s.eval_prompts, offset=EVAL_PROMPT_OFFSET)
-    report: dict[str, Any] = {"settings": dataclasses.asdict(s), "inverted": inverted,
+    report: dict[str, Any] = {"settings": dataclasses.asdict(s), "inverted": inverted, "first_version": first_version,
+                              "batch": batch, "images_per_request": images_per_request,
                               "loop": dataclasses.asdict(config.loop), "experiments": []}
     started = time.perf_counter()
     true_rates: dict[int, float] = {}
@@ -136,7 +160,9 @@ async def run_gate(settings: LoopSettings, data_dir: Path, rounds: int, inverted
         base = await base_images.get_or_render(eval_key(s), loop.client, s, eval_prompts, s.eval_seeds, EVAL_SEED_BASE)
         report["base_like_rate"] = loop.measure(base)["like_rate"]
         await loop.vote(shown)
-        by_hand = await asyncio.to_thread(loop.curate_train_publish, 1)
+        first = loop if first_version == "trained" else dataclasses.replace(
+            loop, settings=dataclasses.replace(s, training=IDENTITY))
+        by_hand = await asyncio.to_thread(first.curate_train_publish, 1)
         await running.service.reload_adapters()
         report["v1"] = {"like_rate": await true_rate(by_hand["published"]["version"])}
         log.info("v1 published by hand: like rate %.1f%% (base %.1f%%)", 100 * report["v1"]["like_rate"],
@@ -149,8 +175,8 @@ async def run_gate(settings: LoopSettings, data_dir: Path, rounds: int, inverted
             draws = [experiments.choose_arm(serving, rng.random()) for _ in range(batch)]
             for version, arm in sorted(set(draws), key=str):
                 count = sum(1 for d in draws if d == (version, arm))
-                rendered: list[Rendered] = await render(loop.client, s, prompts(count, offset), 1, version,
-                                                        seed_base=offset * 7)
+                rendered: list[Rendered] = await render(loop.client, s, prompts(count, offset), images_per_request,
+                                                        version, seed_base=offset * 7)
                 offset += count
                 shown = await loop.show(rendered, serving.experiment_id if arm else None, arm)
                 await loop.vote(shown)
@@ -220,7 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="Experiments to run to a decision.")
     parser.add_argument("--inverted", action="store_true", help="Train every candidate on inverted votes.")
-    parser.add_argument("--batch", type=int, default=32, help="Requests between two passes of the loop.")
+    parser.add_argument("--batch", type=int, default=8, help="Requests between two passes of the loop.")
+    parser.add_argument("--count", type=int, default=4,
+                        help="Images per request (/imagine count:); dpo pairs images of one prompt.")
+    parser.add_argument("--first-version", choices=("base", "trained"), default="base",
+                        help="v1, published by hand: the base model's look (an adapter that changes nothing), "
+                             "or a full round trained on the base model's rated images.")
     parser.add_argument("--max-requests", type=int, default=6000, help="Give up after this many requests.")
     parser.add_argument("--json", type=Path, help="Write the report here.")
     parser.add_argument("--workdir", type=Path, help="Keep the data directory here (default: a temp dir).")
@@ -248,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
             data_dir = root / f"gate-{'inverted' if args.inverted else 'good'}-{args.objective}-{args.seed}"
             data_dir.mkdir(parents=True, exist_ok=True)
             report = asyncio.run(run_gate(settings, data_dir, args.rounds, args.inverted, args.batch,
-                                          args.max_requests, BaseImages(root / "base-images")))
+                                          args.max_requests, BaseImages(root / "base-images"), args.count,
+                                          args.first_version))
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
