@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytest_asyncio
+import torch
 from PIL import Image
 
 from generation.client import ServiceClient
@@ -85,6 +86,10 @@ async def test_two_workers_share_sixteen_jobs_fairly_with_the_local_backends_pix
     first_turn, third_turn = finals[:4], finals[8:12]
     assert max(s.started_at for s in first_turn) < min(s.started_at for s in third_turn)
 
+    # The workers run one torch thread each (ray_cpu_threads = 1); so does the local run here, as a
+    # different thread count splits CPU sums differently and rounds them differently.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     local = await start_service(Config().replace("service", model=str(tiny_model_dir)), Secrets(None, None))
     try:
         async with ServiceClient(local.url) as client:
@@ -92,6 +97,7 @@ async def test_two_workers_share_sixteen_jobs_fairly_with_the_local_backends_pix
             on_local = [image for job_id in ids for image in await pixels(client, job_id)]
     finally:
         await local.stop()
+        torch.set_num_threads(threads)
     assert len(on_ray) == len(on_local) == 16
     for remote, here in zip(on_ray, on_local, strict=True):
         assert np.array_equal(remote, here)
